@@ -1,0 +1,350 @@
+"""The one typed configuration of avflow: dataclasses, YAML loading, dotted overrides, validation.
+
+Defaults reproduce the published AV-Flow system (the comment beside a value names its origin); a YAML
+file overrides any subset, and `section.key=value` arguments override the YAML. Unknown keys are errors
+that name the closest valid key. `Config.validate` is the single place that checks values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that avflow cannot use."""
+
+
+@dataclass
+class MelConfig:
+    """Log-mel features; every value is the BigVGAN base 22 kHz 80-band config used by AV-Flow."""
+
+    sample_rate: int = 22050
+    n_fft: int = 1024
+    hop_length: int = 256
+    win_length: int = 1024
+    n_mels: int = 80
+    fmin: float = 0.0
+    fmax: float = 8000.0
+    norm_mean: float = -5.5366  # AV-Flow reference mel normalization
+    norm_std: float = 2.1161
+
+    @property
+    def frame_rate(self) -> float:
+        """All streams run at this rate: 22050 / 256 = 86.1328125 frames per second."""
+        return self.sample_rate / self.hop_length
+
+
+@dataclass
+class ModelConfig:
+    """The two-stream DiT; defaults are the published monadic network (67,935,576 parameters)."""
+
+    d_model: int = 512
+    n_blocks: int = 8  # per stream
+    n_heads: int = 4
+    ffn_hidden: int = 1024
+    dropout: float = 0.0
+    window_back: int = 16  # reference: each frame sees 16 frames back ...
+    window_ahead: int = 8  # ... and 8 ahead, inclusive
+    rope_base: float = 10000.0
+    time_freqs: int = 64  # reference: d_model / 8 sinusoid frequencies
+    expression_dim: int = 256  # Codec-Avatar expression code
+    head_latent_dim: int = 8  # head-pose VAE latent
+    mel_dim: int = 80
+    token_dim: int = 29  # wav2vec2 character CTC logits
+    dyadic: bool = False
+    participant_feature_dim: int = 58  # SMIRK expression + head pose of the participant
+    attention: str = "auto"  # auto | flex | banded | dense
+
+    @property
+    def visual_dim(self) -> int:
+        return self.expression_dim + self.head_latent_dim
+
+    @property
+    def state_dim(self) -> int:
+        """Width of the full generated state x = [expression | head latent | mel]."""
+        return self.visual_dim + self.mel_dim
+
+    @property
+    def cond_dim(self) -> int:
+        """Per-frame conditioning: actor tokens, plus participant tokens and features when dyadic."""
+        extra = self.token_dim + self.participant_feature_dim if self.dyadic else 0
+        return self.token_dim + extra
+
+
+@dataclass
+class FlowConfig:
+    """Conditional OT flow matching and its loss."""
+
+    sigma_min: float = 1e-6  # reference
+    expression_weight: float = 1.0  # reference loss: expression + 0.2 head + w mel
+    head_weight: float = 0.2
+    mel_weight: float = 3.0  # what the reference config intends (its code slips to 0.2)
+    cond_dropout: float = 0.0  # >0 trains an unconditional branch for classifier-free guidance
+
+
+@dataclass
+class SampleConfig:
+    """Inference sampler."""
+
+    method: str = "euler"  # euler | midpoint
+    nfe: int = 16  # reference: 16 Euler steps
+    temperature: float = 1.0
+    num_samples: int = 3  # reference draws three samples per input
+    guidance_scale: float = 1.0  # 1.0 = no guidance, as published
+    seed: int = 0
+    max_frames: int = 1725  # reference: one pass covers up to ~20 s
+
+
+@dataclass
+class HeadVAEConfig:
+    """Head-pose VAE (7-d pose on 50h, 4-d on Audio2Photoreal) -> 8-d latent."""
+
+    pose_dim: int = 7
+    hidden: int = 16  # reference
+    latent_dim: int = 8
+    n_layers: int = 1
+    n_heads: int = 1
+    ffn_hidden: int = 2048  # torch.nn.TransformerEncoderLayer default, kept by the reference
+    dropout: float = 0.1
+    kl_weight: float = 1e-4  # reference
+    steps: int = 2000
+    batch_size: int = 32
+    segment_length: int = 345
+    lr: float = 1e-3
+
+
+@dataclass
+class DataConfig:
+    layout: str = "50h"  # 50h (the demo corpus writes this layout too)
+    root: str = "data/demo"
+    segment_length: int = 345  # reference training window, ~4.0 s
+    val_patterns: list[str] = field(default_factory=lambda: ["20240408", "20240509"])  # 50h validation sessions
+    visual_fps: float = 30.0
+    token_fps: float = 50.0  # wav2vec2 20 ms stride
+    head_vae: str = ""  # head-VAE checkpoint; empty: <run_dir>/head_vae.pt, trained first if missing
+
+
+@dataclass
+class TrainerConfig:
+    run_dir: str = "runs/demo"
+    steps: int = 1000
+    batch_size: int = 16  # reference
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # 0 disables EMA
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    val_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CorpusConfig:
+    """The procedural demo corpus (see avflow.data.corpus)."""
+
+    train_segments: int = 48
+    val_segments: int = 6
+    seed: int = 0
+    words_per_segment: list[int] = field(default_factory=lambda: [4, 9])
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    mel: MelConfig = field(default_factory=MelConfig)
+    head_vae: HeadVAEConfig = field(default_factory=HeadVAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    def validate(self) -> "Config":
+        """Check every value once; raise ConfigError naming the field and what was expected."""
+        m, f, s, t, d, h = self.model, self.flow, self.sample, self.trainer, self.data, self.head_vae
+        _require(m.d_model % m.n_heads == 0, "model.d_model", f"divisible by model.n_heads={m.n_heads}", m.d_model)
+        _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "a per-head size that is even (RoPE pairs)", m.d_model)
+        for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim", "token_dim"):
+            _require(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
+        _require(m.head_latent_dim == h.latent_dim, "model.head_latent_dim", f"equal to head_vae.latent_dim={h.latent_dim}", m.head_latent_dim)
+        _require(m.mel_dim == self.mel.n_mels, "model.mel_dim", f"equal to mel.n_mels={self.mel.n_mels}", m.mel_dim)
+        _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative", (m.window_back, m.window_ahead))
+        _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
+        _choice(m.attention, "model.attention", ("auto", "flex", "banded", "dense"))
+        _require(0.0 <= f.sigma_min < 1.0, "flow.sigma_min", "in [0, 1)", f.sigma_min)
+        _require(min(f.expression_weight, f.head_weight, f.mel_weight) >= 0, "flow.*_weight", "non-negative", (f.expression_weight, f.head_weight, f.mel_weight))
+        _require(0.0 <= f.cond_dropout < 1.0, "flow.cond_dropout", "in [0, 1)", f.cond_dropout)
+        _choice(s.method, "sample.method", ("euler", "midpoint"))
+        _require(s.nfe >= 1, "sample.nfe", "at least 1", s.nfe)
+        _require(s.method != "midpoint" or s.nfe % 2 == 0, "sample.nfe", "even for the midpoint sampler (2 evaluations per step)", s.nfe)
+        _require(s.temperature >= 0, "sample.temperature", "non-negative", s.temperature)
+        _require(s.num_samples >= 1, "sample.num_samples", "at least 1", s.num_samples)
+        _require(s.guidance_scale == 1.0 or f.cond_dropout > 0, "sample.guidance_scale",
+                 "1.0 unless the model was trained with flow.cond_dropout > 0", s.guidance_scale)
+        _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
+        _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
+        _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
+        _choice(d.layout, "data.layout", ("50h",))
+        _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
+        _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive", (d.visual_fps, d.token_fps))
+        _require(t.steps >= 1, "trainer.steps", "at least 1", t.steps)
+        _require(t.batch_size >= 1, "trainer.batch_size", "at least 1", t.batch_size)
+        _require(t.lr > 0, "trainer.lr", "positive", t.lr)
+        _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)", t.betas)
+        _choice(t.schedule, "trainer.schedule", ("cosine", "constant"))
+        _choice(t.precision, "trainer.precision", ("auto", "bf16", "fp32"))
+        _choice(t.device, "trainer.device", ("auto", "cpu", "cuda"))
+        _require(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", "in [0, 1)", t.ema_decay)
+        for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(t, name) >= 1, f"trainer.{name}", "at least 1", getattr(t, name))
+        c = self.corpus
+        _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments", "at least 1 each", (c.train_segments, c.val_segments))
+        _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
+                 "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from avflow.utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _require(ok: bool, name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, got {got!r}")
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, name, "one of " + ", ".join(choices), value)
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return _build(annotation, value, where)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(annotation, types.UnionType):
+        raise ConfigError(f"{where}: unsupported union type")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'{_closest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c` in a nested dict, checking each name against the dataclass schema."""
+    parts = dotted.split(".")
+    cls: Any = Config
+    node = tree
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        prefix = ".".join(parts[:depth])
+        if part not in hints:
+            names = list(hints)
+            shown = f"{prefix}.{part}" if prefix else part
+            raise ConfigError(f"unknown config key '{shown}'{_closest(part, names)}")
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        cls = hints[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"config key '{'.'.join(parts[:depth + 1])}' is a value, not a section")
+        node = node.setdefault(part, {})
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected section.key=value")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load defaults <- YAML file <- dotted overrides, then validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+        tree = loaded or {}
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree).validate()

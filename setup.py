@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="avflow",
+    version="0.1.0",
+    description="AV-Flow: joint text-to-speech and talking-avatar motion generation by flow matching",
+    packages=find_packages(include=["avflow", "avflow.*", "launch", "launch.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately a range the locally installed CPU wheel satisfies, so pip never swaps it for
+    # a multi-GB CUDA build; install torch first (see README).
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "soundfile",
+        "soxr",
+        "tqdm",
+        "tensorboard",
+        "matplotlib",
+        "safetensors",
+    ],
+    extras_require={
+        "test": ["pytest", "scipy"],
+    },
+    entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
+)
