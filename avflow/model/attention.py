@@ -1,0 +1,134 @@
+"""Local (banded) self-attention: query i sees keys j with i - back <= j <= i + ahead.
+
+The published code builds a dense T x T mask and score matrix, which dominates sampling time at
+T = 1725. Here the cost is linear in T:
+- `banded_attention` splits the queries into blocks and attends each block to the keys its window can
+  reach (SDPA over a (block, block + back + ahead) tile); it runs anywhere, and is the CPU path.
+- `flex_attention_band` uses FlexAttention with a block-sparse mask on CUDA.
+- `dense_attention` is the straightforward masked reference the other two are tested against.
+All take q, k, v of shape (B, H, T, D) and an optional key-validity mask (B, T) for padded frames.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+QUERY_BLOCK = 64
+
+
+def band_mask(length: int, back: int, ahead: int, device: torch.device | None = None) -> torch.Tensor:
+    """Dense (T, T) boolean mask of the band; used by the reference path and tests."""
+    positions = torch.arange(length, device=device)
+    offset = positions[None, :] - positions[:, None]
+    return (offset >= -back) & (offset <= ahead)
+
+
+def _fully_masked_to_self(allowed: torch.Tensor, query_valid: torch.Tensor, self_key: torch.Tensor) -> torch.Tensor:
+    """Let invalid (padded) queries attend to their own slot so no row is empty (SDPA would give NaN).
+
+    Outputs at those rows are padding and are ignored downstream; valid rows are unchanged.
+    """
+    return allowed | (self_key & ~query_valid[..., None])
+
+
+def dense_attention(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    length = q.shape[-2]
+    allowed = band_mask(length, back, ahead, q.device)[None]
+    if valid is None:
+        valid = torch.ones(q.shape[0], length, dtype=torch.bool, device=q.device)
+    allowed = allowed & valid[:, None, :]
+    allowed = _fully_masked_to_self(allowed, valid, torch.eye(length, dtype=torch.bool, device=q.device)[None])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+
+
+def banded_attention(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None,
+                     query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    batch, heads, length, head_dim = q.shape
+    block = min(query_block, length)
+    n_blocks = -(-length // block)
+    padded_length = n_blocks * block
+    window = block + back + ahead
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+
+    # Keys are padded by `back` in front and `ahead` (+ query padding) behind, so block b's keys are the
+    # contiguous slice [b * block, b * block + window) of the padded sequence.
+    tail = padded_length - length + ahead
+    k_padded = F.pad(k, (0, 0, back, tail))
+    v_padded = F.pad(v, (0, 0, back, tail))
+    key_valid = F.pad(valid, (back, tail), value=False)
+    query_valid = F.pad(valid, (0, padded_length - length), value=False)
+
+    q_blocks = F.pad(q, (0, 0, 0, padded_length - length)).view(batch, heads, n_blocks, block, head_dim)
+    k_windows = k_padded.unfold(2, window, block).transpose(-1, -2)  # (B, H, nb, window, D)
+    v_windows = v_padded.unfold(2, window, block).transpose(-1, -2)
+    key_valid_windows = key_valid.unfold(1, window, block)  # (B, nb, window)
+
+    # Within a tile, query i (block-local) may see window slot w iff i <= w <= i + back + ahead.
+    local = torch.arange(block, device=q.device)[:, None]
+    slot = torch.arange(window, device=q.device)[None, :]
+    in_band = (slot >= local) & (slot <= local + back + ahead)
+    allowed = in_band[None, None] & key_valid_windows[:, :, None, :]  # (B, nb, block, window)
+    allowed = _fully_masked_to_self(allowed, query_valid.view(batch, n_blocks, block), slot == local + back)
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(batch * n_blocks, heads, x.shape[-2], head_dim)
+
+    out = F.scaled_dot_product_attention(
+        tiles(q_blocks), tiles(k_windows), tiles(v_windows),
+        attn_mask=allowed.reshape(batch * n_blocks, 1, block, window))
+    out = out.view(batch, n_blocks, heads, block, head_dim).transpose(1, 2)
+    return out.reshape(batch, heads, padded_length, head_dim)[:, :, :length]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _band_block_mask(length: int, back: int, ahead: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_band(b, h, q_idx, kv_idx):
+        return (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
+
+    return create_block_mask(in_band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+def flex_attention_band(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None,
+                        compiled: bool = True) -> torch.Tensor:
+    """FlexAttention over the band; padded keys are masked by a per-batch mask when `valid` is given."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    length = q.shape[-2]
+    if valid is None:
+        block_mask = _band_block_mask(length, back, ahead, str(q.device))
+    else:
+        def in_band_and_valid(b, h, q_idx, kv_idx):
+            band = (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
+            return (band & valid[b, kv_idx]) | ((q_idx == kv_idx) & ~valid[b, q_idx])
+
+        block_mask = create_block_mask(in_band_and_valid, B=q.shape[0], H=None, Q_LEN=length, KV_LEN=length,
+                                       device=q.device)
+    attend = _compiled_flex() if compiled else flex_attention
+    return attend(q, k, v, block_mask=block_mask)
+
+
+def local_attention(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None,
+                    backend: str = "auto") -> torch.Tensor:
+    """Dispatch to a backend; `auto` takes FlexAttention on CUDA and the banded tiles elsewhere."""
+    if backend == "auto":
+        backend = "flex" if q.is_cuda else "banded"
+    if backend == "flex":
+        return flex_attention_band(q, k, v, back, ahead, valid)
+    if backend == "banded":
+        return banded_attention(q, k, v, back, ahead, valid)
+    if backend == "dense":
+        return dense_attention(q, k, v, back, ahead, valid)
+    raise ValueError(f"attention backend: expected auto, flex, banded or dense, got {backend!r}")

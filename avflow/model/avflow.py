@@ -1,0 +1,58 @@
+"""The AV-Flow velocity network: a visual and an audio DiT stream joined by highway fusion.
+
+State x (B, T, 344) = [expression 256 | head latent 8 | mel 80] at the mel frame rate. Each stream
+sees its own slice of x concatenated with the per-frame conditioning, runs its blocks, and after every
+block pair a Linear over concat[audio, visual] adds one half back to each stream (no cross-attention).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from avflow.config import ModelConfig
+from avflow.model.dit import DiTBlock, TimestepEmbedding
+
+
+class AVFlowNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.time_embed = TimestepEmbedding(cfg.time_freqs, d)
+        self.input_proj_v = nn.Linear(cfg.visual_dim + cfg.cond_dim, d)
+        self.input_proj_a = nn.Linear(cfg.mel_dim + cfg.cond_dim, d)
+
+        def blocks() -> nn.ModuleList:
+            return nn.ModuleList(
+                DiTBlock(d, cfg.n_heads, cfg.ffn_hidden, cfg.dropout, cfg.window_back, cfg.window_ahead,
+                         cfg.rope_base, cfg.attention)
+                for _ in range(cfg.n_blocks))
+
+        self.transformer_blocks_v = blocks()
+        self.transformer_blocks_a = blocks()
+        self.fusion = nn.ModuleList(nn.Linear(2 * d, 2 * d) for _ in range(cfg.n_blocks))
+        self.out_v = nn.Linear(d, cfg.visual_dim)
+        self.out_a = nn.Linear(d, cfg.mel_dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity for state x (B, T, state_dim) at times t (B,) given cond (B, T, cond_dim).
+
+        `valid` (B, T) marks real frames; padded frames are never attended to.
+        """
+        visual_dim = self.cfg.visual_dim
+        time_embedding = self.time_embed(t)
+        visual = self.input_proj_v(torch.cat([x[..., :visual_dim], cond], dim=-1))
+        audio = self.input_proj_a(torch.cat([x[..., visual_dim:], cond], dim=-1))
+        for block_v, block_a, fusion in zip(self.transformer_blocks_v, self.transformer_blocks_a, self.fusion):
+            visual = block_v(visual, time_embedding, valid)
+            audio = block_a(audio, time_embedding, valid)
+            to_audio, to_visual = fusion(torch.cat([audio, visual], dim=-1)).chunk(2, dim=-1)
+            audio = audio + to_audio
+            visual = visual + to_visual
+        return torch.cat([self.out_v(visual), self.out_a(audio)], dim=-1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
