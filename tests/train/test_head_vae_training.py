@@ -1,0 +1,149 @@
+"""Head-VAE training, checkpoint format, loading checks and the encode/decode helpers."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from avflow.config import HeadVAEConfig
+from avflow.model.head_vae import HeadVAE
+from avflow.train.head_vae import decode_latents, encode_poses, load_head_vae, train_head_vae
+from avflow.utils import load_torch, save_torch_atomic
+
+TINY = HeadVAEConfig(ffn_hidden=64, dropout=0.0, steps=300, batch_size=16, segment_length=32, lr=3e-3)
+RAW_OFFSET = np.array([0.9, 0.1, -0.2, 0.05, 0.0, 1.5, -30.0])  # quaternion-like, then translation-like
+RAW_SCALE = np.array([0.05, 0.1, 0.1, 0.08, 2.0, 1.0, 5.0])
+
+
+def smooth_poses(seed: int, count: int) -> list[np.ndarray]:
+    """Raw 7-d poses at 30 fps: per-channel offset + scale times a sum of three slow sinusoids.
+
+    Lengths 20..89 frames, so some segments are shorter than the 32-frame crop and get padded.
+    """
+    rng = np.random.default_rng(seed)
+    segments = []
+    for _ in range(count):
+        seconds = np.arange(int(rng.integers(20, 90))) / 30.0
+        freqs = rng.uniform(0.1, 0.6, size=(3, 1, 1))
+        phases = rng.uniform(0, 2 * np.pi, size=(3, 1, 7))
+        amplitudes = rng.normal(size=(3, 1, 7))
+        wave = (amplitudes * np.sin(2 * np.pi * freqs * seconds[None, :, None] + phases)).sum(axis=0)
+        segments.append(RAW_OFFSET + RAW_SCALE * wave)
+    return segments
+
+
+def normalized_round_trip_error(vae, mean, std, segments) -> float:
+    """Mean squared decode(encode(x)) error in z-normalized units, so every channel counts alike."""
+    errors = [
+        np.mean(((decode_latents(vae, mean, std, encode_poses(vae, mean, std, pose)) - pose) / std.numpy()) ** 2)
+        for pose in segments
+    ]
+    return float(np.mean(errors))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    poses = smooth_poses(seed=0, count=40)
+    path = tmp_path_factory.mktemp("head_vae") / "head_vae.pt"
+    summary = train_head_vae(poses, TINY, path, seed=0, progress=False)
+    return poses, path, summary
+
+
+def test_training_beats_untrained_and_round_trips_held_out_poses(trained):
+    _, path, summary = trained
+    vae, mean, std = load_head_vae(path)
+    torch.manual_seed(0)
+    untrained = HeadVAE(TINY)
+    held_out = smooth_poses(seed=1, count=6)
+    before = normalized_round_trip_error(untrained, mean, std, held_out)
+    after = normalized_round_trip_error(vae, mean, std, held_out)
+    assert after < 0.3 * before
+    assert after < 0.05
+    assert summary["steps"] == TINY.steps
+    assert summary["final_recon_loss"] < 0.05
+
+
+def test_checkpoint_holds_weights_stats_and_config(trained):
+    poses, path, _ = trained
+    checkpoint = load_torch(path)
+    assert set(checkpoint) == {"model_state_dict", "pose_mean", "pose_std", "config"}
+    frames = np.concatenate(poses)
+    np.testing.assert_allclose(checkpoint["pose_mean"].numpy(), frames.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(checkpoint["pose_std"].numpy(), frames.std(axis=0), rtol=1e-5)
+    assert checkpoint["config"] == dataclasses.asdict(TINY)
+
+
+def test_encode_poses_is_mu_of_normalized_pose(trained):
+    poses, path, _ = trained
+    vae, mean, std = load_head_vae(path)
+    pose = poses[3]
+    normalized = torch.from_numpy((pose - mean.double().numpy()) / std.double().numpy()).float()
+    with torch.no_grad():
+        mu, _ = vae.encode(normalized[None])
+    latent = encode_poses(vae, mean, std, pose)
+    assert latent.shape == (len(pose), TINY.latent_dim)
+    np.testing.assert_allclose(latent, mu[0].numpy(), atol=1e-5)
+
+
+def test_save_load_round_trip_gives_identical_encodings(tmp_path):
+    cfg = HeadVAEConfig(pose_dim=4, ffn_hidden=32)
+    torch.manual_seed(3)
+    vae = HeadVAE(cfg).eval()
+    mean, std = torch.tensor([0.1, -0.2, 0.3, 0.9]), torch.tensor([0.5, 0.2, 0.1, 0.05])
+    path = tmp_path / "vae.pt"
+    save_torch_atomic(
+        {"model_state_dict": vae.state_dict(), "pose_mean": mean, "pose_std": std, "config": dataclasses.asdict(cfg)},
+        path,
+    )
+    loaded, loaded_mean, loaded_std = load_head_vae(path)
+    pose = np.random.default_rng(0).normal(size=(25, 4))
+    assert not loaded.training
+    assert torch.equal(loaded_mean, mean) and torch.equal(loaded_std, std)
+    np.testing.assert_array_equal(encode_poses(loaded, loaded_mean, loaded_std, pose), encode_poses(vae, mean, std, pose))
+
+
+def test_constant_channel_gets_floored_std(tmp_path):
+    poses = [np.ones((10, 7)), np.ones((5, 7))]
+    train_head_vae(poses, dataclasses.replace(TINY, steps=2, batch_size=2), tmp_path / "flat.pt", progress=False)
+    assert torch.all(load_torch(tmp_path / "flat.pt")["pose_std"] == torch.tensor(1e-6))
+
+
+def test_same_seed_same_checkpoint_and_tensorboard_scalars(tmp_path):
+    poses = smooth_poses(seed=2, count=3)
+    cfg = dataclasses.replace(TINY, steps=3, batch_size=4)
+    train_head_vae(poses, cfg, tmp_path / "a.pt", seed=5, progress=False, log_dir=tmp_path / "logs")
+    train_head_vae(poses, cfg, tmp_path / "b.pt", seed=5, progress=False)
+    first, second = load_torch(tmp_path / "a.pt"), load_torch(tmp_path / "b.pt")
+    for name, value in first["model_state_dict"].items():
+        assert torch.equal(value, second["model_state_dict"][name]), name
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+def test_misshaped_weight_is_named(tmp_path):
+    state = HeadVAE(HeadVAEConfig()).state_dict()
+    state["fc_mu.weight"] = torch.zeros(8, 15)
+    del state["final_layer.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pt"
+    save_torch_atomic({"model_state_dict": state, "pose_mean": torch.zeros(7), "pose_std": torch.ones(7)}, path)
+    with pytest.raises(ValueError) as raised:
+        load_head_vae(path)
+    message = str(raised.value)
+    assert "fc_mu.weight (8, 15) (expected (8, 16))" in message
+    assert "missing: final_layer.bias" in message
+    assert "unexpected: extra.weight" in message
+    assert str(path) in message
+
+
+def test_published_file_without_stats_asks_for_headpose_stats(tmp_path):
+    path = tmp_path / "iter-0500000.pt"
+    save_torch_atomic({"model_state_dict": HeadVAE(HeadVAEConfig(pose_dim=4)).state_dict()}, path)
+    with pytest.raises(ValueError, match="--headpose-stats") as raised:
+        load_head_vae(path, HeadVAEConfig(pose_dim=4))
+    assert str(path) in str(raised.value)
+
+
+def test_bad_training_segment_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"poses\[1\]: expected shape \(frames >= 1, 7\), got \(10, 4\)"):
+        train_head_vae([np.zeros((10, 7)), np.zeros((10, 4))], TINY, tmp_path / "x.pt", progress=False)
