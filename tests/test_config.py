@@ -1,0 +1,57 @@
+"""Config loading: YAML + overrides, did-you-mean errors, type checks, validation, save round trip."""
+
+import pytest
+
+from avflow.config import Config, ConfigError, load_config
+
+
+def test_defaults_are_the_published_system():
+    cfg = load_config()
+    assert (cfg.model.d_model, cfg.model.n_blocks, cfg.model.n_heads, cfg.model.ffn_hidden) == (512, 8, 4, 1024)
+    assert (cfg.model.window_back, cfg.model.window_ahead) == (16, 8)
+    assert cfg.mel.frame_rate == 22050 / 256
+    assert (cfg.flow.head_weight, cfg.flow.mel_weight, cfg.sample.nfe) == (0.2, 3.0, 16)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 0.001\n  steps: 5\nmodel:\n  d_model: 64\n")
+    cfg = load_config(path, ["trainer.lr=3e-4", "sample.method=midpoint"])
+    assert cfg.trainer.lr == 3e-4 and cfg.trainer.steps == 5 and cfg.model.d_model == 64
+    assert cfg.sample.method == "midpoint"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("trainer:\n  lrr: 1\n", "unknown config key 'trainer.lrr' (did you mean 'lr'?)"),
+    ("trainr:\n  lr: 1\n", "unknown config key 'trainr' (did you mean 'trainer'?)"),
+    ("model:\n  d_model: big\n", "model.d_model: expected an integer, got 'big'"),
+    ("model:\n  dyadic: 3\n", "model.dyadic: expected true or false, got 3"),
+    ("- a\n- b\n", "expected a mapping of config sections"),
+    ("model:\n  d_model: 100\n  n_heads: 3\n", "model.d_model: expected divisible by model.n_heads=3, got 100"),
+    ("sample:\n  method: heun\n", "sample.method: expected one of euler, midpoint, got 'heun'"),
+    ("sample:\n  method: midpoint\n  nfe: 5\n", "sample.nfe: expected even"),
+])
+def test_bad_files_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert message in str(error.value)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match=r"unknown config key 'trainer.setps' \(did you mean 'steps'\?\)"):
+        load_config(None, ["trainer.setps=3"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["trainer.steps"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config(None, ["trainer.steps.x=1"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent.yaml")
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(None, ["model.dyadic=true", "data.val_patterns=[abc]", "trainer.betas=[0.8, 0.95]"])
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
+    assert isinstance(Config().validate(), Config)
