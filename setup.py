@@ -20,7 +20,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "librosa"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )
