@@ -20,7 +20,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "scipy", "librosa"],
+        "asr": ["transformers"],
+        "test": ["pytest", "scipy", "librosa", "transformers"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )
