@@ -1,0 +1,152 @@
+"""The `avflow` command: thin subcommands that call the stages.
+
+Every subcommand takes `--config FILE` and trailing `section.key=value` overrides where a config
+applies. Errors in user input end the command with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from avflow.config import Config, ConfigError, load_config
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from avflow.data.corpus import write_corpus
+
+    cfg = _config(args)
+    root = Path(args.output or cfg.data.root)
+    names = write_corpus(root, cfg.corpus)
+    print(f"wrote {len(names)} segments of the demo corpus to {root}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from avflow.train.loop import Trainer
+
+    final = Trainer(_config(args), resume=args.resume).fit()
+    print(f"final checkpoint: {final}")
+
+
+def cmd_train_head_vae(args: argparse.Namespace) -> None:
+    from avflow.train.head_vae import train_head_vae
+    from avflow.train.prepare import head_vae_path, read_aligned_segments
+
+    cfg = _config(args)
+    out = Path(args.output) if args.output else head_vae_path(cfg)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    poses = [s.pose for s in read_aligned_segments(cfg) if not s.is_val]
+    summary = train_head_vae(poses, cfg.head_vae, out, seed=cfg.trainer.seed)
+    print(f"head VAE written to {out} ({summary})")
+
+
+def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
+    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg.sample, key, value)
+    return cfg.validate()
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from avflow.infer.generate import (generate, load_inference_model, tokens_from_audio, tokens_from_file,
+                                       tokens_from_text, write_outputs)
+
+    model = load_inference_model(args.checkpoint, args.device)
+    cfg = _sample_overrides(args, model.cfg)
+    if args.tokens:
+        tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
+        name = Path(args.tokens).stem
+    elif args.text is not None:
+        tokens = tokens_from_text(args.text, cfg.mel.frame_rate)
+        name = args.name
+    else:
+        tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
+        name = Path(args.audio).stem
+    started = time.perf_counter()
+    generated = generate(model, tokens, cfg.sample)
+    elapsed = time.perf_counter() - started
+    written = write_outputs(generated, args.output, name, cfg)
+    seconds = tokens.shape[0] / cfg.mel.frame_rate
+    print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from avflow.infer.demo import run_demo
+
+    run_demo(_config(args), Path(args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="avflow", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser, default: Path | None = None) -> None:
+        sub.add_argument("--config", type=Path, default=default, help="YAML config" + (f" (default {default})" if default else ""))
+        sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+    sub = commands.add_parser("corpus", help="write the procedural demo corpus in the 50h layout")
+    with_config(sub)
+    sub.add_argument("-o", "--output", help="dataset root (default: data.root)")
+    sub.set_defaults(run=cmd_corpus)
+
+    sub = commands.add_parser("train", help="train AV-Flow (single process)")
+    with_config(sub)
+    sub.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.run_dir")
+    sub.set_defaults(run=cmd_train)
+
+    sub = commands.add_parser("train-head-vae", help="train the head-pose VAE on the training segments")
+    with_config(sub)
+    sub.add_argument("-o", "--output", help="checkpoint path (default: data.head_vae or <run_dir>/head_vae.pt)")
+    sub.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    sub.set_defaults(run=cmd_train_head_vae)
+
+    sub = commands.add_parser("generate", help="generate speech and motion from tokens, text or audio")
+    sub.add_argument("--checkpoint", required=True, type=Path)
+    source = sub.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
+    source.add_argument("--text", help="text to speak")
+    source.add_argument("--audio", type=Path, help="speech .wav to re-synthesize (needs --asr-model)")
+    sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for --audio)")
+    sub.add_argument("-o", "--output", type=Path, default=Path("outputs"))
+    sub.add_argument("--name", default="text", help="file stem for --text outputs")
+    sub.add_argument("--num-samples", type=int)
+    sub.add_argument("--nfe", type=int)
+    sub.add_argument("--method", choices=("euler", "midpoint"))
+    sub.add_argument("--temperature", type=float)
+    sub.add_argument("--guidance-scale", type=float)
+    sub.add_argument("--seed", type=int)
+    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sub.set_defaults(run=cmd_generate)
+
+    sub = commands.add_parser("demo", help="corpus -> train a small model on CPU -> generate -> evaluate")
+    with_config(sub, DEMO_CONFIG)
+    sub.add_argument("-o", "--output", default="demo_out", help="where generated samples go")
+    sub.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.run(args)
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+        print(f"avflow {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

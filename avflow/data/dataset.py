@@ -1,0 +1,98 @@
+"""Alignment of a segment's streams to the mel frame rate, and deterministic training windows.
+
+Every stream is brought to one clock here, and only here: the mel frames of the actor's audio
+(22050 / 256 = 86.13 fps). Visual streams (30 fps) and ASR tokens (50 Hz) are linearly interpolated
+onto the mel frame times.
+
+Windows are drawn from a generator seeded by (seed, step), so the batch of any step is a pure function
+of the step: a resumed run sees exactly the data an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from avflow.config import DataConfig, MelConfig
+from avflow.data.features import interpolate_frames, log_mel, resample, rigid_to_pose7
+from avflow.data.layouts.fifty_h import Segment
+
+
+@dataclass
+class AlignedSegment:
+    """One segment, every stream at the mel frame rate (F frames)."""
+
+    name: str
+    is_val: bool
+    mel: np.ndarray  # (F, n_mels) natural-log mel
+    expression: np.ndarray  # (F, 256)
+    pose: np.ndarray  # (F, 7) quaternion [w, x, y, z] + translation
+    tokens: np.ndarray  # (F, 29) actor token logits
+    expression_valid: np.ndarray  # (F,) bool: frames whose expression code is data
+
+    @property
+    def frames(self) -> int:
+        return self.mel.shape[0]
+
+
+def align_segment(segment: Segment, mel_cfg: MelConfig, data_cfg: DataConfig) -> AlignedSegment:
+    actor_audio = resample(segment.audio[0], segment.sample_rate, mel_cfg.sample_rate)
+    mel = log_mel(torch.from_numpy(np.ascontiguousarray(actor_audio)), mel_cfg).T.numpy()
+    frames = mel.shape[0]
+    fps = mel_cfg.frame_rate
+    pose = rigid_to_pose7(segment.headpose, canonical_sign=True)
+    return AlignedSegment(
+        name=segment.name,
+        is_val=segment.is_val,
+        mel=mel.astype(np.float32),
+        expression=interpolate_frames(segment.expression, data_cfg.visual_fps, frames, fps),
+        pose=interpolate_frames(pose, data_cfg.visual_fps, frames, fps),
+        tokens=interpolate_frames(segment.tokens[0], data_cfg.token_fps, frames, fps),
+        expression_valid=np.ones(frames, dtype=bool),
+    )
+
+
+@dataclass
+class WindowPick:
+    segment: int
+    start: int
+    length: int
+
+
+class WindowSampler:
+    """Random fixed-length windows over segments, chosen with probability proportional to length."""
+
+    def __init__(self, lengths: list[int], window: int, batch_size: int, seed: int):
+        if not lengths:
+            raise ValueError("window sampler: no training segments")
+        self.lengths = np.asarray(lengths)
+        self.window = window
+        self.batch_size = batch_size
+        self.seed = seed
+        self.weights = self.lengths / self.lengths.sum()
+
+    def picks(self, step: int) -> list[WindowPick]:
+        rng = np.random.default_rng((self.seed, step))
+        segments = rng.choice(len(self.lengths), size=self.batch_size, p=self.weights)
+        picks = []
+        for index in segments:
+            length = int(self.lengths[index])
+            start = int(rng.integers(0, max(length - self.window, 0) + 1))
+            picks.append(WindowPick(int(index), start, min(self.window, length)))
+        return picks
+
+
+def gather_windows(streams: list[torch.Tensor], picks: list[WindowPick], window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the picked windows of per-segment tensors (F_i, D) into (B, window, D), zero-padded.
+
+    Returns the batch and a (B, window) bool mask of real frames.
+    """
+    dim = streams[0].shape[-1]
+    batch = torch.zeros(len(picks), window, dim, dtype=streams[0].dtype)
+    valid = torch.zeros(len(picks), window, dtype=torch.bool)
+    for row, pick in enumerate(picks):
+        batch[row, :pick.length] = streams[pick.segment][pick.start:pick.start + pick.length]
+        valid[row, :pick.length] = True
+    return batch, valid
