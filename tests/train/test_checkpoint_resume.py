@@ -71,6 +71,15 @@ def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, data):
     payload = load_checkpoint(final)
     assert payload["step"] == 7 and payload["config"]["trainer"]["steps"] == 7
     assert (tmp_path / "run" / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for part in ("loss", "loss_expression", "loss_head", "loss_mel"):
+        assert f"train/{part}" in tags and f"val/{part}" in tags
+    assert {"train/lr", "train/grad_norm", "train/frames_per_s"} <= tags
+    assert [e.step for e in events.Scalars("val/loss")] == [3, 6, 7]
 
 
 def test_existing_run_needs_resume_and_same_model(tmp_path, data):

@@ -1,0 +1,1 @@
+"""Cluster launchers (submitit) for training, packing and inference jobs; they call the avflow stages."""

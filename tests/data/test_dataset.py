@@ -1,0 +1,59 @@
+"""Alignment to the mel clock and deterministic training windows."""
+
+import numpy as np
+import torch
+
+from avflow.config import DataConfig, MelConfig
+from avflow.data.dataset import WindowSampler, align_segment, gather_windows
+from avflow.data.layouts.fifty_h import Segment
+
+
+def synthetic_segment(seconds=2.0):
+    visual = int(seconds * 30)
+    rotation_z = np.linspace(0, 0.2, visual)
+    headpose = np.tile(np.eye(4, dtype=np.float32), (visual, 1, 1))
+    headpose[:, 0, 0] = headpose[:, 1, 1] = np.cos(rotation_z)
+    headpose[:, 0, 1], headpose[:, 1, 0] = -np.sin(rotation_z), np.sin(rotation_z)
+    expression = np.zeros((visual, 256), dtype=np.float32)
+    expression[:, 0] = np.arange(visual) / 30.0  # value = time in seconds
+    tokens = np.zeros((2, int(seconds * 50), 29), dtype=np.float32)
+    tokens[0, :, 3] = np.arange(tokens.shape[1]) / 50.0
+    audio = np.random.default_rng(0).standard_normal((2, int(seconds * 48000))).astype(np.float32) * 0.1
+    return Segment("x", audio, 48000, expression, headpose, tokens, False)
+
+
+def test_every_stream_lands_on_the_mel_clock():
+    aligned = align_segment(synthetic_segment(), MelConfig(), DataConfig())
+    frames = int(2.0 * 22050) // 256
+    assert aligned.mel.shape == (frames, 80)
+    for stream in (aligned.expression, aligned.pose, aligned.tokens):
+        assert stream.shape[0] == frames
+    times = np.arange(frames) / (22050 / 256)
+    inside = times <= (59 / 30.0)
+    # a stream whose value is its own timestamp must read back the mel frame times
+    np.testing.assert_allclose(aligned.expression[inside, 0], times[inside], atol=1e-5)
+    np.testing.assert_allclose(aligned.tokens[times <= 99 / 50.0, 3], times[times <= 99 / 50.0], atol=1e-5)
+    half_angle = aligned.pose[:, 3]  # qz = sin(angle / 2) of the z rotation, angle = 0.2 t / (59/30)
+    np.testing.assert_allclose(half_angle[inside], np.sin(0.1 * times[inside] / (59 / 30)), atol=1e-3)
+
+
+def test_windows_depend_only_on_seed_and_step():
+    sampler = WindowSampler([100, 30, 500], window=64, batch_size=8, seed=3)
+    assert [vars(p) for p in sampler.picks(7)] == [vars(p) for p in WindowSampler([100, 30, 500], 64, 8, 3).picks(7)]
+    assert [vars(p) for p in sampler.picks(7)] != [vars(p) for p in sampler.picks(8)]
+    for step in range(20):
+        for pick in sampler.picks(step):
+            assert 0 <= pick.start and pick.start + pick.length <= [100, 30, 500][pick.segment]
+            assert pick.length == min(64, [100, 30, 500][pick.segment])
+
+
+def test_short_segments_are_padded_and_masked():
+    streams = [torch.arange(10.0)[:, None], torch.arange(100.0)[:, None]]
+    sampler = WindowSampler([10, 100], window=16, batch_size=32, seed=0)
+    picks = sampler.picks(0)
+    batch, valid = gather_windows(streams, picks, 16)
+    for row, pick in enumerate(picks):
+        assert valid[row].sum() == pick.length
+        assert torch.equal(batch[row, :pick.length, 0], torch.arange(pick.start, pick.start + pick.length, dtype=torch.float32))
+        assert (batch[row, pick.length:] == 0).all()
+    assert any(p.segment == 0 for p in picks) and any(p.segment == 1 for p in picks)
