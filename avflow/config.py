@@ -124,12 +124,15 @@ class HeadVAEConfig:
 
 @dataclass
 class DataConfig:
-    layout: str = "50h"  # 50h (the demo corpus writes this layout too)
+    layout: str = "50h"  # 50h (the demo corpus writes this layout too) | a2p
     root: str = "data/demo"
+    subject: str = ""  # a2p: the subject folder under root (PXB184, RLW104, TXB805, GQS883)
     segment_length: int = 345  # reference training window, ~4.0 s
     val_patterns: list[str] = field(default_factory=lambda: ["20240408", "20240509"])  # 50h validation sessions
     visual_fps: float = 30.0
     token_fps: float = 50.0  # wav2vec2 20 ms stride
+    val_last_scenes: int = 2  # a2p: the last N scenes (sorted) are held out, as published
+    canonical_quaternion_sign: bool = True  # 50h: continuous quaternion sign; the published code does not
     head_vae: str = ""  # head-VAE checkpoint; empty: <run_dir>/head_vae.pt, trained first if missing
 
 
@@ -201,7 +204,9 @@ class Config:
         _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
         _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
-        _choice(d.layout, "data.layout", ("50h",))
+        _choice(d.layout, "data.layout", ("50h", "a2p"))
+        _require(d.layout != "a2p" or bool(d.subject), "data.subject", "an Audio2Photoreal subject for data.layout=a2p", d.subject)
+        _require(d.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", d.val_last_scenes)
         _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
         _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive", (d.visual_fps, d.token_fps))
         _require(t.steps >= 1, "trainer.steps", "at least 1", t.steps)

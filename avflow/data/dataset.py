@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from avflow.config import DataConfig, MelConfig
-from avflow.data.features import interpolate_frames, log_mel, resample, rigid_to_pose7
-from avflow.data.layouts.fifty_h import Segment
+from avflow.config import MelConfig
+from avflow.data.features import interpolate_frames, log_mel, resample
+from avflow.data.records import SegmentRecord
 
 
 @dataclass
@@ -28,29 +28,42 @@ class AlignedSegment:
     is_val: bool
     mel: np.ndarray  # (F, n_mels) natural-log mel
     expression: np.ndarray  # (F, 256)
-    pose: np.ndarray  # (F, 7) quaternion [w, x, y, z] + translation
+    pose: np.ndarray  # (F, pose_dim) head pose, as the layout's reader gives it
     tokens: np.ndarray  # (F, 29) actor token logits
     expression_valid: np.ndarray  # (F,) bool: frames whose expression code is data
+    participant_tokens: np.ndarray | None = None  # (F, 29) when the recording has a partner channel
+    participant_features: np.ndarray | None = None  # (F, D) SMIRK features when the layout has them
 
     @property
     def frames(self) -> int:
         return self.mel.shape[0]
 
 
-def align_segment(segment: Segment, mel_cfg: MelConfig, data_cfg: DataConfig) -> AlignedSegment:
-    actor_audio = resample(segment.audio[0], segment.sample_rate, mel_cfg.sample_rate)
+def align_segment(record: SegmentRecord, mel_cfg: MelConfig) -> AlignedSegment:
+    actor_audio = resample(record.audio[0], record.sample_rate, mel_cfg.sample_rate)
     mel = log_mel(torch.from_numpy(np.ascontiguousarray(actor_audio)), mel_cfg).T.numpy()
     frames = mel.shape[0]
     fps = mel_cfg.frame_rate
-    pose = rigid_to_pose7(segment.headpose, canonical_sign=True)
+
+    def visual(values: np.ndarray) -> np.ndarray:
+        return interpolate_frames(values, record.visual_fps, frames, fps)
+
+    def tokens(channel: int) -> np.ndarray:
+        return interpolate_frames(record.tokens[channel], record.token_fps, frames, fps)
+
+    # A frame is valid expression data only if both visual neighbours it is interpolated from are.
+    valid = (np.ones(frames, dtype=bool) if record.expression_valid is None
+             else visual(record.expression_valid.astype(np.float32)[:, None])[:, 0] > 0.999)
     return AlignedSegment(
-        name=segment.name,
-        is_val=segment.is_val,
+        name=record.name,
+        is_val=record.is_val,
         mel=mel.astype(np.float32),
-        expression=interpolate_frames(segment.expression, data_cfg.visual_fps, frames, fps),
-        pose=interpolate_frames(pose, data_cfg.visual_fps, frames, fps),
-        tokens=interpolate_frames(segment.tokens[0], data_cfg.token_fps, frames, fps),
-        expression_valid=np.ones(frames, dtype=bool),
+        expression=visual(record.expression),
+        pose=visual(record.head_pose),
+        tokens=tokens(0),
+        expression_valid=valid,
+        participant_tokens=tokens(1) if record.tokens.shape[0] > 1 else None,
+        participant_features=None if record.participant_features is None else visual(record.participant_features),
     )
 
 

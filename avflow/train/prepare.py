@@ -15,7 +15,7 @@ import torch
 
 from avflow.config import Config
 from avflow.data.dataset import AlignedSegment, align_segment
-from avflow.data.layouts.fifty_h import list_segments, read_segment
+from avflow.data.layouts import list_segment_names, read_segment_record
 from avflow.model.state import StateCodec
 from avflow.train.head_vae import encode_poses, load_head_vae, train_head_vae
 
@@ -34,11 +34,10 @@ class PreparedData:
 
 
 def read_aligned_segments(cfg: Config) -> list[AlignedSegment]:
-    root = Path(cfg.data.root)
-    names = list_segments(root)
+    names = list_segment_names(cfg.data)
     if not names:
-        raise ValueError(f"data.root={root}: no segments found (expected audio/*.wav in the 50h layout)")
-    return [align_segment(read_segment(root, name, cfg.data.val_patterns), cfg.mel, cfg.data) for name in names]
+        raise ValueError(f"data.root={cfg.data.root}: no segments found for data.layout={cfg.data.layout}")
+    return [align_segment(read_segment_record(cfg.data, name), cfg.mel) for name in names]
 
 
 def head_vae_path(cfg: Config) -> Path:

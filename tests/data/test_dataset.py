@@ -3,9 +3,10 @@
 import numpy as np
 import torch
 
-from avflow.config import DataConfig, MelConfig
+from avflow.config import MelConfig
 from avflow.data.dataset import WindowSampler, align_segment, gather_windows
-from avflow.data.layouts.fifty_h import Segment
+from avflow.data.features import rigid_to_pose7
+from avflow.data.records import SegmentRecord
 
 
 def synthetic_segment(seconds=2.0):
@@ -19,11 +20,11 @@ def synthetic_segment(seconds=2.0):
     tokens = np.zeros((2, int(seconds * 50), 29), dtype=np.float32)
     tokens[0, :, 3] = np.arange(tokens.shape[1]) / 50.0
     audio = np.random.default_rng(0).standard_normal((2, int(seconds * 48000))).astype(np.float32) * 0.1
-    return Segment("x", audio, 48000, expression, headpose, tokens, False)
+    return SegmentRecord("x", False, audio, 48000, expression, rigid_to_pose7(headpose), 30.0, tokens, 50.0)
 
 
 def test_every_stream_lands_on_the_mel_clock():
-    aligned = align_segment(synthetic_segment(), MelConfig(), DataConfig())
+    aligned = align_segment(synthetic_segment(), MelConfig())
     frames = int(2.0 * 22050) // 256
     assert aligned.mel.shape == (frames, 80)
     for stream in (aligned.expression, aligned.pose, aligned.tokens):
@@ -33,6 +34,7 @@ def test_every_stream_lands_on_the_mel_clock():
     # a stream whose value is its own timestamp must read back the mel frame times
     np.testing.assert_allclose(aligned.expression[inside, 0], times[inside], atol=1e-5)
     np.testing.assert_allclose(aligned.tokens[times <= 99 / 50.0, 3], times[times <= 99 / 50.0], atol=1e-5)
+    assert aligned.participant_tokens.shape == (frames, 29) and aligned.expression_valid.all()
     half_angle = aligned.pose[:, 3]  # qz = sin(angle / 2) of the z rotation, angle = 0.2 t / (59/30)
     np.testing.assert_allclose(half_angle[inside], np.sin(0.1 * times[inside] / (59 / 30)), atol=1e-3)
 
@@ -57,3 +59,14 @@ def test_short_segments_are_padded_and_masked():
         assert torch.equal(batch[row, :pick.length, 0], torch.arange(pick.start, pick.start + pick.length, dtype=torch.float32))
         assert (batch[row, pick.length:] == 0).all()
     assert any(p.segment == 0 for p in picks) and any(p.segment == 1 for p in picks)
+
+
+def test_missing_expression_frames_stay_masked_after_interpolation():
+    record = synthetic_segment()
+    record.expression_valid = np.ones(60, dtype=bool)
+    record.expression_valid[20:23] = False  # 0.667 s .. 0.767 s have no face code
+    aligned = align_segment(record, MelConfig())
+    times = np.arange(aligned.frames) / (22050 / 256)
+    touching_gap = (times > 19 / 30) & (times < 23 / 30)
+    assert not aligned.expression_valid[touching_gap].any()
+    assert aligned.expression_valid[~touching_gap].all()

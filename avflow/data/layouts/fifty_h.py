@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from avflow.config import DataConfig
+from avflow.data.features import rigid_to_pose7
+from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
 
 EXPRESSION_DIM = 256
@@ -151,4 +154,40 @@ def read_segment(root: str | Path, name: str, val_patterns: list[str] | tuple[st
         is_val=is_validation(name, val_patterns),
         participant_expression=_read_optional(smirk / f"{name}--expression.npy", "participant SMIRK expression"),
         participant_headpose=_read_optional(smirk / f"{name}--headpose.npy", "participant SMIRK head pose"),
+    )
+
+
+def _smirk_features(root: Path, segment: Segment) -> np.ndarray | None:
+    """Participant SMIRK expression + head pose, min-max normalized to [-1, 1] with the dataset's stats."""
+    if segment.participant_expression is None or segment.participant_headpose is None:
+        return None
+    stats = root / SMIRK_DIR / "stats"
+    parts = []
+    for kind, values in (("expression", segment.participant_expression), ("headpose", segment.participant_headpose)):
+        values = values.reshape(values.shape[0], -1)
+        low = _load_array(stats / f"{kind}_min.npy", f"SMIRK {kind} minimum").reshape(-1)
+        high = _load_array(stats / f"{kind}_max.npy", f"SMIRK {kind} maximum").reshape(-1)
+        if low.shape[0] != values.shape[1] or high.shape[0] != values.shape[1]:
+            raise ValueError(f"{stats}: {kind} min/max have {low.shape[0]}/{high.shape[0]} values; "
+                             f"expected {values.shape[1]} (the width of the participant {kind})")
+        parts.append(2 * (values - low) / np.maximum(high - low, 1e-8) - 1)
+    frames = min(p.shape[0] for p in parts)
+    return np.concatenate([p[:frames] for p in parts], axis=1).astype(np.float32)
+
+
+def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
+    """One 50h segment as a layout-neutral record: head pose as a 7-d quaternion + translation."""
+    root = Path(root)
+    segment = read_segment(root, name, cfg.val_patterns, cfg.visual_fps, cfg.token_fps)
+    return SegmentRecord(
+        name=name,
+        is_val=segment.is_val,
+        audio=segment.audio,
+        sample_rate=segment.sample_rate,
+        expression=segment.expression,
+        head_pose=rigid_to_pose7(segment.headpose, canonical_sign=cfg.canonical_quaternion_sign),
+        visual_fps=cfg.visual_fps,
+        tokens=segment.tokens,
+        token_fps=cfg.token_fps,
+        participant_features=_smirk_features(root, segment),
     )
