@@ -11,6 +11,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "scipy",
+        "webdataset",
         "pyyaml",
         "soundfile",
         "soxr",
@@ -21,7 +23,7 @@ setup(
     ],
     extras_require={
         "asr": ["transformers"],
-        "test": ["pytest", "scipy", "librosa", "transformers"],
+        "test": ["pytest", "librosa", "transformers"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )

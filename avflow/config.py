@@ -134,6 +134,21 @@ class DataConfig:
     val_last_scenes: int = 2  # a2p: the last N scenes (sorted) are held out, as published
     canonical_quaternion_sign: bool = True  # 50h: continuous quaternion sign; the published code does not
     head_vae: str = ""  # head-VAE checkpoint; empty: <run_dir>/head_vae.pt, trained first if missing
+    shards: str = "shards/demo"  # folder of packed shards + manifest.json that training streams from
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 32  # samples held per worker for shuffling
+    max_bad_fraction: float = 0.01  # the loader fails when more than this fraction of samples is unreadable
+
+
+@dataclass
+class PackConfig:
+    """`avflow pack`: dataset layout -> WebDataset tar shards."""
+
+    name: str = "demo"  # shard file prefix: NAME-train-000000.tar, NAME-val-000000.tar
+    segments_per_shard: int = 32  # with max_chunk_seconds, bounds a shard's size
+    max_chunk_seconds: float = 60.0  # longer segments are stored as consecutive chunks
+    workers: int = 1
+    skip_bad: bool = False  # skip (and count) unreadable segments instead of failing
 
 
 @dataclass
@@ -176,6 +191,7 @@ class Config:
     mel: MelConfig = field(default_factory=MelConfig)
     head_vae: HeadVAEConfig = field(default_factory=HeadVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pack: PackConfig = field(default_factory=PackConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -206,6 +222,14 @@ class Config:
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
         _choice(d.layout, "data.layout", ("50h", "a2p"))
         _require(d.layout != "a2p" or bool(d.subject), "data.subject", "an Audio2Photoreal subject for data.layout=a2p", d.subject)
+        _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
+                 "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
+        _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
+        p = self.pack
+        _require(p.segments_per_shard >= 1 and p.workers >= 1, "pack.segments_per_shard/workers", "at least 1 each",
+                 (p.segments_per_shard, p.workers))
+        _require(p.max_chunk_seconds >= 1.0, "pack.max_chunk_seconds", "at least 1 second", p.max_chunk_seconds)
+        _require(bool(p.name) and "/" not in p.name, "pack.name", "a non-empty file prefix without '/'", p.name)
         _require(d.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", d.val_last_scenes)
         _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
         _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive", (d.visual_fps, d.token_fps))
