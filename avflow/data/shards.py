@@ -1,0 +1,553 @@
+"""Packing of a dataset layout into WebDataset tar shards, their verification, and the manifest.
+
+Training streams fixed-size tar shards instead of reading thousands of per-segment files: `pack` reads
+every segment through the layout reader (once to learn its split for the shard plan, once to write it),
+aligns it to the mel clock and writes the streams as .npy members (format: shards/README.md). Each shard is written by one worker under a temporary name and
+renamed only when complete, followed by a `{shard}.json` sidecar with its hash and per-feature
+sufficient statistics, so an interrupted pack resumes by skipping shards whose sidecar still matches,
+and the train-split normalization statistics are merged from the sidecars without re-reading data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import tarfile
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avflow.config import Config, DataConfig, MelConfig
+from avflow.data.dataset import AlignedSegment, align_segment
+from avflow.data.layouts import list_segment_names, read_segment_record
+from avflow.utils import atomic_path
+
+FORMAT = "avflow-shards-v1"
+SIDECAR_FORMAT = "avflow-shard-sidecar-v1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+CHUNK_SEPARATOR = "__c"  # webdataset cuts keys at the first dot, so chunk keys use no dot
+STORED_DTYPES = {  # stream -> dtype inside the tar; float16 where its rounding is far below the data's noise
+    "mel": np.float16,
+    "expression": np.float16,
+    "pose": np.float32,  # the quaternion's w sits near 1 and moves by less than float16's step there
+    "tokens": np.float16,
+    "expression_valid": np.bool_,
+    "participant_tokens": np.float16,
+    "participant_features": np.float16,
+}
+REQUIRED_STREAMS = ("mel", "expression", "pose", "tokens")
+OPTIONAL_STREAMS = ("participant_tokens", "participant_features")
+STAT_FEATURES = ("mel", "expression", "pose", "tokens")
+# DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
+LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
+HASH_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One planned shard: which segments go into which file, and what its content depends on."""
+
+    path: Path
+    split: str
+    segments: tuple[str, ...]
+    data_cfg: DataConfig
+    mel_cfg: MelConfig
+    max_chunk_frames: int
+    skip_bad: bool
+
+    def plan(self) -> dict[str, Any]:
+        """Everything besides the input files that the shard's bytes depend on; recorded in its sidecar.
+
+        A shard on disk is reused only when its recorded plan equals this one exactly.
+        """
+        data = {key: value for key, value in dataclasses.asdict(self.data_cfg).items() if key not in LOADER_ONLY_FIELDS}
+        return {"format": FORMAT, "split": self.split, "segments": list(self.segments), "data": data,
+                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames}
+
+
+def shard_file_name(name: str, split: str, index: int) -> str:
+    return f"{name}-{split}-{index:06d}.tar"
+
+
+def sample_key(segment: str, chunk: int, chunks: int) -> str:
+    """`segment` for a segment stored whole, `segment__c000`, `segment__c001`, ... for one stored in chunks."""
+    return segment if chunks == 1 else f"{segment}{CHUNK_SEPARATOR}{chunk:03d}"
+
+
+def chunk_bounds(frames: int, max_frames: int) -> list[tuple[int, int]]:
+    """Split `frames` into the fewest near-equal consecutive chunks of at most `max_frames`.
+
+    Equal chunks avoid a short tail chunk that would be too short for a training window.
+    """
+    count = max(1, math.ceil(frames / max_frames))
+    edges = [index * frames // count for index in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def pack(cfg: Config, output_dir: str | os.PathLike, *, workers: int | None = None, skip_bad: bool | None = None,
+         progress: bool = True) -> dict[str, Any]:
+    """Pack the dataset of `cfg.data` into shards under `output_dir`; return the manifest written there.
+
+    Resumes an interrupted pack: a shard whose tar and sidecar agree (size, sha256, segment plan) is kept.
+    Raises ValueError listing every bad segment unless `skip_bad` (default `cfg.pack.skip_bad`).
+    `workers` (default `cfg.pack.workers`) > 1 writes shards in that many spawned processes; 1 writes them
+    in the calling process.
+    """
+    workers = cfg.pack.workers if workers is None else workers
+    skip_bad = cfg.pack.skip_bad if skip_bad is None else skip_bad
+    if workers < 1:
+        raise ValueError(f"pack: workers expected at least 1, got {workers}")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output, cfg.pack.name)
+
+    names = list_segment_names(cfg.data)
+    if not names:
+        raise ValueError(f"data.root={cfg.data.root}: no segments found for data.layout={cfg.data.layout}")
+    executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_init_worker) if workers > 1 else None)
+    try:
+        splits, bad = _plan_splits(cfg.data, names, executor, workers, progress)
+        if bad and not skip_bad:
+            raise ValueError(_bad_report(cfg, bad))
+        jobs = _shard_jobs(cfg, output, splits, skip_bad)
+        (output / MANIFEST).unlink(missing_ok=True)  # the folder changes now; it is complete again once rewritten
+        _remove_unplanned_shards(output, cfg.pack.name, {job.path.name for job in jobs})
+        sidecars = _write_shards(jobs, executor, progress)
+    finally:
+        if executor is not None:
+            executor.shutdown()
+
+    bad += [entry for sidecar in sidecars for entry in sidecar["bad"]]
+    if bad and not skip_bad:
+        raise ValueError(_bad_report(cfg, bad))
+    manifest = _manifest(cfg, jobs, sidecars, bad)
+    _write_json(output / MANIFEST, manifest)
+    return manifest
+
+
+def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read `shard_dir/manifest.json`, checking that it is an avflow shard manifest."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shard manifest (expected the output folder of `avflow pack`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); expected an {FORMAT} manifest") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: expected format {FORMAT!r}, got {found!r}")
+    missing = [key for key in ("dims", "frame_rate", "splits", "stats") if key not in manifest]
+    missing += [f"splits.{split}" for split in SPLITS if split not in manifest.get("splits", {})]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def verify(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    """Re-read every shard of the manifest: size, sha256, tar structure, member dims and counts.
+
+    Returns per-split totals; raises ValueError naming every bad shard and why.
+    """
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    summary: dict[str, Any] = {"shards": 0, "samples": 0, "frames": 0}
+    problems = []
+    for split in SPLITS:
+        totals = {"shards": 0, "samples": 0, "frames": 0}
+        for entry in manifest["splits"][split]["shards"]:
+            path = shard_dir / entry["file"]
+            try:
+                samples, frames = _verify_shard(path, entry, manifest["dims"])
+            except (ValueError, OSError, tarfile.TarError) as error:
+                problems.append(f"{path}: {error}")
+                continue
+            totals["shards"] += 1
+            totals["samples"] += samples
+            totals["frames"] += frames
+        for key in ("samples", "frames"):
+            if not problems and totals[key] != manifest["splits"][split][key]:
+                problems.append(f"{shard_dir / MANIFEST}: split {split} lists {manifest['splits'][split][key]} "
+                                f"{key}, its shards hold {totals[key]}")
+        totals["hours"] = totals["frames"] / manifest["frame_rate"] / 3600.0
+        summary[split] = totals
+        for key in ("shards", "samples", "frames"):
+            summary[key] += totals[key]
+    if problems:
+        raise ValueError(f"{shard_dir}: {len(problems)} bad shard(s):\n" + "\n".join(problems))
+    return summary
+
+
+def iter_shard_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {member suffix: bytes}) per sample of a shard, checking that each sample's members are contiguous."""
+    seen: set[str] = set()
+    key, members = None, {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                raise ValueError(f"member {info.name!r} is not a regular file")
+            member_key, dot, suffix = info.name.partition(".")
+            if not dot or not suffix:
+                raise ValueError(f"member {info.name!r} has no '.suffix' (expected KEY.STREAM.npy or KEY.json)")
+            if member_key != key:
+                if key is not None:
+                    yield key, members
+                if member_key in seen:
+                    raise ValueError(f"sample {member_key!r} is split into non-contiguous members")
+                seen.add(member_key)
+                key, members = member_key, {}
+            members[suffix] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
+
+
+def _init_worker() -> None:
+    """One torch thread per worker process: the pool already uses every core it was given."""
+    torch.set_num_threads(1)
+
+
+def _map(function: Callable, items: list, executor: Executor | None, chunksize: int = 1) -> Iterable:
+    return map(function, items) if executor is None else executor.map(function, items, chunksize=chunksize)
+
+
+def _plan_splits(data_cfg: DataConfig, names: list[str], executor: Executor | None, workers: int,
+                 progress: bool) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+    """Sorted segment names per split, and the segments that cannot be read.
+
+    The split is a property of the record (`SegmentRecord.is_val`), so planning reads every record once.
+    """
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    bad = []
+    chunksize = max(1, len(names) // (workers * 8))
+    results = _map(functools.partial(_segment_split, data_cfg), sorted(names), executor, chunksize)
+    for name, split, reason in tqdm(results, total=len(names), desc="plan", unit="segment", disable=not progress):
+        if split is None:
+            bad.append({"segment": name, "reason": reason})
+        else:
+            splits[split].append(name)
+    return splits, bad
+
+
+def _segment_split(data_cfg: DataConfig, name: str) -> tuple[str, str | None, str | None]:
+    """(name, split, None) for a readable segment, (name, None, reason) for a bad one."""
+    if "." in name or "/" in name:
+        return name, None, f"segment name {name!r} contains '.' or '/'; WebDataset sample keys cannot"
+    try:
+        record = read_segment_record(data_cfg, name)
+    except (ValueError, FileNotFoundError) as error:
+        return name, None, str(error)
+    return name, "val" if record.is_val else "train", None
+
+
+def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[str]], skip_bad: bool) -> list[ShardJob]:
+    per_shard = cfg.pack.segments_per_shard
+    jobs = []
+    for split in SPLITS:
+        names = splits[split]
+        for index, start in enumerate(range(0, len(names), per_shard)):
+            jobs.append(ShardJob(output / shard_file_name(cfg.pack.name, split, index), split,
+                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, max_chunk_frames(cfg),
+                                 skip_bad))
+    return jobs
+
+
+def max_chunk_frames(cfg: Config) -> int:
+    """pack.max_chunk_seconds in mel frames: the longest sample a shard holds."""
+    return int(cfg.pack.max_chunk_seconds * cfg.mel.frame_rate)
+
+
+def _write_shards(jobs: list[ShardJob], executor: Executor | None, progress: bool) -> list[dict[str, Any]]:
+    """Sidecars of all jobs in order: reused where the shard on disk is intact, written otherwise."""
+    sidecars: list[dict[str, Any] | None] = [_reusable_sidecar(job) for job in jobs]
+    pending = [index for index, sidecar in enumerate(sidecars) if sidecar is None]
+    results = _map(_write_shard, [jobs[index] for index in pending], executor)
+    for index, sidecar in tqdm(zip(pending, results), total=len(pending), desc="shards", unit="shard",
+                               disable=not progress):
+        sidecars[index] = sidecar
+    return sidecars
+
+
+def _reusable_sidecar(job: ShardJob) -> dict[str, Any] | None:
+    """The sidecar of an intact shard written by the same plan without bad segments, else None."""
+    sidecar_path = _sidecar_path(job.path)
+    if not job.path.is_file() or not sidecar_path.is_file():
+        return None
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != SIDECAR_FORMAT or sidecar.get("plan") != job.plan():
+        return None
+    if sidecar.get("bad") or sidecar.get("bytes") != job.path.stat().st_size:
+        return None
+    return sidecar if sidecar.get("sha256") == _sha256(job.path) else None
+
+
+def _write_shard(job: ShardJob) -> dict[str, Any]:
+    """Write one shard and its sidecar; without skip_bad a shard with a bad segment is not written at all."""
+    temporary = job.path.with_name(f".{job.path.name}.{os.getpid()}.tmp")
+    stats = {feature: None for feature in STAT_FEATURES}
+    dims: dict[str, int] = {}
+    bad = []
+    samples = frames = 0
+    try:
+        with tarfile.open(temporary, "w:", format=tarfile.PAX_FORMAT) as tar:
+            for name in job.segments:
+                try:
+                    segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg)
+                    stored = _stored_streams(segment)
+                except (ValueError, FileNotFoundError) as error:
+                    bad.append({"segment": name, "reason": str(error)})
+                    continue
+                if bad and not job.skip_bad:
+                    continue  # this shard will not be kept; keep reading only to report every bad segment
+                bounds = chunk_bounds(segment.frames, job.max_chunk_frames)
+                for chunk, (start, end) in enumerate(bounds):
+                    arrays = {stream: values[start:end] for stream, values in stored.items()}
+                    if "expression_valid" in arrays and arrays["expression_valid"].all():
+                        del arrays["expression_valid"]
+                    _add_sample(tar, job, name, chunk, len(bounds), start, arrays)
+                    _accumulate(stats, arrays)
+                    samples += 1
+                    frames += end - start
+                dims.update({stream: values.shape[1] for stream, values in stored.items() if values.ndim == 2})
+        if bad and not job.skip_bad:
+            return _sidecar(job, samples, frames, dims, stats, bad, tar=None)
+        sidecar = _sidecar(job, samples, frames, dims, stats, bad, tar=temporary)
+        os.replace(temporary, job.path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _write_json(_sidecar_path(job.path), sidecar)
+    return sidecar
+
+
+def _stored_streams(segment: AlignedSegment) -> dict[str, np.ndarray]:
+    """The segment's streams in their stored dtypes; raises ValueError when a value overflows float16."""
+    streams = {"mel": segment.mel, "expression": segment.expression, "pose": segment.pose,
+               "tokens": segment.tokens, "expression_valid": segment.expression_valid}
+    streams.update({stream: getattr(segment, stream) for stream in OPTIONAL_STREAMS
+                    if getattr(segment, stream) is not None})
+    stored = {}
+    for stream, values in streams.items():
+        with np.errstate(over="ignore"):  # an overflow becomes inf, reported below with the segment's name
+            converted = np.ascontiguousarray(values, dtype=STORED_DTYPES[stream])
+        if converted.dtype != np.bool_ and not np.isfinite(converted).all():
+            raise ValueError(f"segment {segment.name}: {stream} has values beyond the {converted.dtype} range "
+                             f"(largest magnitude {np.abs(values).max():.6g}); expected finite values that fit")
+        stored[stream] = converted
+    return stored
+
+
+def _add_sample(tar: tarfile.TarFile, job: ShardJob, segment: str, chunk: int, chunks: int, start: int,
+                arrays: dict[str, np.ndarray]) -> None:
+    """Append one sample's members in sorted order with fixed metadata, so equal input gives equal bytes."""
+    key = sample_key(segment, chunk, chunks)
+    frames = arrays["mel"].shape[0]
+    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
+              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
+              "streams": sorted(arrays)}
+    members = {f"{key}.json": json.dumps(header, sort_keys=True).encode()}
+    for stream, values in arrays.items():
+        buffer = io.BytesIO()
+        np.save(buffer, values, allow_pickle=False)
+        members[f"{key}.{stream}.npy"] = buffer.getvalue()
+    for member in sorted(members):
+        info = tarfile.TarInfo(member)
+        info.size = len(members[member])
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(members[member]))
+
+
+def _accumulate(stats: dict[str, dict | None], arrays: dict[str, np.ndarray]) -> None:
+    """Add count, sum and sum of squares of the stored values (expression: valid frames only)."""
+    for feature in STAT_FEATURES:
+        values = arrays[feature].astype(np.float64)
+        if feature == "expression" and "expression_valid" in arrays:
+            values = values[arrays["expression_valid"]]
+        if stats[feature] is None:
+            stats[feature] = {"count": 0, "sum": np.zeros(values.shape[1]), "sum_sq": np.zeros(values.shape[1])}
+        stats[feature]["count"] += values.shape[0]
+        stats[feature]["sum"] += values.sum(axis=0)
+        stats[feature]["sum_sq"] += np.square(values).sum(axis=0)
+
+
+def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], stats: dict[str, dict | None],
+             bad: list[dict[str, str]], tar: Path | None) -> dict[str, Any]:
+    """The shard's summary; `tar` None for a shard abandoned because of a bad segment."""
+    return {
+        "format": SIDECAR_FORMAT,
+        "file": job.path.name,
+        "plan": job.plan(),
+        "samples": samples,
+        "frames": frames,
+        "bytes": tar.stat().st_size if tar is not None else 0,
+        "sha256": _sha256(tar) if tar is not None else "",
+        "dims": dims,
+        "bad": bad,
+        "stats": {feature: {"count": value["count"], "sum": value["sum"].tolist(), "sum_sq": value["sum_sq"].tolist()}
+                  for feature, value in stats.items() if value is not None},
+    }
+
+
+def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
+              bad: list[dict[str, str]]) -> dict[str, Any]:
+    frame_rate = cfg.mel.frame_rate
+    splits = {}
+    for split in SPLITS:
+        entries = [sidecar for job, sidecar in zip(jobs, sidecars) if job.split == split]
+        frames = sum(sidecar["frames"] for sidecar in entries)
+        splits[split] = {
+            "shards": [{key: sidecar[key] for key in ("file", "samples", "frames", "bytes", "sha256")}
+                       for sidecar in entries],
+            "segments": sum(len(sidecar["plan"]["segments"]) - len(sidecar["bad"]) for sidecar in entries),
+            "samples": sum(sidecar["samples"] for sidecar in entries),
+            "frames": frames,
+            "hours": frames / frame_rate / 3600.0,
+        }
+    if splits["train"]["samples"] == 0:
+        raise ValueError(f"data.root={cfg.data.root}: no training segment could be packed "
+                         f"(every readable segment matches the validation rule, or all are bad)")
+    return {
+        "format": FORMAT,
+        "layout": cfg.data.layout,
+        "name": cfg.pack.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mel": dataclasses.asdict(cfg.mel),
+        "frame_rate": frame_rate,
+        "max_chunk_frames": max_chunk_frames(cfg),
+        "dims": _merged_dims(sidecars),
+        "splits": splits,
+        "stats": _train_stats([sidecar for job, sidecar in zip(jobs, sidecars) if job.split == "train"]),
+        "bad": bad,
+    }
+
+
+def _merged_dims(sidecars: list[dict[str, Any]]) -> dict[str, int]:
+    """Per-stream feature widths, which must agree across every shard."""
+    dims: dict[str, int] = {}
+    for sidecar in sidecars:
+        for stream, width in sidecar["dims"].items():
+            if dims.setdefault(stream, width) != width:
+                raise ValueError(f"shard {sidecar['file']}: {stream} has {width} dims; expected {dims[stream]} "
+                                 f"like the shards before it")
+    return {stream: dims[stream] for stream in (*REQUIRED_STREAMS, *OPTIONAL_STREAMS) if stream in dims}
+
+
+def _train_stats(sidecars: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per-feature mean and std over the train split, merged from the shards' sufficient statistics."""
+    merged = {}
+    for feature in STAT_FEATURES:
+        parts = [sidecar["stats"][feature] for sidecar in sidecars if feature in sidecar["stats"]]
+        count = sum(part["count"] for part in parts)
+        if count == 0:
+            raise ValueError(f"train split: no frames of {feature} to compute statistics from "
+                             f"(expression counts only frames marked valid)")
+        total = np.sum([part["sum"] for part in parts], axis=0)
+        total_sq = np.sum([part["sum_sq"] for part in parts], axis=0)
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+        merged[feature] = {"count": count, "mean": mean.tolist(), "std": std.tolist()}
+    return merged
+
+
+def _verify_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tuple[int, int]:
+    """(samples, frames) of one shard, or ValueError/OSError saying what is wrong with it."""
+    if not path.is_file():
+        raise ValueError("file missing")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise ValueError(f"size {size} bytes; the manifest expects {entry['bytes']}")
+    if _sha256(path) != entry["sha256"]:
+        raise ValueError("sha256 differs from the manifest (file changed or corrupted)")
+    samples = frames = 0
+    for key, members in iter_shard_samples(path):
+        frames += _verify_sample(key, members, dims)
+        samples += 1
+    if (samples, frames) != (entry["samples"], entry["frames"]):
+        raise ValueError(f"holds {samples} samples / {frames} frames; the manifest expects "
+                         f"{entry['samples']} / {entry['frames']}")
+    return samples, frames
+
+
+def _verify_sample(key: str, members: dict[str, bytes], dims: dict[str, int]) -> int:
+    """The sample's frame count, after checking its header and every array's dtype and shape."""
+    if "json" not in members:
+        raise ValueError(f"sample {key}: no {key}.json header")
+    header = json.loads(members["json"])
+    if not isinstance(header, dict):
+        raise ValueError(f"sample {key}: {key}.json is not a JSON object")
+    segment, chunk, chunks = header.get("segment"), header.get("chunk"), header.get("chunks")
+    if not (isinstance(segment, str) and isinstance(chunk, int) and isinstance(chunks, int)
+            and key == sample_key(segment, chunk, chunks)):
+        raise ValueError(f"sample {key}: header names segment {segment!r} chunk {chunk!r} of {chunks!r}, "
+                         f"which gives a different key")
+    frames = header.get("frames")
+    streams = set(header.get("streams", []))
+    missing = [stream for stream in REQUIRED_STREAMS if stream not in streams or f"{stream}.npy" not in members]
+    missing += [stream for stream in streams if f"{stream}.npy" not in members]
+    if missing:
+        raise ValueError(f"sample {key}: missing {', '.join(sorted(set(missing)))}")
+    for stream in sorted(streams):
+        values = np.load(io.BytesIO(members[f"{stream}.npy"]), allow_pickle=False)
+        expected_shape = (frames,) if stream == "expression_valid" else (frames, dims.get(stream))
+        expected_dtype = np.dtype(STORED_DTYPES.get(stream, values.dtype))
+        if values.shape != expected_shape or values.dtype != expected_dtype:
+            raise ValueError(f"sample {key}: {stream} is {values.dtype} {values.shape}; expected "
+                             f"{expected_dtype} {expected_shape}")
+    return frames
+
+
+def _sidecar_path(shard: Path) -> Path:
+    return shard.with_name(f"{shard.name}.json")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1) + "\n")
+
+
+def _remove_stale_temporaries(output: Path, name: str) -> None:
+    """Delete temporary files an interrupted pack left behind (this pack's naming only)."""
+    for path in [*output.glob(f".{name}-*.tmp"), *output.glob(f".{MANIFEST}.*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+def _remove_unplanned_shards(output: Path, name: str, planned: set[str]) -> None:
+    """Delete shards of an earlier, larger pack under this name, so a glob over the folder sees only this one."""
+    pattern = re.compile(rf"{re.escape(name)}-({'|'.join(SPLITS)})-\d{{6}}\.tar")
+    for path in output.glob(f"{name}-*.tar"):
+        if pattern.fullmatch(path.name) and path.name not in planned:
+            path.unlink()
+            _sidecar_path(path).unlink(missing_ok=True)
+
+
+def _bad_report(cfg: Config, bad: list[dict[str, str]]) -> str:
+    lines = [f"{entry['segment']}: {entry['reason']}" for entry in bad]
+    return (f"data.root={cfg.data.root}: {len(bad)} bad segment(s) (pack.skip_bad=true skips and counts them):\n"
+            + "\n".join(lines))
