@@ -38,16 +38,54 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_train_head_vae(args: argparse.Namespace) -> None:
+    from avflow.data.loader import iter_split_arrays
+    from avflow.train.batches import head_vae_path
     from avflow.train.head_vae import train_head_vae
-    from avflow.train.prepare import head_vae_path, read_aligned_segments
 
     cfg = _config(args)
     out = Path(args.output) if args.output else head_vae_path(cfg)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    poses = [s.pose for s in read_aligned_segments(cfg) if not s.is_val]
+    poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
     summary = train_head_vae(poses, cfg.head_vae, out, seed=cfg.trainer.seed)
-    print(f"head VAE written to {out} ({summary})")
+    print(f"head VAE written to {out} (final reconstruction loss {summary['final_recon_loss']:.4f})")
+
+
+def cmd_pack(args: argparse.Namespace) -> None:
+    from avflow.data.shards import pack, verify
+
+    cfg = _config(args)
+    if args.layout:
+        cfg.data.layout = "50h" if args.layout == "demo" else args.layout  # the demo corpus is in the 50h layout
+    if args.input:
+        cfg.data.root = str(args.input)
+    if args.subject:
+        cfg.data.subject = args.subject
+    if args.workers:
+        cfg.pack.workers = args.workers
+    if args.skip_bad:
+        cfg.pack.skip_bad = True
+    output = Path(args.output or cfg.data.shards)
+    if args.output:
+        cfg.pack.name = output.name
+    cfg.validate()
+    if args.verify:
+        summary = verify(output)
+        print(f"{output}: every shard verified ({summary})")
+        return
+    manifest = pack(cfg, output)
+    for split in ("train", "val"):
+        part = manifest["splits"][split]
+        print(f"{split}: {len(part['shards'])} shards, {part['samples']} samples, {part['hours'] * 60:.1f} min")
+    if manifest.get("bad"):
+        print(f"skipped {len(manifest['bad'])} bad segments (listed in {output / 'manifest.json'})")
+
+
+def cmd_extract_asr(args: argparse.Namespace) -> None:
+    from avflow.data.asr import extract_directory
+
+    counts = extract_directory(args.input, args.model, layout=args.layout, device=args.device)
+    print(f"token logits: {counts['written']} written, {counts['skipped']} already complete")
 
 
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
@@ -111,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", help="checkpoint path (default: data.head_vae or <run_dir>/head_vae.pt)")
     sub.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     sub.set_defaults(run=cmd_train_head_vae)
+
+    sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
+    with_config(sub)
+    sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
+    sub.add_argument("-i", "--input", type=Path, help="dataset root (default: data.root)")
+    sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
+    sub.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
+    sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")
+    sub.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
+    sub.add_argument("--verify", action="store_true", help="re-read every shard and check counts and checksums")
+    sub.set_defaults(run=cmd_pack)
+
+    sub = commands.add_parser("extract-asr", help="write wav2vec2 CTC token logits next to a dataset's audio")
+    sub.add_argument("-i", "--input", required=True, type=Path, help="dataset root (50h) or subject folder (a2p)")
+    sub.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
+    sub.add_argument("--layout", choices=("50h", "a2p"), default="50h")
+    sub.add_argument("--device", default="cpu")
+    sub.set_defaults(run=cmd_extract_asr)
 
     sub = commands.add_parser("generate", help="generate speech and motion from tokens, text or audio")
     sub.add_argument("--checkpoint", required=True, type=Path)

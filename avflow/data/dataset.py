@@ -1,11 +1,8 @@
-"""Alignment of a segment's streams to the mel frame rate, and deterministic training windows.
+"""Alignment of a segment's streams to the mel frame rate.
 
 Every stream is brought to one clock here, and only here: the mel frames of the actor's audio
 (22050 / 256 = 86.13 fps). Visual streams (30 fps) and ASR tokens (50 Hz) are linearly interpolated
 onto the mel frame times.
-
-Windows are drawn from a generator seeded by (seed, step), so the batch of any step is a pure function
-of the step: a resumed run sees exactly the data an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -65,47 +62,3 @@ def align_segment(record: SegmentRecord, mel_cfg: MelConfig) -> AlignedSegment:
         participant_tokens=tokens(1) if record.tokens.shape[0] > 1 else None,
         participant_features=None if record.participant_features is None else visual(record.participant_features),
     )
-
-
-@dataclass
-class WindowPick:
-    segment: int
-    start: int
-    length: int
-
-
-class WindowSampler:
-    """Random fixed-length windows over segments, chosen with probability proportional to length."""
-
-    def __init__(self, lengths: list[int], window: int, batch_size: int, seed: int):
-        if not lengths:
-            raise ValueError("window sampler: no training segments")
-        self.lengths = np.asarray(lengths)
-        self.window = window
-        self.batch_size = batch_size
-        self.seed = seed
-        self.weights = self.lengths / self.lengths.sum()
-
-    def picks(self, step: int) -> list[WindowPick]:
-        rng = np.random.default_rng((self.seed, step))
-        segments = rng.choice(len(self.lengths), size=self.batch_size, p=self.weights)
-        picks = []
-        for index in segments:
-            length = int(self.lengths[index])
-            start = int(rng.integers(0, max(length - self.window, 0) + 1))
-            picks.append(WindowPick(int(index), start, min(self.window, length)))
-        return picks
-
-
-def gather_windows(streams: list[torch.Tensor], picks: list[WindowPick], window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the picked windows of per-segment tensors (F_i, D) into (B, window, D), zero-padded.
-
-    Returns the batch and a (B, window) bool mask of real frames.
-    """
-    dim = streams[0].shape[-1]
-    batch = torch.zeros(len(picks), window, dim, dtype=streams[0].dtype)
-    valid = torch.zeros(len(picks), window, dtype=torch.bool)
-    for row, pick in enumerate(picks):
-        batch[row, :pick.length] = streams[pick.segment][pick.start:pick.start + pick.length]
-        valid[row, :pick.length] = True
-    return batch, valid

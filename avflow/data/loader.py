@@ -475,8 +475,10 @@ class TrainingBatches:
 
 
 def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
+    # The stream's randomness is its own (seeded per consumer); a private generator keeps the DataLoader
+    # from drawing on the global torch RNG, whose state the trainer checkpoints and restores.
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))
 
 
 def training_batches(shard_dir: str | os.PathLike, cfg: Config, rank: int = 0, world_size: int = 1) -> TrainingBatches:

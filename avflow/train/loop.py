@@ -1,7 +1,7 @@
 """The training loop: AdamW with warmup + cosine, autocast, clipping, EMA, validation, checkpoints.
 
-The batch of step s is a pure function of (seed, s), and the checkpoint carries model, EMA, optimizer,
-scheduler and RNG state, so `--resume` continues exactly where an uninterrupted run would be.
+Batches stream from the packed shards. The checkpoint carries model, EMA, optimizer, scheduler, RNG
+state and the loader's position, so `--resume` continues exactly where an uninterrupted run would be.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,12 +18,12 @@ from torch import nn
 from tqdm import tqdm
 
 from avflow.config import Config
-from avflow.data.dataset import WindowSampler, gather_windows
+from avflow.data.loader import training_batches, validation_batches
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.flow import flow_matching_loss
+from avflow.train.batches import build_batch_encoder
 from avflow.train.checkpoint import (checkpoint_config, latest_checkpoint, load_checkpoint, require_same_model,
                                      save_checkpoint)
-from avflow.train.prepare import PreparedData, prepare_data
 from avflow.utils import load_torch
 
 log = logging.getLogger(__name__)
@@ -66,21 +65,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
         ema_param.lerp_(param.detach(), 1 - effective)
 
 
-@dataclass
-class Batch:
-    state: torch.Tensor
-    cond: torch.Tensor
-    valid: torch.Tensor
-    expression_valid: torch.Tensor
-
-
-def split_frames(frames: torch.Tensor, valid: torch.Tensor, cfg: Config) -> Batch:
-    state_dim = cfg.model.state_dim
-    return Batch(frames[..., :state_dim], frames[..., state_dim:-1], valid, frames[..., -1] > 0.5)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, data: PreparedData | None = None):
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
         self.cfg = cfg
         self.progress = progress
         self.run_dir = Path(cfg.trainer.run_dir)
@@ -96,11 +82,11 @@ class Trainer:
                                            weight_decay=cfg.trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg))
         self.step = 0
-        self.data = data or prepare_data(cfg, progress)
-        self.sampler = WindowSampler([t.shape[0] for t in self.data.train], cfg.data.segment_length,
-                                     cfg.trainer.batch_size, cfg.trainer.seed)
+        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, progress)
+        self.train_batches = training_batches(cfg.data.shards, cfg)
         if existing is not None:
             self._restore(existing)
+        self.train_iter = iter(self.train_batches)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(self.run_dir / "config.yaml")
 
@@ -112,8 +98,9 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "codec": self.data.codec.state_dict(),
-            "head_vae": load_torch(self.data.head_vae_path),
+            "loader": self.train_batches.state_dict(),
+            "codec": self.encoder.codec.state_dict(),
+            "head_vae": load_torch(self.head_vae_path),
         }
 
     def _restore(self, path: Path) -> None:
@@ -125,16 +112,13 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["torch_rng"])
+        self.train_batches.load_state_dict(payload["loader"])
         self.step = int(payload["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
-    def batch(self, step: int) -> Batch:
-        frames, valid = gather_windows(self.data.train, self.sampler.picks(step), self.cfg.data.segment_length)
-        return split_frames(frames.to(self.device), valid.to(self.device), self.cfg)
-
     def train_step(self, step: int) -> dict[str, float]:
         self.model.train()
-        batch = self.batch(step)
+        batch = self.encoder(next(self.train_iter))
         with autocast_context(self.cfg.trainer.precision, self.device):
             loss, parts = flow_matching_loss(self.model, batch.state, batch.cond, batch.valid, self.cfg.flow,
                                              self.cfg.model, batch.expression_valid)
@@ -155,20 +139,22 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Mean loss over every validation segment, with the EMA weights and fixed noise."""
+        """Frame-weighted mean loss over every validation window, with the EMA weights and fixed noise."""
         model = self.ema or self.model
         model.eval()
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
         totals: dict[str, float] = {}
-        for frames in self.data.val:
-            batch = split_frames(frames[None].to(self.device), torch.ones(1, frames.shape[0], dtype=torch.bool,
-                                                                          device=self.device), self.cfg)
+        frames = 0
+        for features in validation_batches(self.cfg.data.shards, self.cfg):
+            batch = self.encoder(features)
             with autocast_context(self.cfg.trainer.precision, self.device):
                 loss, parts = flow_matching_loss(model, batch.state, batch.cond, batch.valid, self.cfg.flow,
                                                  self.cfg.model, batch.expression_valid, generator)
+            count = batch.valid.sum().item()
+            frames += count
             for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-                totals[key] = totals.get(key, 0.0) + value.item() / len(self.data.val)
-        return totals
+                totals[key] = totals.get(key, 0.0) + value.item() * count
+        return {key: value / max(frames, 1) for key, value in totals.items()}
 
     def save(self) -> Path:
         return save_checkpoint(self.run_dir, self.step, self._payload(), self.cfg.trainer.keep_checkpoints)
@@ -195,7 +181,7 @@ class Trainer:
                         writer.add_scalar(f"train/{key}", value, self.step)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
                     window_start, window_frames = time.perf_counter(), 0
-                if self.data.val and (self.step % t.val_every == 0 or self.step == t.steps):
+                if self.step % t.val_every == 0 or self.step == t.steps:
                     for key, value in self.validate().items():
                         writer.add_scalar(f"val/{key}", value, self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:

@@ -1,10 +1,9 @@
-"""Alignment to the mel clock and deterministic training windows."""
+"""Alignment of every stream to the mel clock."""
 
 import numpy as np
-import torch
 
 from avflow.config import MelConfig
-from avflow.data.dataset import WindowSampler, align_segment, gather_windows
+from avflow.data.dataset import align_segment
 from avflow.data.features import rigid_to_pose7
 from avflow.data.records import SegmentRecord
 
@@ -37,28 +36,6 @@ def test_every_stream_lands_on_the_mel_clock():
     assert aligned.participant_tokens.shape == (frames, 29) and aligned.expression_valid.all()
     half_angle = aligned.pose[:, 3]  # qz = sin(angle / 2) of the z rotation, angle = 0.2 t / (59/30)
     np.testing.assert_allclose(half_angle[inside], np.sin(0.1 * times[inside] / (59 / 30)), atol=1e-3)
-
-
-def test_windows_depend_only_on_seed_and_step():
-    sampler = WindowSampler([100, 30, 500], window=64, batch_size=8, seed=3)
-    assert [vars(p) for p in sampler.picks(7)] == [vars(p) for p in WindowSampler([100, 30, 500], 64, 8, 3).picks(7)]
-    assert [vars(p) for p in sampler.picks(7)] != [vars(p) for p in sampler.picks(8)]
-    for step in range(20):
-        for pick in sampler.picks(step):
-            assert 0 <= pick.start and pick.start + pick.length <= [100, 30, 500][pick.segment]
-            assert pick.length == min(64, [100, 30, 500][pick.segment])
-
-
-def test_short_segments_are_padded_and_masked():
-    streams = [torch.arange(10.0)[:, None], torch.arange(100.0)[:, None]]
-    sampler = WindowSampler([10, 100], window=16, batch_size=32, seed=0)
-    picks = sampler.picks(0)
-    batch, valid = gather_windows(streams, picks, 16)
-    for row, pick in enumerate(picks):
-        assert valid[row].sum() == pick.length
-        assert torch.equal(batch[row, :pick.length, 0], torch.arange(pick.start, pick.start + pick.length, dtype=torch.float32))
-        assert (batch[row, pick.length:] == 0).all()
-    assert any(p.segment == 0 for p in picks) and any(p.segment == 1 for p in picks)
 
 
 def test_missing_expression_frames_stay_masked_after_interpolation():

@@ -1,4 +1,4 @@
-"""The command line end to end on a tiny corpus: corpus -> train -> generate, and its input errors."""
+"""The command line end to end on a tiny corpus: corpus -> pack -> train -> generate, and input errors."""
 
 import numpy as np
 import pytest
@@ -17,8 +17,10 @@ TINY = ["corpus.train_segments=3", "corpus.val_segments=1", "corpus.words_per_se
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    overrides = TINY + [f"data.root={root / 'data'}", f"trainer.run_dir={root / 'run'}"]
+    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}", f"trainer.run_dir={root / 'run'}"]
     assert main(["corpus", *overrides]) == 0
+    assert main(["pack", *overrides]) == 0
+    assert main(["pack", "--verify", *overrides]) == 0
     assert main(["train", *overrides]) == 0
     return root / "run" / "checkpoints" / "step-00000003.pt"
 

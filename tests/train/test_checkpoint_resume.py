@@ -5,37 +5,35 @@ import pytest
 import torch
 
 from avflow.config import load_config
-from avflow.model.state import StateCodec
+from avflow.data.corpus import write_corpus
+from avflow.data.shards import pack
 from avflow.train import checkpoint as checkpoint_module
 from avflow.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from avflow.train.head_vae import train_head_vae
 from avflow.train.loop import Trainer
-from avflow.train.prepare import PreparedData
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=3", "trainer.steps=6", "trainer.warmup_steps=2", "trainer.checkpoint_every=3",
         "trainer.val_every=3", "trainer.lr=1e-3", "head_vae.ffn_hidden=8", "head_vae.steps=2",
-        "head_vae.segment_length=16", "head_vae.batch_size=2"]
+        "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=3", "corpus.val_segments=1",
+        "corpus.words_per_segment=[2, 3]"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    cfg = load_config(None, TINY)
-    vae_path = tmp_path_factory.mktemp("vae") / "head_vae.pt"
+def shards(tmp_path_factory):
+    """A packed tiny corpus and a head VAE shared by every run, so only the main model trains."""
+    root = tmp_path_factory.mktemp("data")
+    cfg = load_config(None, TINY + [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}"])
+    write_corpus(cfg.data.root, cfg.corpus)
+    pack(cfg, cfg.data.shards, progress=False)
     rng = np.random.default_rng(0)
-    train_head_vae([rng.standard_normal((40, 7)).astype(np.float32)], cfg.head_vae, vae_path, progress=False)
-    width = cfg.model.state_dim + cfg.model.cond_dim
-
-    def segment(frames):
-        values = torch.from_numpy(rng.standard_normal((frames, width)).astype(np.float32))
-        return torch.cat([values, torch.ones(frames, 1)], dim=-1)
-
-    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim), -5.5, 2.1, cfg.model)
-    return PreparedData([segment(50), segment(30), segment(20)], [segment(26)], ["val"], codec, vae_path)
+    train_head_vae([rng.standard_normal((40, 7)).astype(np.float32)], cfg.head_vae, root / "head_vae.pt",
+                   progress=False)
+    return [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}", f"data.head_vae={root / 'head_vae.pt'}"]
 
 
-def config(run_dir, *extra):
-    return load_config(None, TINY + [f"trainer.run_dir={run_dir}", *extra])
+def config(shards, run_dir, *extra):
+    return load_config(None, TINY + shards + [f"trainer.run_dir={run_dir}", *extra])
 
 
 def run_steps(trainer, count):
@@ -46,15 +44,15 @@ def run_steps(trainer, count):
     return losses
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, data):
-    uninterrupted = Trainer(config(tmp_path / "a"), progress=False, data=data)
+def test_resume_matches_uninterrupted_run(tmp_path, shards):
+    uninterrupted = Trainer(config(shards, tmp_path / "a"), progress=False)
     losses = run_steps(uninterrupted, 6)
 
-    interrupted = Trainer(config(tmp_path / "b"), progress=False, data=data)
+    interrupted = Trainer(config(shards, tmp_path / "b"), progress=False)
     assert run_steps(interrupted, 3) == losses[:3]
     interrupted.save()
     torch.manual_seed(12345)  # a fresh process would have different global RNG state
-    resumed = Trainer(config(tmp_path / "b"), resume=True, progress=False, data=data)
+    resumed = Trainer(config(shards, tmp_path / "b"), resume=True, progress=False)
     assert resumed.step == 3
     assert run_steps(resumed, 3) == losses[3:]
     for name, value in uninterrupted.model.state_dict().items():
@@ -63,9 +61,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, data):
         assert torch.equal(value, resumed.ema.state_dict()[name]), name
 
 
-def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, data):
-    cfg = config(tmp_path / "run", "trainer.keep_checkpoints=1", "trainer.steps=7")
-    final = Trainer(cfg, progress=False, data=data).fit()
+def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):
+    cfg = config(shards, tmp_path / "run", "trainer.keep_checkpoints=1", "trainer.steps=7")
+    final = Trainer(cfg, progress=False).fit()
     assert final.name == "step-00000007.pt"
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000007.pt"]
     payload = load_checkpoint(final)
@@ -82,16 +80,16 @@ def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, data):
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6, 7]
 
 
-def test_existing_run_needs_resume_and_same_model(tmp_path, data):
-    Trainer(config(tmp_path / "run"), progress=False, data=data).save()
+def test_existing_run_needs_resume_and_same_model(tmp_path, shards):
+    Trainer(config(shards, tmp_path / "run"), progress=False).save()
     with pytest.raises(FileExistsError, match="pass --resume"):
-        Trainer(config(tmp_path / "run"), progress=False, data=data)
+        Trainer(config(shards, tmp_path / "run"), progress=False)
     with pytest.raises(ValueError, match=r"checkpoint of another model config \(model.d_model: checkpoint 32 vs config 64"):
-        Trainer(config(tmp_path / "run", "model.d_model=64"), resume=True, progress=False, data=data)
+        Trainer(config(shards, tmp_path / "run", "model.d_model=64"), resume=True, progress=False)
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch):
-    trainer = Trainer(config(tmp_path / "run"), progress=False, data=data)
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, shards, monkeypatch):
+    trainer = Trainer(config(shards, tmp_path / "run"), progress=False)
     good = trainer.save()
     before = good.read_bytes()
     run_steps(trainer, 1)
@@ -108,8 +106,8 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, data, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [good.name]
 
 
-def test_checkpoints_load_with_weights_only(tmp_path, data):
-    path = Trainer(config(tmp_path / "run"), progress=False, data=data).save()
+def test_checkpoints_load_with_weights_only(tmp_path, shards):
+    path = Trainer(config(shards, tmp_path / "run"), progress=False).save()
     assert torch.load(path, weights_only=True)["format"] == checkpoint_module.FORMAT
     (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="other.pt: not a loadable torch checkpoint"):

@@ -1,0 +1,86 @@
+"""From loader batches (features at the mel frame rate) to model inputs: state, conditioning, masks.
+
+The head-pose VAE is part of this step: its latent of each window's normalized pose is the diffusion
+target for head motion. Expression statistics come from the shard manifest (computed while packing),
+so every rank normalizes identically without a pass over the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from avflow.config import Config
+from avflow.data.loader import iter_split_arrays
+from avflow.data.shards import load_manifest
+from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
+from avflow.train.head_vae import load_head_vae, train_head_vae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    state: torch.Tensor  # (B, T, state_dim)
+    cond: torch.Tensor  # (B, T, cond_dim)
+    valid: torch.Tensor  # (B, T) real frames
+    expression_valid: torch.Tensor  # (B, T) frames whose expression code is data
+
+
+class BatchEncoder:
+    """Encodes feature batches into the model's normalized state and per-frame conditioning."""
+
+    def __init__(self, cfg: Config, codec: StateCodec, head_vae: HeadVAE, pose_mean: torch.Tensor,
+                 pose_std: torch.Tensor, device: torch.device):
+        self.cfg = cfg
+        self.codec = codec
+        self.head_vae = head_vae.to(device).eval()
+        self.pose_mean, self.pose_std = pose_mean.to(device), pose_std.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]) -> Batch:
+        moved = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        valid = moved["valid"]
+        pose = (moved["pose"] - self.pose_mean) / self.pose_std
+        head_latent, _ = self.head_vae.encode(pose, valid)
+        state = self.codec.encode(moved["expression"], head_latent * valid[..., None], moved["mel"])
+        cond_parts = [moved["tokens"]]
+        if self.cfg.model.dyadic:
+            missing = [k for k in ("participant_tokens", "participant_features") if k not in moved]
+            if missing:
+                raise ValueError(f"model.dyadic=true needs participant streams in the shards; missing {missing}")
+            cond_parts += [moved["participant_tokens"], moved["participant_features"]]
+        cond = torch.cat(cond_parts, dim=-1)
+        if cond.shape[-1] != self.cfg.model.cond_dim:
+            raise ValueError(f"conditioning has {cond.shape[-1]} features per frame; model.cond_dim expects "
+                             f"{self.cfg.model.cond_dim} (check model.participant_feature_dim)")
+        return Batch(state * valid[..., None], cond, valid, moved["expression_valid"] & valid)
+
+
+def head_vae_path(cfg: Config) -> Path:
+    return Path(cfg.data.head_vae) if cfg.data.head_vae else Path(cfg.trainer.run_dir) / "head_vae.pt"
+
+
+def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
+    stats = manifest["stats"]["expression"]
+    return StateCodec(torch.tensor(stats["mean"]).float(), torch.tensor(stats["std"]).float().clamp_min(1e-4),
+                      cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+
+
+def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True) -> tuple[BatchEncoder, Path]:
+    """Load (or train once) the head VAE and read normalization stats from the manifest."""
+    manifest = load_manifest(cfg.data.shards)
+    vae_path = head_vae_path(cfg)
+    if not vae_path.is_file():
+        if cfg.data.head_vae:
+            raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
+        log.info("training the head-pose VAE into %s", vae_path)
+        poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
+        train_head_vae(poses, cfg.head_vae, vae_path, seed=cfg.trainer.seed, progress=progress)
+    head_vae, pose_mean, pose_std = load_head_vae(vae_path, cfg.head_vae)
+    return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device), vae_path
