@@ -197,3 +197,22 @@ def test_wrong_sample_rate_and_missing_files(subject):
         list_segment_names(DataConfig(layout="a2p", root=str(subject.parent), subject="GQS883"))
     with pytest.raises(ValueError, match="no reader for this layout"):
         list_segment_names(DataConfig(layout="mystery"))
+
+
+def test_subject_packs_into_shards_with_4d_pose_and_face_masks(subject, tmp_path):
+    from avflow.config import load_config
+    from avflow.data.loader import iter_split_arrays
+    from avflow.data.shards import pack
+
+    cfg = load_config(None, ["data.layout=a2p", f"data.root={subject.parent}", f"data.subject={subject.name}",
+                             "head_vae.pose_dim=4", "pack.name=PXB184"])
+    manifest = pack(cfg, tmp_path / "shards", progress=False)
+    assert manifest["dims"]["pose"] == 4
+    assert manifest["splits"]["train"]["samples"] == 2 and manifest["splits"]["val"]["samples"] == 2
+    train = {len(a["pose"]): a for a in iter_split_arrays(tmp_path / "shards", "train", ("pose", "expression_valid"))}
+    frames_scene01 = int(30 / 30 * 22050) // 256
+    scene01 = train[frames_scene01]
+    times = np.arange(frames_scene01) / (22050 / 256)
+    near_missing = (times > 2 / 30) & (times < 6 / 30) | (times > 28 / 30)  # face frames 3, 4, 5 and 29
+    assert not scene01["expression_valid"][near_missing].any()
+    assert scene01["expression_valid"][~near_missing].all()
