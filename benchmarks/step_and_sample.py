@@ -50,9 +50,11 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--nfe", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention", default="auto", choices=("auto", "flex", "banded", "dense"),
+                        help="dense is the published T x T masked attention, for comparison")
     args = parser.parse_args()
     device = torch.device(args.device)
-    cfg = ModelConfig(**SMALL) if args.small else ModelConfig()
+    cfg = ModelConfig(**SMALL, attention=args.attention) if args.small else ModelConfig(attention=args.attention)
     batch = args.batch or (4 if args.small else 16)
     frames = args.frames or (345 if args.small else 1725)
     torch.manual_seed(0)
