@@ -134,7 +134,7 @@ class Trainer:
             update_ema(self.ema, self.model, self.cfg.trainer.ema_decay, step)
         metrics = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in parts.items()}}
         metrics.update(grad_norm=grad_norm.item(), lr=self.scheduler.get_last_lr()[0],
-                       frames=batch.valid.sum().item())
+                       frames=batch.valid.sum().item(), bad_samples=self.train_batches.bad_samples)
         return metrics
 
     @torch.no_grad()

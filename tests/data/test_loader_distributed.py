@@ -1,12 +1,12 @@
-"""Two real processes (gloo on localhost) stream the same shards: disjoint train shards, lockstep steps, and
-validation that reads every sample exactly once across ranks."""
+"""Two real processes launched by torchrun (gloo on localhost) stream the same shards: disjoint train
+shards, lockstep steps, and validation that reads every sample exactly once across ranks."""
 
 import datetime
-import os
 import socket
+import subprocess
+import sys
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from avflow.data.loader import training_batches, validation_batches
 from test_loader import WINDOW, row_ids, sample_key, small_config, write_shards
@@ -24,9 +24,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_rank(rank: int, shard_dir: str, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=60))
+def run_rank(shard_dir: str) -> None:
+    """One rank, with RANK/WORLD_SIZE/MASTER_* set by torchrun."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
         cfg = small_config(num_workers=NUM_WORKERS)
         stream = iter(training_batches(shard_dir, cfg, dist.get_rank(), dist.get_world_size()))
@@ -56,4 +56,11 @@ def run_rank(rank: int, shard_dir: str, port: int) -> None:
 
 def test_two_ranks_read_disjoint_shards_in_lockstep_and_split_validation(tmp_path):
     shard_dir = write_shards(tmp_path, TRAIN_SHARDS, VAL_SHARDS)
-    mp.spawn(run_rank, args=(str(shard_dir), free_port()), nprocs=WORLD_SIZE, join=True)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
+              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(shard_dir)]
+    result = subprocess.run(launch, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    run_rank(sys.argv[1])

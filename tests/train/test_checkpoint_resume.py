@@ -76,7 +76,7 @@ def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):
     tags = set(events.Tags()["scalars"])
     for part in ("loss", "loss_expression", "loss_head", "loss_mel"):
         assert f"train/{part}" in tags and f"val/{part}" in tags
-    assert {"train/lr", "train/grad_norm", "train/frames_per_s"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/frames_per_s", "train/bad_samples"} <= tags
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6, 7]
 
 
