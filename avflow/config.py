@@ -132,6 +132,7 @@ class DataConfig:
     visual_fps: float = 30.0
     token_fps: float = 50.0  # wav2vec2 20 ms stride
     val_last_scenes: int = 2  # a2p: the last N scenes (sorted) are held out, as published
+    participant_mel: bool = False  # dyadic: also pack the participant's mel (audio channel 1)
     canonical_quaternion_sign: bool = True  # 50h: continuous quaternion sign; the published code does not
     head_vae: str = ""  # head-VAE checkpoint; empty: <run_dir>/head_vae.pt, trained first if missing
     shards: str = "shards/demo"  # folder of packed shards + manifest.json that training streams from

@@ -30,15 +30,21 @@ class AlignedSegment:
     expression_valid: np.ndarray  # (F,) bool: frames whose expression code is data
     participant_tokens: np.ndarray | None = None  # (F, 29) when the recording has a partner channel
     participant_features: np.ndarray | None = None  # (F, D) SMIRK features when the layout has them
+    participant_mel: np.ndarray | None = None  # (F, n_mels) of audio channel 1, when asked for
 
     @property
     def frames(self) -> int:
         return self.mel.shape[0]
 
 
-def align_segment(record: SegmentRecord, mel_cfg: MelConfig) -> AlignedSegment:
-    actor_audio = resample(record.audio[0], record.sample_rate, mel_cfg.sample_rate)
-    mel = log_mel(torch.from_numpy(np.ascontiguousarray(actor_audio)), mel_cfg).T.numpy()
+def _channel_mel(record: SegmentRecord, channel: int, mel_cfg: MelConfig) -> np.ndarray:
+    audio = resample(record.audio[channel], record.sample_rate, mel_cfg.sample_rate)
+    return log_mel(torch.from_numpy(np.ascontiguousarray(audio)), mel_cfg).T.numpy().astype(np.float32)
+
+
+def align_segment(record: SegmentRecord, mel_cfg: MelConfig, participant_mel: bool = False) -> AlignedSegment:
+    """Every stream at the actor's mel frames; `participant_mel` adds channel 1's mel (dyadic data)."""
+    mel = _channel_mel(record, 0, mel_cfg)
     frames = mel.shape[0]
     fps = mel_cfg.frame_rate
 
@@ -54,11 +60,12 @@ def align_segment(record: SegmentRecord, mel_cfg: MelConfig) -> AlignedSegment:
     return AlignedSegment(
         name=record.name,
         is_val=record.is_val,
-        mel=mel.astype(np.float32),
+        mel=mel,
         expression=visual(record.expression),
         pose=visual(record.head_pose),
         tokens=tokens(0),
         expression_valid=valid,
         participant_tokens=tokens(1) if record.tokens.shape[0] > 1 else None,
         participant_features=None if record.participant_features is None else visual(record.participant_features),
+        participant_mel=_channel_mel(record, 1, mel_cfg) if participant_mel and record.audio.shape[0] > 1 else None,
     )

@@ -48,9 +48,10 @@ STORED_DTYPES = {  # stream -> dtype inside the tar; float16 where its rounding 
     "expression_valid": np.bool_,
     "participant_tokens": np.float16,
     "participant_features": np.float16,
+    "participant_mel": np.float16,
 }
 REQUIRED_STREAMS = ("mel", "expression", "pose", "tokens")
-OPTIONAL_STREAMS = ("participant_tokens", "participant_features")
+OPTIONAL_STREAMS = ("participant_tokens", "participant_features", "participant_mel")
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 # DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
 LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
@@ -309,7 +310,8 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
         with tarfile.open(temporary, "w:", format=tarfile.PAX_FORMAT) as tar:
             for name in job.segments:
                 try:
-                    segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg)
+                    segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg,
+                                            job.data_cfg.participant_mel)
                     stored = _stored_streams(segment)
                 except (ValueError, FileNotFoundError) as error:
                     bad.append({"segment": name, "reason": str(error)})

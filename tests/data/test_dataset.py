@@ -1,10 +1,11 @@
 """Alignment of every stream to the mel clock."""
 
 import numpy as np
+import torch
 
 from avflow.config import MelConfig
 from avflow.data.dataset import align_segment
-from avflow.data.features import rigid_to_pose7
+from avflow.data.features import log_mel, resample, rigid_to_pose7
 from avflow.data.records import SegmentRecord
 
 
@@ -47,3 +48,13 @@ def test_missing_expression_frames_stay_masked_after_interpolation():
     touching_gap = (times > 19 / 30) & (times < 23 / 30)
     assert not aligned.expression_valid[touching_gap].any()
     assert aligned.expression_valid[~touching_gap].all()
+
+
+def test_participant_mel_is_channel_one_on_the_actor_clock():
+    record = synthetic_segment()
+    aligned = align_segment(record, MelConfig(), participant_mel=True)
+    assert align_segment(record, MelConfig()).participant_mel is None
+    expected = log_mel(torch.from_numpy(resample(record.audio[1], 48000, 22050)), MelConfig()).T.numpy()
+    assert aligned.participant_mel.shape == aligned.mel.shape
+    np.testing.assert_allclose(aligned.participant_mel, expected, atol=1e-5)
+    assert not np.allclose(aligned.participant_mel, aligned.mel)

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import webdataset
 
@@ -338,3 +339,17 @@ def test_the_stock_webdataset_reader_decodes_the_shards(packed):
         assert sample["expression.npy"].shape == (frames, 256)
         assert sample["pose.npy"].shape == (frames, 7) and sample["pose.npy"].dtype == np.float32
         assert sample["tokens.npy"].shape == (frames, 29)
+
+
+def test_participant_mel_is_packed_and_streamed_when_asked_for(corpus, tmp_path):
+    from avflow.data.loader import training_batches
+
+    cfg = config(corpus)
+    cfg.data.participant_mel = True
+    cfg.data.segment_length = 32
+    cfg.trainer.batch_size = 2
+    manifest = pack(cfg, tmp_path, workers=1, progress=False)
+    assert manifest["dims"]["participant_mel"] == 80
+    batch = next(iter(training_batches(tmp_path, cfg)))
+    assert batch["participant_mel"].shape == (2, 32, 80)
+    assert not torch.allclose(batch["participant_mel"], batch["mel"])
