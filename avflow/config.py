@@ -153,6 +153,23 @@ class PackConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How training is spread over processes; the loop itself does not depend on it."""
+
+    strategy: str = "none"  # none | ddp | fsdp (FSDP2 fully_shard per DiT block + root) | deepspeed
+    backend: str = "auto"  # process group: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    init_timeout_s: float = 300.0  # first collective (rendezvous) timeout
+    train_timeout_s: float = 1800.0  # collective timeout once training runs
+    fsdp_param_dtype: str = "bf16"  # bf16 | fp32: FSDP2 MixedPrecisionPolicy param dtype
+    fsdp_reduce_dtype: str = "fp32"  # bf16 | fp32: gradient reduction dtype
+    fsdp_reshard_after_forward: bool = True  # False keeps gathered params between forward and backward
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    compile: bool = False  # torch.compile each DiT block
+    activation_checkpointing: bool = False  # recompute each DiT block in backward
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
 class TrainerConfig:
     run_dir: str = "runs/demo"
     steps: int = 1000
@@ -170,6 +187,7 @@ class TrainerConfig:
     val_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
@@ -193,6 +211,7 @@ class Config:
     head_vae: HeadVAEConfig = field(default_factory=HeadVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -234,6 +253,14 @@ class Config:
         _require(d.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", d.val_last_scenes)
         _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
         _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive", (d.visual_fps, d.token_fps))
+        par = self.parallel
+        _choice(par.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
+        _choice(par.backend, "parallel.backend", ("auto", "nccl", "gloo"))
+        _choice(par.fsdp_param_dtype, "parallel.fsdp_param_dtype", ("bf16", "fp32"))
+        _choice(par.fsdp_reduce_dtype, "parallel.fsdp_reduce_dtype", ("bf16", "fp32"))
+        _require(par.grad_accumulation >= 1, "parallel.grad_accumulation", "at least 1", par.grad_accumulation)
+        _require(par.init_timeout_s > 0 and par.train_timeout_s > 0, "parallel.init_timeout_s/train_timeout_s",
+                 "positive", (par.init_timeout_s, par.train_timeout_s))
         _require(t.steps >= 1, "trainer.steps", "at least 1", t.steps)
         _require(t.batch_size >= 1, "trainer.batch_size", "at least 1", t.batch_size)
         _require(t.lr > 0, "trainer.lr", "positive", t.lr)
