@@ -31,10 +31,16 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from avflow.train.loop import Trainer
+    from avflow.train.entry import run_training
 
-    final = Trainer(_config(args), resume=args.resume).fit()
+    final = run_training(args.config, args.overrides, resume=args.resume)
     print(f"final checkpoint: {final}")
+
+
+def cmd_checkpoint_consolidate(args: argparse.Namespace) -> None:
+    from avflow.train.checkpoint import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.output)}")
 
 
 def cmd_train_head_vae(args: argparse.Namespace) -> None:
@@ -139,10 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", help="dataset root (default: data.root)")
     sub.set_defaults(run=cmd_corpus)
 
-    sub = commands.add_parser("train", help="train AV-Flow (single process)")
+    sub = commands.add_parser("train", help="train AV-Flow (one process, or every rank under torchrun/SLURM)")
     with_config(sub)
     sub.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.run_dir")
     sub.set_defaults(run=cmd_train)
+
+    sub = commands.add_parser("checkpoint", help="checkpoint tools")
+    checkpoint_commands = sub.add_subparsers(dest="checkpoint_command", required=True)
+    consolidate = checkpoint_commands.add_parser(
+        "consolidate", help="one safetensors inference file (EMA weights, normalization, head VAE, config) "
+                            "from a training checkpoint of any strategy")
+    consolidate.add_argument("checkpoint", type=Path, help="RUN/checkpoints/step-N")
+    consolidate.add_argument("-o", "--output", type=Path, required=True, help="e.g. model.safetensors")
+    consolidate.set_defaults(run=cmd_checkpoint_consolidate)
 
     sub = commands.add_parser("train-head-vae", help="train the head-pose VAE on the training segments")
     with_config(sub)

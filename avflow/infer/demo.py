@@ -50,7 +50,7 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     codec = trainer.encoder.codec
     results = {
         "untrained": evaluate(untrained, codec, held_out, cfg, cfg.sample),
-        "trained": evaluate(trainer.ema or trainer.model, codec, held_out, cfg, cfg.sample),
+        "trained": evaluate(trainer.ema_model(), codec, held_out, cfg, cfg.sample),
     }
     print(f"{'':>10}  {'mel L1 (lower is better)':>25}  {'mouth correlation (higher is better)':>37}")
     for name, scores in results.items():

@@ -22,7 +22,7 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import sample
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.train.checkpoint import checkpoint_config, load_checkpoint
+from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.infer.griffin_lim import mel_to_audio
 from avflow.train.loop import pick_device
@@ -44,14 +44,14 @@ class InferenceModel:
     device: torch.device
 
 
-def load_inference_model(checkpoint: str | Path, device: str = "auto", use_ema: bool = True) -> InferenceModel:
-    payload = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(payload, checkpoint)
+def load_inference_model(checkpoint: str | Path, device: str = "auto") -> InferenceModel:
+    """The EMA network, normalization and head VAE from a training step directory or a consolidated file."""
+    cfg, tensors = load_inference_tensors(checkpoint)
     target = pick_device(device)
     net = AVFlowNet(cfg.model)
-    net.load_state_dict(payload["ema" if use_ema else "model"])
-    head_vae, pose_mean, pose_std = head_vae_from_payload(payload["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
-    codec = StateCodec.from_state_dict(payload["codec"], cfg.model)
+    net.load_state_dict(tensors["ema"])
+    head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
+    codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
     return InferenceModel(cfg, net.to(target).eval(), codec, head_vae.eval(), pose_mean, pose_std, target)
 
 

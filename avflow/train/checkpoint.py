@@ -1,21 +1,36 @@
-"""Single-file training checkpoints: atomic save, keep-last-K, newest-complete lookup, safe load.
+"""Training checkpoints with torch.distributed.checkpoint (DCP), for every strategy and world size.
 
-A checkpoint is written under a hidden temporary name and renamed when complete, so a crash never
-leaves a partial `step-*.pt` and never harms an earlier one. Files hold only tensors and plain
-containers and are read with weights_only=True.
+A checkpoint is a directory `<run_dir>/checkpoints/step-N/`: DCP's sharded tensor files (each rank writes
+its own shards: model, EMA, optimizer, its RNG state, codec, head VAE) and `meta.json` (config, step,
+scheduler and loader positions). It is written under a hidden temporary name and renamed by rank 0 only
+when every rank has finished, so a crash never leaves a directory that looks complete and never harms
+an earlier one. `latest_checkpoint` therefore only ever returns complete checkpoints.
+
+The DCP metadata file is a pickle written by PyTorch; share models as consolidated single files
+(`avflow checkpoint consolidate`), which are safetensors and load without unpickling anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
+import shutil
+import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from avflow.config import Config, config_from_dict
-from avflow.utils import load_torch, save_torch_atomic
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
-FORMAT = "avflow-checkpoint-v1"
-_STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+from avflow.config import Config, config_from_dict
+from avflow.utils import atomic_path
+
+FORMAT = "avflow-checkpoint-v2"
+META = "meta.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RUNTIME_MODEL_KEYS = {"attention", "dropout"}  # do not change the weights' shapes or meaning
 
 
@@ -28,7 +43,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _STEP_FILE.match(p.name))
+    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file())
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -36,25 +51,98 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    path = checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
-    save_torch_atomic({"format": FORMAT, "step": step, **payload}, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
-    return path
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it saves/loads in a single process; that is intended when there is no group."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    payload = load_torch(path)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an avflow checkpoint (expected a '{FORMAT}' file; "
-                         "published AV-Flow weights must be imported first)")
-    return payload
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
-def checkpoint_config(payload: dict[str, Any], path: str | Path) -> Config:
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class Checkpointer:
+    """Saves and restores step directories; every rank calls save/load (they are collective)."""
+
+    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False):
+        self.folder = checkpoint_dir(run_dir)
+        self.keep = keep
+        self.async_save = async_save
+        self._pending: tuple[Future, Path, Path, dict] | None = None
+
+    def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
+        """Write step-N (collective). With async_save the tensors are written in the background and the
+        directory is finalized at the next save, `wait()` or exit."""
+        self.wait()
+        final = self.folder / f"step-{step:08d}"
+        staging = self.folder / f".step-{step:08d}.tmp"
+        if _is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        _barrier()
+        meta = {"format": FORMAT, "step": step, **meta}
+        if self.async_save and dist.is_available() and dist.is_initialized():
+            self._pending = (dcp.async_save(tensors, checkpoint_id=staging), staging, final, meta)
+            return final
+        with _quiet_single_process():
+            dcp.save(tensors, checkpoint_id=staging)
+        self._finalize(staging, final, meta)
+        return final
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            future, staging, final, meta = self._pending
+            self._pending = None
+            future.result()
+            self._finalize(staging, final, meta)
+
+    def _finalize(self, staging: Path, final: Path, meta: dict) -> None:
+        _barrier()  # every rank's shards are on disk
+        if _is_main():
+            with atomic_path(staging / META) as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+            for old in list_checkpoints(self.folder.parent)[:-self.keep]:
+                shutil.rmtree(old)
+        _barrier()
+
+    @staticmethod
+    def load(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
+        """Fill `tensors` (a state-dict template, possibly sharded) in place; return the meta."""
+        meta = read_meta(path)
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=Path(path))
+        return meta
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_file = path / META
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    if not meta_file.is_file():
+        raise ValueError(f"{path}: not a complete avflow checkpoint (no {META}; an interrupted save?)")
     try:
-        return config_from_dict(payload["config"])
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{meta_file}: not valid JSON ({error})") from error
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an avflow checkpoint (expected format '{FORMAT}', got {meta.get('format')!r})")
+    return meta
+
+
+def checkpoint_config(meta: dict[str, Any], path: str | Path) -> Config:
+    try:
+        return config_from_dict(meta["config"])
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path}: its stored config is unusable ({error})") from error
 
@@ -66,3 +154,83 @@ def require_same_model(saved: Config, current: Config, path: str | Path) -> None
     if differing:
         details = ", ".join(f"model.{k}: checkpoint {saved_model[k]!r} vs config {current_model.get(k)!r}" for k in differing)
         raise ValueError(f"{path}: checkpoint of another model config ({details})")
+
+
+INFERENCE_GROUPS = ("ema", "codec", "head_vae")  # what generation needs from a training checkpoint
+MODEL_FILE_FORMAT = "avflow-model-v1"
+
+
+def inference_template(cfg: Config) -> dict[str, Any]:
+    """Empty tensors of the right shapes for the inference groups, for DCP to fill."""
+    from avflow.model.avflow import AVFlowNet
+    from avflow.model.head_vae import HeadVAE
+
+    pose_dim = cfg.head_vae.pose_dim
+    return {
+        "ema": AVFlowNet(cfg.model).state_dict(),
+        "codec": {"expression_mean": torch.zeros(cfg.model.expression_dim),
+                  "expression_std": torch.zeros(cfg.model.expression_dim),
+                  "mel_mean": torch.zeros(()), "mel_std": torch.zeros(())},
+        "head_vae": {"model_state_dict": HeadVAE(cfg.head_vae).state_dict(), "pose_mean": torch.zeros(pose_dim),
+                     "pose_std": torch.zeros(pose_dim)},
+    }
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value.contiguous()
+    return flat
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *groups, key = name.split("/")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[key] = value
+    return tree
+
+
+def load_inference_tensors(path: str | Path) -> tuple[Config, dict[str, Any]]:
+    """(config, {ema, codec, head_vae}) from a training checkpoint directory or a consolidated file."""
+    path = Path(path)
+    if path.is_dir():
+        meta = read_meta(path)
+        cfg = checkpoint_config(meta, path)
+        tensors = inference_template(cfg)
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=path)
+        return cfg, tensors
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected a step directory or a .safetensors model)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            flat = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not an avflow checkpoint (neither a step directory nor a readable safetensors "
+                         f"model: {error})") from error
+    if metadata.get("format") != MODEL_FILE_FORMAT:
+        raise ValueError(f"{path}: not an avflow model file (expected format '{MODEL_FILE_FORMAT}')")
+    cfg = checkpoint_config({"config": json.loads(metadata["config"])}, path)
+    return cfg, _unflatten(flat)
+
+
+def consolidate(path: str | Path, output: str | Path) -> Path:
+    """One safetensors file with the EMA weights, normalization, head VAE and config, from any strategy."""
+    cfg, tensors = load_inference_tensors(path)
+    from safetensors.torch import save_file
+
+    metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.to_dict()), "source": str(path)}
+    with atomic_path(output) as tmp:
+        save_file(_flatten(tensors), str(tmp), metadata=metadata)
+    return Path(output)

@@ -1,20 +1,21 @@
-"""The training loop: AdamW with warmup + cosine, autocast, clipping, EMA, validation, checkpoints.
+"""The training loop: one loop for every strategy (none, DDP, FSDP2, DeepSpeed), which only wraps.
 
-Batches stream from the packed shards. The checkpoint carries model, EMA, optimizer, scheduler, RNG
-state and the loader's position, so `--resume` continues exactly where an uninterrupted run would be.
+AdamW with warmup + cosine, bf16 autocast on CUDA, gradient accumulation and clipping, EMA weights,
+validation reduced over ranks, DCP checkpoints with the loader position and per-rank RNG states (so a
+resumed run continues exactly where an uninterrupted one would be), TensorBoard from rank 0 only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from avflow.config import Config
@@ -22,8 +23,11 @@ from avflow.data.loader import training_batches, validation_batches
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.flow import flow_matching_loss
 from avflow.train.batches import build_batch_encoder
-from avflow.train.checkpoint import (checkpoint_config, latest_checkpoint, load_checkpoint, require_same_model,
-                                     save_checkpoint)
+from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
+                                     require_same_model)
+from avflow.train.distributed import DistInfo, init_distributed
+from avflow.train.metrics import gpu_memory_gib, peak_flops, training_flops_per_frame
+from avflow.train.parallel import build_engine
 from avflow.utils import load_torch
 
 log = logging.getLogger(__name__)
@@ -57,136 +61,205 @@ def lr_multiplier(step: int, cfg: Config) -> float:
     return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    """EMA with a short warmup of its own, so early checkpoints are not dominated by the random init."""
-    effective = min(decay, (1 + step) / (10 + step))
-    for ema_param, param in zip(ema.parameters(), model.parameters()):
-        ema_param.lerp_(param.detach(), 1 - effective)
+class EMA:
+    """Exponential moving average of the parameters, in the same (possibly sharded) layout as training."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = {name: p.detach().clone().float() for name, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        """A short warmup of its own, so early checkpoints are not dominated by the random init."""
+        effective = min(self.decay, (1 + step) / (10 + step))
+        for name, param in module.named_parameters():
+            self.params[name].lerp_(param.detach().float(), 1 - effective)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights (collective under FSDP: every rank must call it)."""
+        return {name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in self.params.items()}
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, info: DistInfo | None = None):
         self.cfg = cfg
-        self.progress = progress
+        self.info = info or init_distributed(cfg)
+        self.progress = progress and self.info.is_main
         self.run_dir = Path(cfg.trainer.run_dir)
         existing = latest_checkpoint(self.run_dir)
         if existing is not None and not resume:
             raise FileExistsError(f"trainer.run_dir={self.run_dir} already has checkpoints (newest {existing.name}); "
                                   "pass --resume to continue it or choose another trainer.run_dir")
-        self.device = pick_device(cfg.trainer.device)
-        torch.manual_seed(cfg.trainer.seed)
-        self.model = AVFlowNet(cfg.model).to(self.device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False) if cfg.trainer.ema_decay > 0 else None
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.trainer.lr, betas=tuple(cfg.trainer.betas),
-                                           weight_decay=cfg.trainer.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg))
+        self.device = self.info.device if cfg.trainer.device == "auto" else pick_device(cfg.trainer.device)
+        torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
+        model = AVFlowNet(cfg.model).to(self.device)
+        self.parameters = count_parameters(model)
+        t = cfg.trainer
+        self.engine = build_engine(
+            model, cfg, self.info,
+            lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay),
+            lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg)))
+        self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
+        torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
         self.step = 0
-        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, progress)
-        self.train_batches = training_batches(cfg.data.shards, cfg)
+        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, self.progress)
+        self.train_batches = training_batches(cfg.data.shards, cfg, self.info.rank, self.info.world_size)
+        self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         if existing is not None:
             self._restore(existing)
         self.train_iter = iter(self.train_batches)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.run_dir / "config.yaml")
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.run_dir / "config.yaml")
 
-    def _payload(self) -> dict:
+    def _tensors(self) -> dict:
+        """Everything DCP saves and restores, in the engine's (possibly sharded) layout."""
+        head_vae = load_torch(self.head_vae_path)
         return {
-            "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "ema": (self.ema or self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "loader": self.train_batches.state_dict(),
+            **self.engine.state_dict(),
+            "ema": self.ema.params if self.ema is not None else self.engine.state_dict()["model"],
             "codec": self.encoder.codec.state_dict(),
-            "head_vae": load_torch(self.head_vae_path),
+            "head_vae": {key: head_vae[key] for key in ("model_state_dict", "pose_mean", "pose_std")},
+            f"rng_rank{self.info.rank}": torch.get_rng_state(),
         }
 
     def _restore(self, path: Path) -> None:
-        payload = load_checkpoint(path)
-        require_same_model(checkpoint_config(payload, path), self.cfg, path)
-        self.model.load_state_dict(payload["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(payload["ema"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["torch_rng"])
-        self.train_batches.load_state_dict(payload["loader"])
-        self.step = int(payload["step"])
+        meta = read_meta(path)
+        require_same_model(checkpoint_config(meta, path), self.cfg, path)
+        loader_states = meta["loader"]
+        if len(loader_states) != self.info.world_size:
+            raise ValueError(f"{path}: saved by {len(loader_states)} ranks; resume with the same world size "
+                             f"(this run has {self.info.world_size})")
+        tensors = self._tensors()
+        self.checkpointer.load(path, tensors)
+        self.engine.load_state_dict(tensors)
+        self.engine.scheduler.load_state_dict(meta["scheduler"])
+        torch.set_rng_state(tensors[f"rng_rank{self.info.rank}"])
+        self.train_batches.load_state_dict(loader_states[self.info.rank])
+        self.step = int(meta["step"])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _all_ranks(self, value: object) -> list:
+        if not self.info.is_distributed:
+            return [value]
+        gathered: list = [None] * self.info.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.info.is_distributed:
+            dist.all_reduce(values)
+        return values
+
     def train_step(self, step: int) -> dict[str, float]:
-        self.model.train()
-        batch = self.encoder(next(self.train_iter))
-        with autocast_context(self.cfg.trainer.precision, self.device):
-            loss, parts = flow_matching_loss(self.model, batch.state, batch.cond, batch.valid, self.cfg.flow,
-                                             self.cfg.model, batch.expression_valid)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()}; stopping with the last good checkpoint "
-                                     f"intact in {self.run_dir / 'checkpoints'}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.trainer.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        """One optimizer step over parallel.grad_accumulation micro-batches; metrics are means over ranks."""
+        self.engine.model.train()
+        accumulation = self.cfg.parallel.grad_accumulation
+        sums = torch.zeros(6, dtype=torch.float64)  # loss, 3 parts, frames, data-wait seconds
+        for micro in range(accumulation):
+            wait_start = time.perf_counter()
+            batch = self.encoder(next(self.train_iter))
+            sums[5] += time.perf_counter() - wait_start
+            sync = contextlib.nullcontext() if micro == accumulation - 1 else self.engine.no_sync()
+            with sync:
+                with autocast_context(self.cfg.trainer.precision, self.device):
+                    loss, parts = flow_matching_loss(self.engine.model, batch.state, batch.cond, batch.valid,
+                                                     self.cfg.flow, self.cfg.model, batch.expression_valid)
+                self.engine.backward(loss)
+            sums[:4] += torch.tensor([loss.item(), *(v.item() for v in parts.values())], dtype=torch.float64)
+            sums[4] += batch.valid.sum().item()
+        sums = self._sum_over_ranks(sums)
+        scale = accumulation * self.info.world_size
+        if not math.isfinite(sums[0].item()):
+            raise FloatingPointError(f"step {step}: the loss is {sums[0].item() / scale} on at least one rank; "
+                                     f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
+        grad_norm = self.engine.step()
         if self.ema is not None:
-            update_ema(self.ema, self.model, self.cfg.trainer.ema_decay, step)
-        metrics = {"loss": loss.item(), **{f"loss_{k}": v.item() for k, v in parts.items()}}
-        metrics.update(grad_norm=grad_norm.item(), lr=self.scheduler.get_last_lr()[0],
-                       frames=batch.valid.sum().item(), bad_samples=self.train_batches.bad_samples)
+            self.ema.update(self.engine.module, step)
+        metrics = {"loss": sums[0].item() / scale}
+        metrics.update({f"loss_{name}": sums[1 + i].item() / scale for i, name in enumerate(parts)})
+        metrics.update(grad_norm=grad_norm, lr=self.engine.scheduler.get_last_lr()[0], frames=sums[4].item(),
+                       data_wait_s=sums[5].item() / scale, bad_samples=self.train_batches.bad_samples)
         return metrics
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Frame-weighted mean loss over every validation window, with the EMA weights and fixed noise."""
-        model = self.ema or self.model
-        model.eval()
-        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
-        totals: dict[str, float] = {}
-        frames = 0
-        for features in validation_batches(self.cfg.data.shards, self.cfg):
+        """Frame-weighted mean loss over every validation window (each read once across ranks), with the EMA
+        weights and fixed noise."""
+        model = self.ema_model()
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.info.rank)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, 3 parts, each times frames; frames
+        for features in validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size):
             batch = self.encoder(features)
             with autocast_context(self.cfg.trainer.precision, self.device):
                 loss, parts = flow_matching_loss(model, batch.state, batch.cond, batch.valid, self.cfg.flow,
                                                  self.cfg.model, batch.expression_valid, generator)
             count = batch.valid.sum().item()
-            frames += count
-            for key, value in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-                totals[key] = totals.get(key, 0.0) + value.item() * count
-        return {key: value / max(frames, 1) for key, value in totals.items()}
+            sums += torch.tensor([loss.item() * count, *(v.item() * count for v in parts.values()), count],
+                                 dtype=torch.float64)
+        sums = self._sum_over_ranks(sums)
+        if sums[4] == 0:
+            return {}
+        names = ["loss", "loss_expression", "loss_head", "loss_mel"]
+        return {name: sums[i].item() / sums[4].item() for i, name in enumerate(names)}
+
+    def ema_model(self) -> AVFlowNet:
+        """An unsharded network with the EMA weights (the training weights without EMA), in eval mode."""
+        weights = self.ema.full_state_dict() if self.ema is not None else self.engine.full_model_state_dict()
+        model = AVFlowNet(self.cfg.model).to(self.device)
+        model.load_state_dict(weights)
+        return model.eval()
 
     def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self._payload(), self.cfg.trainer.keep_checkpoints)
+        meta = {"config": self.cfg.to_dict(), "scheduler": self.engine.scheduler.state_dict(),
+                "loader": self._all_ranks(self.train_batches.state_dict()), "world_size": self.info.world_size,
+                "strategy": self.cfg.parallel.strategy}
+        return self.checkpointer.save(self.step, self._tensors(), meta)
 
     def fit(self) -> Path:
-        """Train to trainer.steps; returns the final checkpoint."""
-        from torch.utils.tensorboard import SummaryWriter
-
+        """Train to trainer.steps; returns the newest complete checkpoint."""
         t = self.cfg.trainer
-        log.info("model: %.2fM parameters on %s", count_parameters(self.model) / 1e6, self.device)
-        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        log.info("model: %.2fM parameters on %s, %d rank(s), strategy %s", self.parameters / 1e6, self.device,
+                 self.info.world_size, self.cfg.parallel.strategy)
+        writer = None
+        if self.info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        flops_per_frame = training_flops_per_frame(self.cfg.model, self.parameters)
+        peak = peak_flops(self.device)
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        window_start, window_frames = time.perf_counter(), 0
+        window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0
         try:
             while self.step < t.steps:
                 metrics = self.train_step(self.step)
                 self.step += 1
                 window_frames += metrics.pop("frames")
+                window_steps += 1
                 bar.update(1)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    elapsed = time.perf_counter() - window_start
-                    metrics["frames_per_s"] = window_frames / max(elapsed, 1e-9)
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"train/{key}", value, self.step)
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    metrics["frames_per_s"] = window_frames / elapsed
+                    metrics["step_time_s"] = elapsed / window_steps
+                    if peak is not None:
+                        metrics["mfu"] = metrics["frames_per_s"] * flops_per_frame / (peak * self.info.world_size)
+                    memory = gpu_memory_gib(self.device)
+                    if memory is not None:
+                        metrics["gpu_memory_gib"] = memory
+                    if writer is not None:
+                        for key, value in metrics.items():
+                            writer.add_scalar(f"train/{key}", value, self.step)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
-                    window_start, window_frames = time.perf_counter(), 0
+                    window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0
                 if self.step % t.val_every == 0 or self.step == t.steps:
                     for key, value in self.validate().items():
-                        writer.add_scalar(f"val/{key}", value, self.step)
+                        if writer is not None:
+                            writer.add_scalar(f"val/{key}", value, self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
                     self.save()
+            self.checkpointer.wait()
         finally:
             bar.close()
-            writer.close()
+            if writer is not None:
+                writer.close()
         return latest_checkpoint(self.run_dir)

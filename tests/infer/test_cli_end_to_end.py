@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     assert main(["pack", *overrides]) == 0
     assert main(["pack", "--verify", *overrides]) == 0
     assert main(["train", *overrides]) == 0
-    return root / "run" / "checkpoints" / "step-00000003.pt"
+    return root / "run" / "checkpoints" / "step-00000003"
 
 
 def test_generate_from_text_writes_every_output(checkpoint, tmp_path):
@@ -79,6 +79,8 @@ def test_bad_tokens_and_foreign_checkpoint(checkpoint, tmp_path, capsys):
     torch.save({"model_state_dict": {}}, tmp_path / "foreign.pt")
     assert main(["generate", "--checkpoint", str(tmp_path / "foreign.pt"), "--text", "hi"]) == 2
     assert "not an avflow checkpoint" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path), "--text", "hi"]) == 2
+    assert "not a complete avflow checkpoint (no meta.json" in capsys.readouterr().err
 
 
 def test_generate_from_audio_at_another_sample_rate(checkpoint, tmp_path):

@@ -1,5 +1,7 @@
 """Checkpoints: resume gives the uninterrupted run's next-step loss and final weights; failures are safe."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ from avflow.config import load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.shards import pack
 from avflow.train import checkpoint as checkpoint_module
-from avflow.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from avflow.train.checkpoint import (consolidate, latest_checkpoint, list_checkpoints, load_inference_tensors,
+                                     read_meta)
 from avflow.train.head_vae import train_head_vae
 from avflow.train.loop import Trainer
 
@@ -44,6 +47,10 @@ def run_steps(trainer, count):
     return losses
 
 
+def model_weights(trainer):
+    return trainer.engine.full_model_state_dict()
+
+
 def test_resume_matches_uninterrupted_run(tmp_path, shards):
     uninterrupted = Trainer(config(shards, tmp_path / "a"), progress=False)
     losses = run_steps(uninterrupted, 6)
@@ -55,19 +62,19 @@ def test_resume_matches_uninterrupted_run(tmp_path, shards):
     resumed = Trainer(config(shards, tmp_path / "b"), resume=True, progress=False)
     assert resumed.step == 3
     assert run_steps(resumed, 3) == losses[3:]
-    for name, value in uninterrupted.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
-    for name, value in uninterrupted.ema.state_dict().items():
-        assert torch.equal(value, resumed.ema.state_dict()[name]), name
+    for name, value in model_weights(uninterrupted).items():
+        assert torch.equal(value, model_weights(resumed)[name]), name
+    for name, value in uninterrupted.ema.params.items():
+        assert torch.equal(value, resumed.ema.params[name]), name
 
 
 def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):
     cfg = config(shards, tmp_path / "run", "trainer.keep_checkpoints=1", "trainer.steps=7")
     final = Trainer(cfg, progress=False).fit()
-    assert final.name == "step-00000007.pt"
-    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000007.pt"]
-    payload = load_checkpoint(final)
-    assert payload["step"] == 7 and payload["config"]["trainer"]["steps"] == 7
+    assert final.name == "step-00000007"
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000007"]
+    meta = read_meta(final)
+    assert meta["step"] == 7 and meta["config"]["trainer"]["steps"] == 7
     assert (tmp_path / "run" / "config.yaml").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -76,7 +83,8 @@ def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):
     tags = set(events.Tags()["scalars"])
     for part in ("loss", "loss_expression", "loss_head", "loss_mel"):
         assert f"train/{part}" in tags and f"val/{part}" in tags
-    assert {"train/lr", "train/grad_norm", "train/frames_per_s", "train/bad_samples"} <= tags
+    assert {"train/lr", "train/grad_norm", "train/frames_per_s", "train/bad_samples", "train/step_time_s",
+            "train/data_wait_s"} <= tags
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6, 7]
 
 
@@ -91,24 +99,35 @@ def test_existing_run_needs_resume_and_same_model(tmp_path, shards):
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, shards, monkeypatch):
     trainer = Trainer(config(shards, tmp_path / "run"), progress=False)
     good = trainer.save()
-    before = good.read_bytes()
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
     run_steps(trainer, 1)
 
-    def crash(obj, path):
-        with open(path, "wb") as handle:
-            handle.write(b"partial")
+    def crash(state, checkpoint_id):
+        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(checkpoint_module.dcp, "save", crash)
     with pytest.raises(OSError):
         trainer.save()
-    assert latest_checkpoint(tmp_path / "run") == good and good.read_bytes() == before
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [good.name]
+    assert latest_checkpoint(tmp_path / "run") == good
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    monkeypatch.undo()
+    resumed = Trainer(config(shards, tmp_path / "run"), resume=True, progress=False)
+    assert resumed.step == 0
 
 
-def test_checkpoints_load_with_weights_only(tmp_path, shards):
-    path = Trainer(config(shards, tmp_path / "run"), progress=False).save()
-    assert torch.load(path, weights_only=True)["format"] == checkpoint_module.FORMAT
-    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="other.pt: not a loadable torch checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+def test_consolidated_file_loads_without_pickle_and_generates_like_the_directory(tmp_path, shards):
+    from avflow.infer.generate import load_inference_model
+
+    path = Trainer(config(shards, tmp_path / "run", "trainer.steps=2"), progress=False).fit()
+    single = consolidate(path, tmp_path / "model.safetensors")
+    from_dir, from_file = load_inference_model(path, "cpu"), load_inference_model(single, "cpu")
+    for name, value in from_dir.net.state_dict().items():
+        assert torch.equal(value, from_file.net.state_dict()[name]), name
+    assert torch.equal(from_dir.pose_std, from_file.pose_std)
+    assert from_file.cfg == from_dir.cfg
+    (tmp_path / "other.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="other.safetensors: not an avflow checkpoint"):
+        load_inference_tensors(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a complete avflow checkpoint"):
+        read_meta(tmp_path)
