@@ -69,6 +69,19 @@ def sbatch_script(executor: submitit.SlurmExecutor, array_size: int | None = Non
     return executor._make_submission_file_text(executor._submitit_command_str, uid="dry-run")
 
 
+def log_to_task_output() -> None:
+    """In a task: print avflow's and the launchers' INFO messages to its stderr log, as `avflow` does.
+
+    Named loggers rather than the root logger, which would repeat every message of submitit's own logger.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("avflow", "launch"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+
+
 def submit(executor: submitit.SlurmExecutor, function: Callable[..., Any], *args: Any) -> submitit.Job:
     """Submit one job running `function(*args)` in each of its tasks; log its id and where its logs go."""
     job = executor.submit(function, *args)

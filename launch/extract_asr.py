@@ -22,7 +22,7 @@ import submitit
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer, is_complete, recordings
 from avflow.data.features import load_wav, resample
 from avflow.utils import atomic_path
-from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit_array
+from launch.executor import add_slurm_arguments, log_to_task_output, sbatch_script, slurm_executor, submit_array
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class TokenExtraction(submitit.helpers.Checkpointable):
         self.device = device
 
     def __call__(self, pairs: list[tuple[Path, Path]]) -> dict[str, int]:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        log_to_task_output()
         tokenizer = CTCTokenizer(self.model_dir, device=self.device)
         counts = {"written": 0, "skipped": 0}
         for index, (wav, token_path) in enumerate(pairs, 1):

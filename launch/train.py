@@ -21,7 +21,7 @@ from typing import Any
 import submitit
 
 from avflow.config import ConfigError, load_config
-from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit
+from launch.executor import add_slurm_arguments, log_to_task_output, sbatch_script, slurm_executor, submit
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class Training(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         from avflow.train.entry import run_training
 
+        log_to_task_output()
+        # At a requeue, rank 0 leaves and the other ranks fail on the closed connection, and submitit stores
+        # that failure as their result. Drop it, so the job only counts as done once this run finishes.
+        submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
         return run_training(self.config_path, self.overrides, resume=True)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

@@ -103,6 +103,7 @@ start_munged() {
     if live_pid "$munge_dir/munged.pid" >/dev/null; then
         return
     fi
+    rm -f "$munge_dir/munged.pid"
     # munged refuses key and socket folders that others can write to.
     mkdir -p "$munge_dir"
     chmod 755 "$munge_dir"
@@ -119,13 +120,14 @@ start_daemon() {
     if live_pid "$pid_file" >/dev/null; then
         return
     fi
+    rm -f "$pid_file"  # a stale pid would read as a daemon that died
     "$daemon" -f "$conf" || fail_start "$daemon did not start"
 }
 
 print_logs() {
     for log in "$log_dir"/munged.log "$log_dir"/slurmctld.log "$log_dir"/slurmd.log; do
         echo "---- last lines of $log" >&2
-        tail -n 20 "$log" 2>/dev/null >&2 || echo "(missing)" >&2
+        tail -n 20 "$log" >&2 2>/dev/null || echo "(missing)" >&2
     done
 }
 
@@ -138,6 +140,11 @@ fail_start() {
 wait_for_idle_node() {
     local deadline=$((SECONDS + start_timeout)) node_state=""
     while ((SECONDS < deadline)); do
+        for pid_file in "$munge_dir/munged.pid" "$state_dir/slurmctld.pid" "$state_dir/slurmd.pid"; do
+            if [[ -s "$pid_file" ]] && ! live_pid "$pid_file" >/dev/null; then
+                fail_start "$(basename "$pid_file" .pid) exited (ports 6817/6818 taken by another SLURM?)"
+            fi
+        done
         node_state="$(sinfo -h -n "$node" -o %T 2>/dev/null || true)"
         case "$node_state" in
             idle | mixed | allocated) return ;;

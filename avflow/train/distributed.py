@@ -155,9 +155,9 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
             port = _int_env(env, "MASTER_PORT", "SLURM")
         else:
             port = SLURM_PORT_BASE + _int_env(env, "SLURM_JOB_ID", "SLURM") % SLURM_PORT_SPAN
+        master_addr = env.get("MASTER_ADDR") or first_slurm_host(nodelist)
         launch = LaunchEnv(_int_env(env, "SLURM_PROCID", "SLURM"), _int_env(env, "SLURM_NTASKS", "SLURM"),
-                           _int_env(env, "SLURM_LOCALID", "SLURM"), env.get("MASTER_ADDR") or first_slurm_host(nodelist),
-                           port, "slurm")
+                           _int_env(env, "SLURM_LOCALID", "SLURM"), master_addr, port, "slurm")
         names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
     else:
         return LaunchEnv(0, 1, 0, "", 0, "single")

@@ -27,7 +27,7 @@ from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_che
                                      require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.metrics import gpu_memory_gib, peak_flops, training_flops_per_frame
-from avflow.train.parallel import build_engine
+from avflow.train.parallel import bf16_autocast, build_engine
 from avflow.utils import load_torch
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def autocast_context(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    """bf16 autocast when asked, or by default on CUDA; FSDP and DeepSpeed follow the same rule."""
+    if bf16_autocast(precision, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -64,15 +64,15 @@ def lr_multiplier(step: int, cfg: Config) -> float:
 class EMA:
     """Exponential moving average of the parameters, in the same (possibly sharded) layout as training."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, weights: dict[str, torch.Tensor], decay: float):
         self.decay = decay
-        self.params = {name: p.detach().clone().float() for name, p in module.named_parameters()}
+        self.params = {name: p.detach().clone().float() for name, p in weights.items()}
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module, step: int) -> None:
+    def update(self, weights: dict[str, torch.Tensor], step: int) -> None:
         """A short warmup of its own, so early checkpoints are not dominated by the random init."""
         effective = min(self.decay, (1 + step) / (10 + step))
-        for name, param in module.named_parameters():
+        for name, param in weights.items():
             self.params[name].lerp_(param.detach().float(), 1 - effective)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -99,7 +99,7 @@ class Trainer:
             model, cfg, self.info,
             lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay),
             lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg)))
-        self.ema = EMA(self.engine.module, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None
         torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
         self.step = 0
         self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, self.progress)
@@ -117,7 +117,7 @@ class Trainer:
         head_vae = load_torch(self.head_vae_path)
         return {
             **self.engine.state_dict(),
-            "ema": self.ema.params if self.ema is not None else self.engine.state_dict()["model"],
+            "ema": self.ema.params if self.ema is not None else self.engine.full_model_state_dict(),
             "codec": self.encoder.codec.state_dict(),
             "head_vae": {key: head_vae[key] for key in ("model_state_dict", "pose_mean", "pose_std")},
             f"rng_rank{self.info.rank}": torch.get_rng_state(),
@@ -175,7 +175,7 @@ class Trainer:
                                      f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
         grad_norm = self.engine.step()
         if self.ema is not None:
-            self.ema.update(self.engine.module, step)
+            self.ema.update(self.engine.ema_source(), step)
         metrics = {"loss": sums[0].item() / scale}
         metrics.update({f"loss_{name}": sums[1 + i].item() / scale for i, name in enumerate(parts)})
         metrics.update(grad_norm=grad_norm, lr=self.engine.scheduler.get_last_lr()[0], frames=sums[4].item(),

@@ -42,9 +42,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
-def bf16_autocast(cfg: Config, device: torch.device) -> bool:
+def bf16_autocast(precision: str, device: torch.device) -> bool:
     """Whether the loop runs the forward under bf16 autocast (trainer.precision; auto = bf16 on CUDA)."""
-    precision = cfg.trainer.precision
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 
@@ -88,7 +87,7 @@ def apply_fsdp(model: AVFlowNet, cfg: Config, info: DistInfo) -> None:
     par = cfg.parallel
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[par.fsdp_param_dtype], reduce_dtype=DTYPES[par.fsdp_reduce_dtype],
-                                  cast_forward_inputs=not bf16_autocast(cfg, info.device))
+                                  cast_forward_inputs=not bf16_autocast(cfg.trainer.precision, info.device))
     for block in dit_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=par.fsdp_reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=par.fsdp_reshard_after_forward)
@@ -189,6 +188,10 @@ class TrainEngine:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
+    def ema_source(self) -> dict[str, torch.Tensor]:
+        """The weights an EMA should follow, in the layout it can keep locally (DTensor shards under fsdp)."""
+        return dict(self.module.named_parameters())
+
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the unsharded fp32 weights with AVFlowNet keys, on every rank and the training device.
 
@@ -284,6 +287,10 @@ class DeepSpeedEngine(TrainEngine):
         # ZeRO indexes the list by data-parallel rank; fp32 weights restore the masters without bf16 rounding
         self.optimizer.load_state_dict([state["optimizer"][key]] * self.info.world_size, load_from_fp32_weights=True)
 
+    def ema_source(self) -> dict[str, torch.Tensor]:
+        """The fp32 masters (module parameters are bf16 copies, or empty placeholders under ZeRO-3)."""
+        return self.full_model_state_dict()
+
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 master weights from the ZeRO optimizer, unsharded, on every rank (collective).
 
@@ -291,7 +298,8 @@ class DeepSpeedEngine(TrainEngine):
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return {name: safe_get_full_fp32_param(param).detach().clone() for name, param in self.module.named_parameters()}
+        return {name: safe_get_full_fp32_param(param).detach().clone()
+                for name, param in self.module.named_parameters()}
 
 
 def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
@@ -323,7 +331,7 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
         ds_config["gradient_clipping"] = cfg.trainer.grad_clip
     bf16 = ds_config.get("bf16", {})
     if bf16.get("enabled") == "auto":
-        bf16["enabled"] = bf16_autocast(cfg, info.device)
+        bf16["enabled"] = bf16_autocast(cfg.trainer.precision, info.device)
     return ds_config
 
 

@@ -51,7 +51,8 @@ def slurm_partition() -> str:
                     "then bash slurm/local-cluster.sh start")
     answer = subprocess.run(["sinfo", "-h", "-o", "%P %a %T"], capture_output=True, text=True, timeout=30)
     if answer.returncode != 0:
-        pytest.skip(f"no SLURM cluster answers ({answer.stderr.strip()}): start one with "
+        reason = (answer.stderr.strip().splitlines() or ["no error message"])[-1]
+        pytest.skip(f"no SLURM cluster answers ({reason}): start one with "
                     "bash slurm/local-cluster.sh start and export the SLURM_CONF it prints")
     usable = [line.split() for line in answer.stdout.splitlines()
               if line.split()[1] == "up" and line.split()[2] in ("idle", "mixed", "allocated")]

@@ -62,7 +62,7 @@ def final_weights(run_dir: Path, out: Path) -> dict:
     return load_file(str(consolidate(latest_checkpoint(run_dir), out)))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
 def test_strategy_trains_and_checkpoints(data, tmp_path, strategy):
     overrides = TINY + data + [f"parallel.strategy={strategy}", "trainer.steps=6", "trainer.checkpoint_every=3",
                                "trainer.val_every=3"]
