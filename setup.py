@@ -23,7 +23,9 @@ setup(
     ],
     extras_require={
         "asr": ["transformers"],
-        "test": ["pytest", "librosa", "transformers"],
+        "deepspeed": ["deepspeed"],
+        "slurm": ["submitit"],
+        "test": ["pytest", "librosa", "transformers", "deepspeed", "submitit"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )

@@ -26,7 +26,8 @@ def add_slurm_arguments(parser: argparse.ArgumentParser, default_job_dir: str) -
     group.add_argument("--partition", required=True, help="SLURM partition")
     group.add_argument("--time", required=True, type=int, metavar="MIN", help="time limit of one run, in minutes")
     group.add_argument("--cpus-per-task", type=int, help="CPUs of each task (default: the partition's default)")
-    group.add_argument("--job-dir", type=Path, help=f"where submitit writes pickles and logs (default: {default_job_dir})")
+    group.add_argument("--job-dir", type=Path,
+                       help=f"where submitit writes pickles and logs (default: {default_job_dir})")
     group.add_argument("--signal-delay-s", type=int, default=SIGNAL_DELAY_S,
                        help=f"USR2 this many seconds before the time limit, to requeue (default {SIGNAL_DELAY_S})")
     group.add_argument("--max-timeouts", type=int, default=10,
@@ -50,8 +51,10 @@ def slurm_executor(args: argparse.Namespace, job_dir: Path, job_name: str, *, no
         executor = executor_class(folder=Path(job_dir).absolute() / "%j", max_num_timeout=args.max_timeouts)
     except RuntimeError as error:
         raise SystemExit(f"{job_name}: cannot submit: {error} (is SLURM installed and SLURM_CONF set?)") from error
+    # --requeue: clusters with JobRequeue=0 refuse `scontrol requeue` for jobs submitted without it.
     parameters: dict[str, Any] = dict(job_name=job_name, partition=args.partition, time=args.time, nodes=nodes,
-                                      ntasks_per_node=tasks_per_node, signal_delay_s=args.signal_delay_s)
+                                      ntasks_per_node=tasks_per_node, signal_delay_s=args.signal_delay_s,
+                                      additional_parameters={"requeue": True})
     if args.cpus_per_task:
         parameters["cpus_per_task"] = args.cpus_per_task
     if gpus_per_node:

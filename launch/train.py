@@ -49,7 +49,7 @@ class Training(submitit.helpers.Checkpointable):
         collective would hang. The training checkpoints on disk are the state; the requeued job runs
         this same callable, which resumes from the newest complete one.
         """
-        log.info(f"requeueing; the next run resumes from the newest checkpoint under the run_dir of {self.config_path}")
+        log.info("requeueing; the next run resumes from the newest complete checkpoint in trainer.run_dir")
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 

@@ -11,7 +11,8 @@
 #     export SLURM_CONF=STATE_DIR/slurm.conf
 #
 # Everything the cluster writes (config, munge key and socket, controller state, spool, logs, pid files)
-# lives in STATE_DIR, and munged runs on its own socket there, so a system munge/slurm is left alone.
+# lives in STATE_DIR, and munged runs on its own socket there, so a system munge is left alone; a system
+# SLURM must not be running, as the daemons use SLURM's default ports 6817 and 6818.
 # No cgroups and no systemd: processes are tracked through /proc and the daemons are started by hand.
 # `start` is idempotent: daemons that already run are kept, and it returns once the node is idle.
 # Environment: AVFLOW_SLURM_START_TIMEOUT (seconds to wait for the idle node, default 60).
@@ -138,22 +139,28 @@ fail_start() {
 }
 
 wait_for_idle_node() {
-    local deadline=$((SECONDS + start_timeout)) node_state=""
+    local deadline=$((SECONDS + start_timeout)) node_state="" resumed=""
     while ((SECONDS < deadline)); do
         for pid_file in "$munge_dir/munged.pid" "$state_dir/slurmctld.pid" "$state_dir/slurmd.pid"; do
             if [[ -s "$pid_file" ]] && ! live_pid "$pid_file" >/dev/null; then
-                fail_start "$(basename "$pid_file" .pid) exited (ports 6817/6818 taken by another SLURM?)"
+                fail_start "$(basename "$pid_file" .pid) exited; its log below says why"
             fi
         done
         node_state="$(sinfo -h -n "$node" -o %T 2>/dev/null || true)"
         case "$node_state" in
             idle | mixed | allocated) return ;;
             drained | draining | invalid*)
-                fail_start "node $node is $node_state: $(sinfo -h -R -n "$node" -o %E 2>/dev/null)" ;;
+                # A drain from an earlier session (a job that would not die) is kept in the saved state;
+                # clear it once, and give up if the node drains again.
+                [[ -z "$resumed" ]] ||
+                    fail_start "node $node is $node_state: $(sinfo -h -R -n "$node" -o %E 2>/dev/null)"
+                scontrol update NodeName="$node" State=RESUME 2>/dev/null || true
+                resumed=yes ;;
         esac
         sleep 1
     done
-    fail_start "node $node not idle after ${start_timeout}s (state: ${node_state:-no answer from slurmctld}); raise AVFLOW_SLURM_START_TIMEOUT or read the logs below"
+    fail_start "node $node not idle after ${start_timeout}s (state: ${node_state:-no answer from slurmctld});" \
+        "raise AVFLOW_SLURM_START_TIMEOUT or read the logs below"
 }
 
 cluster_running() {
@@ -189,7 +196,7 @@ stop_pid_file() {
 stop() {
     if live_pid "$state_dir/slurmctld.pid" >/dev/null; then
         # Jobs left behind would keep their processes running without a controller.
-        scancel --full --quiet $(squeue -h -o %i) 2>/dev/null || true
+        scancel --quiet $(squeue -h -o %i) 2>/dev/null || true
         for _ in $(seq 30); do
             [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break
             sleep 1

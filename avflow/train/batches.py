@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from avflow.config import Config
 from avflow.data.loader import iter_split_arrays
@@ -72,15 +73,18 @@ def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
 
 
-def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True) -> tuple[BatchEncoder, Path]:
-    """Load (or train once) the head VAE and read normalization stats from the manifest."""
+def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True,
+                        is_main: bool = True) -> tuple[BatchEncoder, Path]:
+    """Load (or have rank 0 train once) the head VAE and read normalization stats from the manifest."""
     manifest = load_manifest(cfg.data.shards)
     vae_path = head_vae_path(cfg)
-    if not vae_path.is_file():
-        if cfg.data.head_vae:
-            raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
+    if cfg.data.head_vae and not vae_path.is_file():
+        raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
+    if is_main and not vae_path.is_file():
         log.info("training the head-pose VAE into %s", vae_path)
         poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
         train_head_vae(poses, cfg.head_vae, vae_path, seed=cfg.trainer.seed, progress=progress)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's VAE
     head_vae, pose_mean, pose_std = load_head_vae(vae_path, cfg.head_vae)
     return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device), vae_path

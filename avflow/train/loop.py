@@ -102,7 +102,7 @@ class Trainer:
         self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None
         torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
         self.step = 0
-        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, self.progress)
+        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, self.progress, self.info.is_main)
         self.train_batches = training_batches(cfg.data.shards, cfg, self.info.rank, self.info.world_size)
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         if existing is not None:

@@ -113,7 +113,7 @@ def test_train_dry_run_prints_the_sbatch_script(tmp_path, capsys, gpus, tasks_pe
     script = capsys.readouterr().out
     lines = set(script.splitlines())
     expected = {"#SBATCH --nodes=2", f"#SBATCH --ntasks-per-node={expected_tasks}", "#SBATCH --partition=gpu-long",
-                "#SBATCH --time=90", "#SBATCH --cpus-per-task=6", "#SBATCH --signal=USR2@300"}
+                "#SBATCH --time=90", "#SBATCH --cpus-per-task=6", "#SBATCH --signal=USR2@300", "#SBATCH --requeue"}
     assert expected <= lines, script
     assert ("#SBATCH --gpus-per-node=4" in lines) == bool(gpus)
     assert any(line.startswith("srun ") and "submitit.core._submit" in line and str(tmp_path / "jobs") in line
@@ -217,3 +217,55 @@ def test_extract_asr_array_writes_the_files_of_extract_asr(slurm_partition, tmp_
     extract_directory(datasets[1], tiny_wav2vec2, progress=False)
     for (wav, token_path), (_, expected_path) in zip(*(recordings(dataset, "50h") for dataset in datasets)):
         np.testing.assert_array_equal(np.load(token_path), np.load(expected_path), err_msg=wav.name)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+TRAIN_TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48",
+              "data.segment_length=24", "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3",
+              "trainer.steps=150", "trainer.checkpoint_every=10", "trainer.val_every=1000",
+              "trainer.keep_checkpoints=20", "head_vae.ffn_hidden=8", "head_vae.steps=2",
+              "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=4",
+              "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]", "pack.segments_per_shard=1",
+              "parallel.strategy=ddp"]
+
+
+def test_preempted_two_task_training_resumes_to_the_uninterrupted_weights(slurm_partition, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    from avflow.cli import main
+    from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # same kernels, so the same floating-point sums, in both runs
+    data = [f"data.root={tmp_path / 'corpus'}", f"data.shards={tmp_path / 'shards'}"]
+    assert main(["corpus", *TRAIN_TINY, *data]) == 0
+    assert main(["pack", *TRAIN_TINY, *data]) == 0
+    overrides = TRAIN_TINY + data
+
+    reference = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), "-m", "avflow.train", *overrides, f"trainer.run_dir={tmp_path / 'whole'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+
+    run_dir = tmp_path / "preempted"
+    executor = slurm_executor(slurm_args(slurm_partition), tmp_path / "jobs", "avflow-test-train", tasks_per_node=2)
+    job = submit(executor, train.Training(None, overrides + [f"trainer.run_dir={run_dir}"]))
+    wait_until(lambda: latest_checkpoint(run_dir) is not None, job, "a first checkpoint", timeout_s=240)
+    job._interrupt()  # preemption: SLURM signals the job, submitit requeues it
+    results = wait_for_job(job, timeout_s=300)
+    assert all(Path(result).name == "step-00000150" for result in results)
+    assert "Requeued job" in job_logs(job) and "resumed from" in job_logs(job)
+    assert read_meta(latest_checkpoint(run_dir))["world_size"] == 2
+
+    whole = load_file(str(consolidate(latest_checkpoint(tmp_path / "whole"), tmp_path / "whole.safetensors")))
+    resumed = load_file(str(consolidate(latest_checkpoint(run_dir), tmp_path / "resumed.safetensors")))
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        np.testing.assert_array_equal(whole[name], resumed[name], err_msg=name)
