@@ -16,6 +16,8 @@ import torch
 from avflow.config import Config, SampleConfig
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import interpolate_frames, load_wav, pose7_to_rigid, resample, save_wav
+from avflow.data.griffin_lim import mel_to_audio
+from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
@@ -24,7 +26,6 @@ from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
-from avflow.infer.griffin_lim import mel_to_audio
 from avflow.train.loop import pick_device
 from avflow.utils import atomic_path
 
@@ -117,27 +118,9 @@ def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig
 
 
 def plot_sample(path: Path, mel: np.ndarray, expression: np.ndarray, head_pose: np.ndarray, frame_rate: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from avflow.data.corpus import MOUTH_CONTROLS
-
-    seconds = np.arange(mel.shape[0]) / frame_rate
-    figure, axes = plt.subplots(3, 1, figsize=(10, 7), sharex=True)
-    axes[0].imshow(mel.T, origin="lower", aspect="auto", extent=(0, seconds[-1], 0, mel.shape[1]))
-    axes[0].set_ylabel("mel band")
-    for index, name in enumerate(MOUTH_CONTROLS):
-        axes[1].plot(seconds, expression[:, index], label=name)
-    axes[1].set_ylabel("mouth controls")
-    axes[1].legend(loc="upper right", fontsize=7)
-    for index, name in enumerate(("qw", "qx", "qy", "qz", "tx", "ty", "tz")):
-        axes[2].plot(seconds, head_pose[:, index], label=name)
-    axes[2].set_ylabel("head pose")
-    axes[2].set_xlabel("seconds")
-    axes[2].legend(loc="upper right", fontsize=7, ncol=7)
-    figure.tight_layout()
+    figure = sample_figure(mel, expression, head_pose, frame_rate)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=80)
     plt.close(figure)

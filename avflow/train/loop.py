@@ -8,6 +8,7 @@ resumed run continues exactly where an uninterrupted one would be), TensorBoard 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -19,13 +20,16 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from avflow.config import Config
+from avflow.data.griffin_lim import mel_to_audio
 from avflow.data.loader import training_batches, validation_batches
+from avflow.data.plots import sample_figure
 from avflow.model.avflow import AVFlowNet, count_parameters
-from avflow.model.flow import flow_matching_loss
+from avflow.model.flow import flow_matching_loss, sample
 from avflow.train.batches import build_batch_encoder
 from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
                                      require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
+from avflow.train.head_vae import decode_latents
 from avflow.train.metrics import gpu_memory_gib, peak_flops, training_flops_per_frame
 from avflow.train.parallel import bf16_autocast, build_engine
 from avflow.utils import load_torch
@@ -183,10 +187,12 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    def validate(self, writer=None) -> dict[str, float]:
         """Frame-weighted mean loss over every validation window (each read once across ranks), with the EMA
-        weights and fixed noise."""
+        weights and fixed noise; with a writer, also one generated sample (audio and plot) for TensorBoard."""
         model = self.ema_model()
+        if writer is not None:
+            self._log_sample(writer, model)
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.info.rank)
         sums = torch.zeros(5, dtype=torch.float64)  # loss, 3 parts, each times frames; frames
         for features in validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size):
@@ -202,6 +208,25 @@ class Trainer:
             return {}
         names = ["loss", "loss_expression", "loss_head", "loss_mel"]
         return {name: sums[i].item() / sums[4].item() for i, name in enumerate(names)}
+
+    def _log_sample(self, writer, model: AVFlowNet) -> None:
+        """Generate the first validation window from its tokens: audio (Griffin-Lim) and a plot vs. the recording."""
+        features = next(iter(validation_batches(self.cfg.data.shards, self.cfg)), None)
+        if features is None:
+            return
+        batch = self.encoder(features)
+        frames = int(batch.valid[0].sum())
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+        one = dataclasses.replace(self.cfg.sample, num_samples=1)
+        state = sample(model, batch.cond[:1, :frames], None, self.cfg.model.state_dim, one, generator)[0, 0]
+        generated = self.encoder.codec.decode(state.float().cpu())
+        recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
+        pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
+                              generated["head_latent"].numpy())
+        audio = mel_to_audio(generated["mel"].T.contiguous(), self.cfg.mel)
+        writer.add_audio("val/sample_audio", audio[None], self.step, sample_rate=self.cfg.mel.sample_rate)
+        writer.add_figure("val/sample", sample_figure(generated["mel"].numpy(), generated["expression"].numpy(), pose,
+                                                      self.cfg.mel.frame_rate, recorded["mel"].numpy()), self.step)
 
     def ema_model(self) -> AVFlowNet:
         """An unsharded network with the EMA weights (the training weights without EMA), in eval mode."""
@@ -252,7 +277,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
                     window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0
                 if self.step % t.val_every == 0 or self.step == t.steps:
-                    for key, value in self.validate().items():
+                    for key, value in self.validate(writer).items():
                         if writer is not None:
                             writer.add_scalar(f"val/{key}", value, self.step)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:

@@ -86,6 +86,7 @@ def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):
     assert {"train/lr", "train/grad_norm", "train/frames_per_s", "train/bad_samples", "train/step_time_s",
             "train/data_wait_s"} <= tags
     assert [e.step for e in events.Scalars("val/loss")] == [3, 6, 7]
+    assert "val/sample_audio" in events.Tags()["audio"] and "val/sample" in events.Tags()["images"]
 
 
 def test_existing_run_needs_resume_and_same_model(tmp_path, shards):
@@ -131,3 +132,21 @@ def test_consolidated_file_loads_without_pickle_and_generates_like_the_directory
         load_inference_tensors(tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a complete avflow checkpoint"):
         read_meta(tmp_path)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
+    from avflow.train import loop
+
+    real_loss, calls = loop.flow_matching_loss, []
+
+    def loss_turning_nan(*args, **kwargs):
+        total, parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (total * float("nan"), parts) if len(calls) == 5 else (total, parts)
+
+    monkeypatch.setattr(loop, "flow_matching_loss", loss_turning_nan)
+    with pytest.raises(FloatingPointError, match="step 4: the loss is nan on at least one rank; stopping with the last "
+                                                 "good checkpoint intact"):
+        Trainer(config(shards, tmp_path / "run", "trainer.val_every=1000"), progress=False).fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000003"]
+    assert read_meta(tmp_path / "run" / "checkpoints" / "step-00000003")["step"] == 3
