@@ -15,13 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-import soundfile
 import submitit
 
-from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer, is_complete, recordings
-from avflow.data.features import load_wav, resample
-from avflow.utils import atomic_path
+from avflow.data.asr import CTCTokenizer, extract_recordings, recordings
 from launch.executor import add_slurm_arguments, log_to_task_output, sbatch_script, slurm_executor, submit_array
 
 log = logging.getLogger(__name__)
@@ -40,26 +36,7 @@ class TokenExtraction(submitit.helpers.Checkpointable):
     def __call__(self, pairs: list[tuple[Path, Path]]) -> dict[str, int]:
         log_to_task_output()
         tokenizer = CTCTokenizer(self.model_dir, device=self.device)
-        counts = {"written": 0, "skipped": 0}
-        for index, (wav, token_path) in enumerate(pairs, 1):
-            try:
-                info = soundfile.info(wav)
-            except (soundfile.LibsndfileError, RuntimeError) as error:
-                raise ValueError(f"{wav}: not a readable audio file ({error})") from error
-            samples = round(info.frames * ASR_SAMPLE_RATE / info.samplerate)  # soxr's output length
-            try:
-                frames = tokenizer.expected_frames(samples, CHUNK_SECONDS)
-            except ValueError as error:
-                raise ValueError(f"{wav}: {error}") from error
-            if is_complete(token_path, info.channels, frames):
-                counts["skipped"] += 1
-                continue
-            audio, sample_rate = load_wav(wav)
-            tokens = tokenizer.channel_logits(resample(audio, sample_rate, ASR_SAMPLE_RATE), CHUNK_SECONDS, BATCH_SIZE)
-            with atomic_path(token_path) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, tokens)
-            counts["written"] += 1
-            log.info(f"[{index}/{len(pairs)}] wrote {token_path}")
+        counts = extract_recordings(pairs, tokenizer, chunk_seconds=CHUNK_SECONDS, batch_size=BATCH_SIZE)
         log.info(f"token logits: {counts['written']} written, {counts['skipped']} already complete")
         return counts
 

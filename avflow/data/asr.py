@@ -168,8 +168,13 @@ def extract_directory(input_dir: str | Path, model_dir: str | Path, *, layout: s
     the actor/subject. A file counts as complete when its M is within COMPLETE_TOLERANCE_FRAMES of what
     this extraction would write, which is about one frame per chunk short of duration * 50.
     """
-    pairs = recordings(input_dir, layout)
-    tokenizer = CTCTokenizer(model_dir, device=device)
+    return extract_recordings(recordings(input_dir, layout), CTCTokenizer(model_dir, device=device),
+                              chunk_seconds=chunk_seconds, batch_size=batch_size, progress=progress)
+
+
+def extract_recordings(pairs: list[tuple[Path, Path]], tokenizer: CTCTokenizer, *, chunk_seconds: float = 100.0,
+                       batch_size: int = 2, progress: bool = True) -> dict[str, int]:
+    """`extract_directory` for an explicit list of (wav, token file) pairs, e.g. one array job's share."""
     counts = {"written": 0, "skipped": 0}
     for wav, token_path in tqdm(pairs, desc="extract-asr", unit="file", disable=not progress):
         try:

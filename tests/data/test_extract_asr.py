@@ -1,7 +1,5 @@
 """`extract_directory`: token files of a whole dataset folder, per channel, batched, resumable."""
 
-import json
-
 import numpy as np
 import pytest
 import soundfile
@@ -11,32 +9,19 @@ from avflow.config import DataConfig
 from avflow.data.asr import CTCTokenizer, extract_directory, recordings
 from avflow.data.features import resample
 from avflow.data.layouts.a2p import read_record
-from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
+from avflow.data.tokens import HF_VOCAB_COLUMNS
 
 transformers = pytest.importorskip("transformers")
 
 TOKEN_DIR = "wav2vec2_fairseq_base_ls960_asr_ls960_vad100"
-PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
 RECORDINGS = {"a": (48000, 1.5), "b": (22050, 1.0)}  # name: (sample rate, seconds)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random Wav2Vec2ForCTC with the real 320-sample stride (20 ms at 16 kHz)."""
-    folder = tmp_path_factory.mktemp("w2v")
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8, 8, 8, 8), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4), num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2)
-    torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(config).save_pretrained(folder)
-    (folder / "vocab.json").write_text(json.dumps(PUBLISHED_VOCAB))
-    return folder
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return CTCTokenizer(tiny_model_dir)
+def tokenizer(tiny_wav2vec2):
+    return CTCTokenizer(tiny_wav2vec2)
 
 
 @pytest.fixture
@@ -49,8 +34,8 @@ def dataset(tmp_path):
     return tmp_path
 
 
-def test_every_channel_is_extracted_at_50_hz(dataset, tiny_model_dir, tokenizer):
-    assert extract_directory(dataset, tiny_model_dir, progress=False) == {"written": 2, "skipped": 0}
+def test_every_channel_is_extracted_at_50_hz(dataset, tiny_wav2vec2, tokenizer):
+    assert extract_directory(dataset, tiny_wav2vec2, progress=False) == {"written": 2, "skipped": 0}
     for name, (rate, seconds) in RECORDINGS.items():
         tokens = np.load(dataset / TOKEN_DIR / f"{name}.npy", allow_pickle=False)
         assert tokens.dtype == np.float32 and tokens.shape[0] == 2 and tokens.shape[2] == 29
@@ -62,8 +47,8 @@ def test_every_channel_is_extracted_at_50_hz(dataset, tiny_model_dir, tokenizer)
         assert not np.allclose(tokens[0], tokens[1])
 
 
-def test_columns_follow_the_published_label_order(dataset, tiny_model_dir, tokenizer):
-    extract_directory(dataset, tiny_model_dir, progress=False)
+def test_columns_follow_the_published_label_order(dataset, tiny_wav2vec2, tokenizer):
+    extract_directory(dataset, tiny_wav2vec2, progress=False)
     tokens = np.load(dataset / TOKEN_DIR / "a.npy")
     audio, _ = soundfile.read(dataset / "audio" / "a.wav", dtype="float32")
     channel = resample(audio[:, 1], 48000, 16000)
@@ -74,21 +59,21 @@ def test_columns_follow_the_published_label_order(dataset, tiny_model_dir, token
     np.testing.assert_allclose(tokens[1], full[:, HF_VOCAB_COLUMNS], atol=1e-4)
 
 
-def test_a_second_run_skips_and_broken_outputs_are_redone(dataset, tiny_model_dir):
-    extract_directory(dataset, tiny_model_dir, progress=False)
+def test_a_second_run_skips_and_broken_outputs_are_redone(dataset, tiny_wav2vec2):
+    extract_directory(dataset, tiny_wav2vec2, progress=False)
     first = {name: np.load(dataset / TOKEN_DIR / f"{name}.npy") for name in RECORDINGS}
     stamps = {name: (dataset / TOKEN_DIR / f"{name}.npy").stat().st_mtime_ns for name in RECORDINGS}
-    assert extract_directory(dataset, tiny_model_dir, progress=False) == {"written": 0, "skipped": 2}
+    assert extract_directory(dataset, tiny_wav2vec2, progress=False) == {"written": 0, "skipped": 2}
     assert stamps == {name: (dataset / TOKEN_DIR / f"{name}.npy").stat().st_mtime_ns for name in RECORDINGS}
 
     truncated = dataset / TOKEN_DIR / "a.npy"
     truncated.write_bytes(truncated.read_bytes()[:500])
-    assert extract_directory(dataset, tiny_model_dir, progress=False) == {"written": 1, "skipped": 1}
+    assert extract_directory(dataset, tiny_wav2vec2, progress=False) == {"written": 1, "skipped": 1}
     np.testing.assert_array_equal(np.load(truncated), first["a"])
 
     for broken in (first["b"][:1], first["b"][:, :-5], first["b"].astype(np.float64), np.array(["text"])):
         np.save(dataset / TOKEN_DIR / "b.npy", broken)
-        assert extract_directory(dataset, tiny_model_dir, progress=False) == {"written": 1, "skipped": 1}
+        assert extract_directory(dataset, tiny_wav2vec2, progress=False) == {"written": 1, "skipped": 1}
         np.testing.assert_array_equal(np.load(dataset / TOKEN_DIR / "b.npy"), first["b"])
     assert sorted(path.name for path in (dataset / TOKEN_DIR).iterdir()) == ["a.npy", "b.npy"]  # no temp files left
 
@@ -102,15 +87,15 @@ def test_batched_chunks_match_one_at_a_time(tokenizer):
     assert tokenizer.chunk_bounds(audio.shape[1], 0.5)[-1] == (24000, 32100)  # a 100-sample tail joins its neighbour
 
 
-def test_too_short_audio_is_an_error_naming_the_file(dataset, tiny_model_dir, tokenizer):
+def test_too_short_audio_is_an_error_naming_the_file(dataset, tiny_wav2vec2, tokenizer):
     field = tokenizer.receptive_field
     assert field == 345 and tokenizer.frames(field) == 1 and tokenizer.frames(field - 1) == 0
     soundfile.write(dataset / "audio" / "c.wav", np.zeros((100, 2)), 16000)
     with pytest.raises(ValueError, match=r"c\.wav: audio of 100 samples .* expected at least 345"):
-        extract_directory(dataset, tiny_model_dir, progress=False)
+        extract_directory(dataset, tiny_wav2vec2, progress=False)
 
 
-def test_a2p_subject_folder_gets_tokens_its_reader_accepts(tmp_path, tiny_model_dir):
+def test_a2p_subject_folder_gets_tokens_its_reader_accepts(tmp_path, tiny_wav2vec2):
     subject = tmp_path / "TXB805"
     subject.mkdir()
     frames = 45
@@ -120,13 +105,13 @@ def test_a2p_subject_folder_gets_tokens_its_reader_accepts(tmp_path, tiny_model_
     np.save(subject / "scene01_face_expression.npy", np.zeros((frames, 256), dtype=np.float32))
     np.save(subject / "scene01_missing_face_frames.npy", np.array([], dtype=np.int64))
     assert recordings(subject, "a2p") == [(subject / "scene01_audio.wav", subject / TOKEN_DIR / "scene01.npy")]
-    assert extract_directory(subject, tiny_model_dir, layout="a2p", progress=False) == {"written": 1, "skipped": 0}
+    assert extract_directory(subject, tiny_wav2vec2, layout="a2p", progress=False) == {"written": 1, "skipped": 0}
     record = read_record(subject, "scene01", DataConfig(layout="a2p"))
     assert record.tokens.shape[:2] == (2, 74) and record.tokens.dtype == np.float32
 
 
-def test_layout_errors(tmp_path, tiny_model_dir):
+def test_layout_errors(tmp_path, tiny_wav2vec2):
     with pytest.raises(FileNotFoundError, match="no audio folder"):
-        extract_directory(tmp_path, tiny_model_dir, progress=False)
+        extract_directory(tmp_path, tiny_wav2vec2, progress=False)
     with pytest.raises(ValueError, match="layout='x': expected 50h or a2p"):
         recordings(tmp_path, "x")

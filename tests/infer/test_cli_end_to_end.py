@@ -83,26 +83,10 @@ def test_bad_tokens_and_foreign_checkpoint(checkpoint, tmp_path, capsys):
     assert "not a complete avflow checkpoint (no meta.json" in capsys.readouterr().err
 
 
-def test_generate_from_audio_at_another_sample_rate(checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    import json
-
-    import torch
-
-    from avflow.data.tokens import TOKEN_LABELS
-
-    model_dir = tmp_path / "w2v"
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8, 8, 8, 8), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4), num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2)
-    torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(config).save_pretrained(model_dir)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
-    (model_dir / "vocab.json").write_text(json.dumps(vocab))
+def test_generate_from_audio_at_another_sample_rate(checkpoint, tmp_path, tiny_wav2vec2):
     speech = np.random.default_rng(0).standard_normal(int(1.5 * 44100)).astype(np.float32) * 0.1
     soundfile.write(tmp_path / "speech.wav", speech, 44100)
     assert main(["generate", "--checkpoint", str(checkpoint), "--audio", str(tmp_path / "speech.wav"),
-                 "--asr-model", str(model_dir), "-o", str(tmp_path / "out"), "--num-samples", "1"]) == 0
+                 "--asr-model", str(tiny_wav2vec2), "-o", str(tmp_path / "out"), "--num-samples", "1"]) == 0
     audio, _ = soundfile.read(tmp_path / "out" / "speech_s0.wav")
     assert len(audio) == int(1.5 * 22050 / 256) * 256

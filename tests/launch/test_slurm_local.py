@@ -21,13 +21,11 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import soundfile
-import torch
 
 submitit = pytest.importorskip("submitit", reason="the SLURM launchers need submitit (pip install submitit)")
 import cloudpickle  # noqa: E402  (installed with submitit)
 
 from avflow.data.asr import extract_directory, recordings  # noqa: E402
-from avflow.data.tokens import TOKEN_LABELS  # noqa: E402
 from avflow.utils import atomic_path  # noqa: E402
 from launch import extract_asr, train  # noqa: E402
 from launch.executor import add_slurm_arguments, slurm_executor, submit, submit_array  # noqa: E402
@@ -186,20 +184,6 @@ def test_a_preempted_job_is_requeued_and_resumes_from_its_progress(slurm_partiti
     assert "Requeued job" in job_logs(job)
 
 
-@pytest.fixture
-def tiny_wav2vec2(tmp_path) -> Path:
-    """A random wav2vec2 CTC model small enough to load in every array job."""
-    transformers = pytest.importorskip("transformers", reason="ASR extraction needs transformers")
-    folder = tmp_path / "wav2vec2"
-    config = transformers.Wav2Vec2Config(
-        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        conv_dim=(8, 8, 8, 8), conv_stride=(5, 4, 4, 4), conv_kernel=(10, 8, 4, 4), num_conv_pos_embeddings=4,
-        num_conv_pos_embedding_groups=2)
-    torch.manual_seed(0)
-    transformers.Wav2Vec2ForCTC(config).save_pretrained(folder)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    return folder
 
 
 def test_extract_asr_array_writes_the_files_of_extract_asr(slurm_partition, tmp_path, tiny_wav2vec2):

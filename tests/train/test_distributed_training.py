@@ -62,13 +62,16 @@ def final_weights(run_dir: Path, out: Path) -> dict:
     return load_file(str(consolidate(latest_checkpoint(run_dir), out)))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
-def test_strategy_trains_and_checkpoints(data, tmp_path, strategy):
+@pytest.mark.parametrize("strategy, extra", [("ddp", []), ("ddp", ["trainer.async_checkpoint=true"]), ("fsdp", []),
+                                             ("deepspeed", [])])
+def test_strategy_trains_and_checkpoints(data, tmp_path, strategy, extra):
     overrides = TINY + data + [f"parallel.strategy={strategy}", "trainer.steps=6", "trainer.checkpoint_every=3",
-                               "trainer.val_every=3"]
+                               "trainer.val_every=3", *extra]
     finish(torchrun(tmp_path / "run", overrides))
     meta = read_meta(latest_checkpoint(tmp_path / "run"))
     assert meta["step"] == 6 and meta["world_size"] == 2 and len(meta["loader"]) == 2
+    # complete step directories only: no staging leftovers, also when writes were asynchronous
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     weights = final_weights(tmp_path / "run", tmp_path / "model.safetensors")
     assert weights["ema/out_a.weight"].shape == (80, 32)
 
