@@ -74,7 +74,10 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False):
         self.folder = checkpoint_dir(run_dir)
         self.keep = keep
-        self.async_save = async_save
+        self.async_save = async_save and dist.is_available() and dist.is_initialized()
+        # Background writes run collectives while training runs its own; on one group their order would
+        # interleave differently per rank and deadlock, so async saves get a group of their own.
+        self._async_group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending: tuple[Future, Path, Path, dict] | None = None
 
     def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -88,8 +91,9 @@ class Checkpointer:
             staging.mkdir(parents=True)
         _barrier()
         meta = {"format": FORMAT, "step": step, **meta}
-        if self.async_save and dist.is_available() and dist.is_initialized():
-            self._pending = (dcp.async_save(tensors, checkpoint_id=staging), staging, final, meta)
+        if self.async_save:
+            future = dcp.async_save(tensors, checkpoint_id=staging, process_group=self._async_group)
+            self._pending = (future, staging, final, meta)
             return final
         with _quiet_single_process():
             dcp.save(tensors, checkpoint_id=staging)
