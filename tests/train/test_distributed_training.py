@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from avflow.config import load_config
-from avflow.data.corpus import write_corpus
-from avflow.data.shards import pack
 from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
-from avflow.train.head_vae import train_head_vae
+from conftest import packed_tiny_corpus
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.log_every=5",
@@ -28,14 +25,8 @@ TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hi
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    cfg = load_config(None, TINY + [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}"])
-    write_corpus(cfg.data.root, cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
-    rng = np.random.default_rng(0)
-    train_head_vae([rng.standard_normal((40, 7)).astype(np.float32)], cfg.head_vae, root / "head_vae.pt",
-                   progress=False)
-    return [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}", f"data.head_vae={root / 'head_vae.pt'}"]
+    """A packed tiny corpus and a head VAE shared by every run, so only the main model trains."""
+    return packed_tiny_corpus(tmp_path_factory.mktemp("data"), TINY)
 
 
 def free_port() -> int:
