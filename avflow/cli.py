@@ -37,6 +37,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"final checkpoint: {final}")
 
 
+def cmd_import_published(args: argparse.Namespace) -> None:
+    from avflow.train.published import import_published
+
+    out = import_published(args.model, args.head_vae, args.headpose_stats, args.output, dyadic=args.dyadic)
+    print(f"wrote {out}; use it with avflow generate --checkpoint {out}")
+
+
 def cmd_checkpoint_consolidate(args: argparse.Namespace) -> None:
     from avflow.train.checkpoint import consolidate
 
@@ -158,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate.add_argument("checkpoint", type=Path, help="RUN/checkpoints/step-N")
     consolidate.add_argument("-o", "--output", type=Path, required=True, help="e.g. model.safetensors")
     consolidate.set_defaults(run=cmd_checkpoint_consolidate)
+    published = checkpoint_commands.add_parser(
+        "import-published", help="an avflow model file from the released AV-Flow weights")
+    published.add_argument("--model", type=Path, required=True, help="av_flow_ckpt_50h.pt or checkpoints/iter-N.pth")
+    published.add_argument("--head-vae", type=Path, required=True, help="head_vae/iter-0500000.pt")
+    published.add_argument("--headpose-stats", type=Path, required=True, help="headpose/headpose_normstats/")
+    published.add_argument("--dyadic", action="store_true", help="the dyadic (actor + participant) model")
+    published.add_argument("-o", "--output", type=Path, required=True, help="e.g. av_flow_50h.safetensors")
+    published.set_defaults(run=cmd_import_published)
 
     sub = commands.add_parser("train-head-vae", help="train the head-pose VAE on the training segments")
     with_config(sub)

@@ -14,6 +14,7 @@ bf16 peak).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import time
@@ -96,12 +97,9 @@ def main() -> None:
             cfg.model = base.model
             cfg.parallel.strategy = strategy
             cfg.parallel.compile = args.compile
-            if strategy == "deepspeed":
-                try:
-                    import deepspeed  # noqa: F401
-                except ImportError:
-                    print("| deepspeed | not installed | | |")
-                    continue
+            if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+                print("| deepspeed | not installed | | |")
+                continue
             seconds = measure(cfg.validate(), info, args.batch, args.window, args.steps)
             frames_per_s = args.batch * args.window / seconds
             mfu = f"{frames_per_s * flops_per_frame / peak:.1%}" if peak else "n/a"

@@ -75,7 +75,10 @@ def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: 
         raise ValueError(f"log_mel: expected at least {min_frames} frames, got {log_mel.shape[1]}")
     if n_iter < 0:
         raise ValueError(f"n_iter: expected a non-negative iteration count, got {n_iter}")
-    mel_magnitude = torch.exp(log_mel.detach().to(device="cpu", dtype=torch.float64))
+    # A full-scale signal's STFT magnitude is at most sum(hann) = win_length / 2, and the Slaney filters
+    # do not amplify: values above log(win_length / 2) are not audio (e.g. an untrained model's output).
+    ceiling = math.log(cfg.win_length / 2)
+    mel_magnitude = torch.exp(log_mel.detach().to(device="cpu", dtype=torch.float64).clamp(max=ceiling))
     magnitude = _linear_magnitude(mel_magnitude, mel_filterbank(cfg).to(torch.float64))
 
     generator = torch.Generator().manual_seed(seed)

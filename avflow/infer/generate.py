@@ -104,6 +104,9 @@ class Generated:
 @torch.no_grad()
 def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig | None = None) -> Generated:
     sample_cfg = sample_cfg or model.cfg.sample
+    if model.cfg.model.dyadic:
+        raise ValueError("this is a dyadic model: it also needs the participant's tokens and SMIRK features per "
+                         "frame, which avflow generate does not take yet; use a monadic model")
     frames = tokens.shape[0]
     if frames > sample_cfg.max_frames:
         raise ValueError(f"input of {frames} frames ({frames / model.cfg.mel.frame_rate:.1f} s) exceeds "

@@ -229,12 +229,17 @@ def load_inference_tensors(path: str | Path) -> tuple[Config, dict[str, Any]]:
     return cfg, _unflatten(flat)
 
 
-def consolidate(path: str | Path, output: str | Path) -> Path:
-    """One safetensors file with the EMA weights, normalization, head VAE and config, from any strategy."""
-    cfg, tensors = load_inference_tensors(path)
+def write_model_file(cfg: Config, tensors: dict[str, Any], output: str | Path, source: str) -> Path:
+    """The single-file inference format: safetensors of {ema, codec, head_vae} with the config as metadata."""
     from safetensors.torch import save_file
 
-    metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.to_dict()), "source": str(path)}
+    metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.to_dict()), "source": source}
     with atomic_path(output) as tmp:
         save_file(_flatten(tensors), str(tmp), metadata=metadata)
     return Path(output)
+
+
+def consolidate(path: str | Path, output: str | Path) -> Path:
+    """One safetensors file with the EMA weights, normalization, head VAE and config, from any strategy."""
+    cfg, tensors = load_inference_tensors(path)
+    return write_model_file(cfg, tensors, output, str(path))

@@ -74,3 +74,11 @@ def test_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="at least 2 frames"):
         mel_to_audio(torch.zeros(80, 1), CFG)
     assert math.isfinite(float(mel_to_audio(torch.full((80, 4), -11.5129), CFG, n_iter=2).abs().sum()))
+
+
+def test_out_of_range_mel_gives_finite_audio_at_full_scale_at_most():
+    """An untrained model can emit log-mel values no audio has; they are capped, not turned into inf/NaN."""
+    audio = mel_to_audio(torch.full((80, 20), 100.0), MelConfig(), n_iter=4)
+    assert torch.isfinite(audio).all()
+    capped = mel_to_audio(torch.full((80, 20), float(np.log(512))), MelConfig(), n_iter=4)
+    assert torch.allclose(audio, capped)
