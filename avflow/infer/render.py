@@ -169,7 +169,7 @@ class Camera:
     the origin (focal_px / distance), so switching between them keeps the subject's size.
     """
 
-    focal_px: float = 1200.0
+    focal_px: float = 500.0
     distance: float = 0.5
     orthographic: bool = False
 
