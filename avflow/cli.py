@@ -127,7 +127,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generated = generate(model, tokens, cfg.sample)
     elapsed = time.perf_counter() - started
-    written = write_outputs(generated, args.output, name, cfg)
+    vocoder = None
+    if args.vocoder:
+        from avflow.infer.vocoder import load_bigvgan
+
+        vocoder = load_bigvgan(args.vocoder)
+    written = write_outputs(generated, args.output, name, cfg, vocoder)
     seconds = tokens.shape[0] / cfg.mel.frame_rate
     print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
 
@@ -207,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for --audio)")
     sub.add_argument("-o", "--output", type=Path, default=Path("outputs"))
     sub.add_argument("--name", default="text", help="file stem for --text outputs")
+    sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint ({'generator': ...}); "
+                                                  "Griffin-Lim without it")
     sub.add_argument("--num-samples", type=int)
     sub.add_argument("--nfe", type=int)
     sub.add_argument("--method", choices=("euler", "midpoint"))

@@ -1,7 +1,7 @@
 """Generation: conditioning (tokens, text or audio) -> N samples -> wav, 30 fps motion .npz and a plot.
 
 The sampler runs at the mel frame rate; motion is resampled to 30 fps for rendering and the mel is
-vocoded with Griffin-Lim (the fallback vocoder; BigVGAN comes with the inference issue).
+vocoded with BigVGAN when a vocoder checkpoint is given, with Griffin-Lim otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from avflow.config import Config, SampleConfig
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import interpolate_frames, load_wav, pose7_to_rigid, resample, save_wav
-from avflow.data.griffin_lim import mel_to_audio
 from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
@@ -24,6 +23,7 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import sample
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
+from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.train.loop import pick_device
@@ -129,7 +129,8 @@ def plot_sample(path: Path, mel: np.ndarray, expression: np.ndarray, head_pose: 
     plt.close(figure)
 
 
-def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Config) -> list[Path]:
+def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Config,
+                  vocoder: BigVGAN | None = None) -> list[Path]:
     """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and .png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Con
     written = []
     for index in range(generated.mel.shape[0]):
         stem = out_dir / f"{name}_s{index}"
-        audio = mel_to_audio(torch.from_numpy(generated.mel[index].T.copy()), cfg.mel).numpy()
+        audio = vocode(torch.from_numpy(generated.mel[index]), vocoder, cfg.mel).numpy()
         save_wav(stem.with_suffix(".wav"), audio, cfg.mel.sample_rate)
         frames_30 = max(1, round(generated.mel.shape[1] / frame_rate * VISUAL_OUTPUT_FPS))
         expression_30 = interpolate_frames(generated.expression[index], frame_rate, frames_30, VISUAL_OUTPUT_FPS)
