@@ -20,6 +20,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "safetensors",
+        "imageio-ffmpeg",
     ],
     extras_require={
         "asr": ["transformers"],
