@@ -132,7 +132,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         from avflow.infer.vocoder import load_bigvgan
 
         vocoder = load_bigvgan(args.vocoder)
-    written = write_outputs(generated, args.output, name, cfg, vocoder)
+    face_decoder = None
+    if args.face_decoder:
+        from avflow.infer.render import load_face_decoder
+
+        face_decoder = load_face_decoder(args.face_decoder)
+    elif args.procedural_face:
+        from avflow.infer.render import ProceduralFaceDecoder
+
+        face_decoder = ProceduralFaceDecoder()
+    written = write_outputs(generated, args.output, name, cfg, vocoder, face_decoder)
     seconds = tokens.shape[0] / cfg.mel.frame_rate
     print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
 
@@ -214,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--name", default="text", help="file stem for --text outputs")
     sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint ({'generator': ...}); "
                                                   "Griffin-Lim without it")
+    video = sub.add_mutually_exclusive_group()
+    video.add_argument("--face-decoder", type=Path, help="TorchScript face decoder (expression, head pose) -> "
+                                                         "vertices, with a `faces` tensor: also write .mp4 videos")
+    video.add_argument("--procedural-face", action="store_true",
+                       help="render the demo's procedural head (driven by the demo corpus's mouth controls)")
     sub.add_argument("--num-samples", type=int)
     sub.add_argument("--nfe", type=int)
     sub.add_argument("--method", choices=("euler", "midpoint"))

@@ -21,6 +21,7 @@ from avflow.data.loader import validation_batches
 from avflow.data.shards import pack
 from avflow.infer.evaluate import evaluate
 from avflow.infer.generate import generate, load_inference_model, tokens_from_text, write_outputs
+from avflow.infer.render import ProceduralFaceDecoder
 from avflow.model.avflow import AVFlowNet
 from avflow.train.loop import Trainer
 
@@ -58,10 +59,12 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
 
     print(f"[5/5] generating from the held-out sentences' text into {output}")
     model = load_inference_model(checkpoint, cfg.trainer.device)
+    face = ProceduralFaceDecoder()
     for name in sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns)):
         sentence = transcripts[name]
-        written = write_outputs(generate(model, tokens_from_text(sentence, cfg.mel.frame_rate)), output, name, cfg)
-        print(f"  '{sentence}': {', '.join(p.name for p in written if p.suffix == '.wav')}")
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs (.wav, .npz, .png) in {output}, "
+        written = write_outputs(generate(model, tokens_from_text(sentence, cfg.mel.frame_rate)), output, name, cfg,
+                                face_decoder=face)
+        print(f"  '{sentence}': {', '.join(p.name for p in written if p.name.endswith('_samples.mp4'))}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs (.wav, .npz, .png, .mp4) in {output}, "
           f"TensorBoard logs in {Path(cfg.trainer.run_dir) / 'tensorboard'}")
     return results

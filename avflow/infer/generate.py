@@ -23,6 +23,7 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import sample
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
+from avflow.infer.render import Camera, FaceDecoder, render_mesh, side_by_side, write_video
 from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
@@ -129,13 +130,26 @@ def plot_sample(path: Path, mel: np.ndarray, expression: np.ndarray, head_pose: 
     plt.close(figure)
 
 
+VIDEO_SIZE = 256
+
+
+def render_frames(decoder: FaceDecoder, expression: np.ndarray, head_pose: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames of the decoder's mesh for 30 fps expression codes and head poses."""
+    vertices = decoder(torch.from_numpy(expression).float(), torch.from_numpy(head_pose).float())
+    colors = getattr(decoder, "vertex_colors", torch.full((vertices.shape[1], 3), 0.8))
+    return render_mesh(vertices, decoder.faces, colors, VIDEO_SIZE, VIDEO_SIZE, Camera()).cpu().numpy()
+
+
 def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Config,
-                  vocoder: BigVGAN | None = None) -> list[Path]:
-    """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and .png."""
+                  vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None) -> list[Path]:
+    """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and .png; with a face
+    decoder also {name}_s{i}.mp4 and {name}_samples.mp4, all samples side by side."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame_rate = cfg.mel.frame_rate
-    written = []
+    written: list[Path] = []
+    videos: list[np.ndarray] = []
+    audios: list[np.ndarray] = []
     for index in range(generated.mel.shape[0]):
         stem = out_dir / f"{name}_s{index}"
         audio = vocode(torch.from_numpy(generated.mel[index]), vocoder, cfg.mel).numpy()
@@ -150,4 +164,13 @@ def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Con
         plot_sample(stem.with_suffix(".png"), generated.mel[index], generated.expression[index],
                     generated.head_pose[index], frame_rate)
         written += [stem.with_suffix(suffix) for suffix in (".wav", ".npz", ".png")]
+        if face_decoder is not None:
+            videos.append(render_frames(face_decoder, expression_30, pose_30))
+            write_video(stem.with_suffix(".mp4"), videos[-1], VISUAL_OUTPUT_FPS, audio, cfg.mel.sample_rate)
+            written.append(stem.with_suffix(".mp4"))
+            audios.append(audio)
+    if len(videos) > 1:
+        together = out_dir / f"{name}_samples.mp4"
+        write_video(together, side_by_side(videos), VISUAL_OUTPUT_FPS, audios[0], cfg.mel.sample_rate)
+        written.append(together)
     return written

@@ -41,6 +41,20 @@ def test_generate_from_text_writes_every_output(checkpoint, tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_generate_with_the_procedural_face_writes_talking_head_videos(checkpoint, tmp_path):
+    import imageio_ffmpeg
+
+    assert main(["generate", "--checkpoint", str(checkpoint), "--text", "moon", "-o", str(tmp_path),
+                 "--procedural-face"]) == 0
+    audio, rate = soundfile.read(tmp_path / "text_s0.wav")
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "text_s0.mp4"))
+    meta = next(reader)
+    frames = sum(1 for _ in reader)
+    assert meta["size"] == (256, 256) and abs(frames - len(audio) / rate * 30) <= 1
+    side = next(imageio_ffmpeg.read_frames(str(tmp_path / "text_samples.mp4")))
+    assert side["size"] == (512, 256)  # the 2 samples side by side
+
+
 def test_generate_from_tokens_file_matches_its_duration(checkpoint, tmp_path):
     tokens = np.random.default_rng(0).standard_normal((2, 100, 29)).astype(np.float32)  # 2 s at 50 Hz
     np.save(tmp_path / "seg.npy", tokens)
