@@ -102,6 +102,7 @@ class SampleConfig:
     guidance_scale: float = 1.0  # 1.0 = no guidance, as published
     seed: int = 0
     max_frames: int = 1725  # reference: one pass covers up to ~20 s
+    window_overlap: int = 86  # longer inputs: windows of max_frames overlapping by ~1 s, cross-faded
 
 
 @dataclass
@@ -238,6 +239,8 @@ class Config:
         _require(s.guidance_scale == 1.0 or f.cond_dropout > 0, "sample.guidance_scale",
                  "1.0 unless the model was trained with flow.cond_dropout > 0", s.guidance_scale)
         _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
+        _require(0 <= s.window_overlap < s.max_frames // 2, "sample.window_overlap",
+                 f"in [0, sample.max_frames / 2 = {s.max_frames // 2})", s.window_overlap)
         _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
         _choice(d.layout, "data.layout", ("50h", "a2p"))

@@ -20,7 +20,7 @@ from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import sample
+from avflow.model.flow import sample_long
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.infer.render import Camera, FaceDecoder, render_mesh, side_by_side, write_video
@@ -108,13 +108,10 @@ def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig
     if model.cfg.model.dyadic:
         raise ValueError("this is a dyadic model: it also needs the participant's tokens and SMIRK features per "
                          "frame, which avflow generate does not take yet; use a monadic model")
-    frames = tokens.shape[0]
-    if frames > sample_cfg.max_frames:
-        raise ValueError(f"input of {frames} frames ({frames / model.cfg.mel.frame_rate:.1f} s) exceeds "
-                         f"sample.max_frames={sample_cfg.max_frames}; split the input")
     cond = torch.from_numpy(tokens).float()[None].to(model.device)
     generator = torch.Generator(device=model.device).manual_seed(sample_cfg.seed)
-    states = sample(model.net, cond, None, model.cfg.model.state_dim, sample_cfg, generator)[0].float().cpu()
+    states = sample_long(model.net, cond, model.cfg.model.state_dim, sample_cfg, sample_cfg.window_overlap,
+                         generator)[0].float().cpu()
     parts = model.codec.decode(states)
     head_pose = np.stack([decode_latents(model.head_vae, model.pose_mean, model.pose_std, latent.numpy())
                           for latent in parts["head_latent"]])

@@ -107,14 +107,66 @@ def integrate(velocity_fn: VelocityFn, x0: torch.Tensor, cond: torch.Tensor, val
 
 @torch.no_grad()
 def sample(velocity_fn: VelocityFn, cond: torch.Tensor, valid: torch.Tensor | None, state_dim: int,
-           sample_cfg: SampleConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw sample_cfg.num_samples samples for each input as one batch: (B, N, T, state_dim)."""
+           sample_cfg: SampleConfig, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw sample_cfg.num_samples samples for each input as one batch: (B, N, T, state_dim).
+
+    `noise` (B * N, T, state_dim) replaces the drawn unit noise (it is still scaled by the temperature).
+    """
     batch, length, _ = cond.shape
     n = sample_cfg.num_samples
     cond_n = cond.repeat_interleave(n, dim=0)
     valid_n = None if valid is None else valid.repeat_interleave(n, dim=0)
-    x0 = sample_cfg.temperature * torch.randn(batch * n, length, state_dim, device=cond.device,
-                                              dtype=cond.dtype, generator=generator)
+    if noise is None:
+        noise = torch.randn(batch * n, length, state_dim, device=cond.device, dtype=cond.dtype, generator=generator)
+    x0 = sample_cfg.temperature * noise
     x1 = integrate(guided(velocity_fn, sample_cfg.guidance_scale), x0, cond_n, valid_n, sample_cfg.method,
                    sample_cfg.nfe)
     return x1.view(batch, n, length, state_dim)
+
+
+def window_spans(frames: int, max_frames: int, overlap: int) -> list[tuple[int, int]]:
+    """Windows of at most max_frames covering [0, frames), consecutive ones sharing at least `overlap` frames.
+
+    The last window is shifted back to end at `frames`, so no window is short.
+    """
+    if frames <= max_frames:
+        return [(0, frames)]
+    step = max_frames - overlap
+    starts = list(range(0, frames - max_frames, step)) + [frames - max_frames]
+    return [(start, start + max_frames) for start in starts]
+
+
+def crossfade_weights(spans: list[tuple[int, int]], frames: int) -> list[torch.Tensor]:
+    """Per-window frame weights: linear ramps across each overlap (normalized by their sum when stitching,
+    since the shifted last window can overlap two earlier ones)."""
+    weights = []
+    for index, (start, end) in enumerate(spans):
+        weight = torch.ones(end - start)
+        if index > 0 and spans[index - 1][1] > start:
+            shared = spans[index - 1][1] - start
+            weight[:shared] = torch.arange(1, shared + 1) / (shared + 1)
+        if index + 1 < len(spans) and spans[index + 1][0] < end:
+            shared = end - spans[index + 1][0]
+            weight[-shared:] = torch.minimum(weight[-shared:], torch.arange(shared, 0, -1) / (shared + 1))
+        weights.append(weight)
+    return weights
+
+
+@torch.no_grad()
+def sample_long(velocity_fn: VelocityFn, cond: torch.Tensor, state_dim: int, sample_cfg: SampleConfig,
+                overlap: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample` for inputs longer than one pass (B, T > sample_cfg.max_frames): overlapping windows, each
+    sampled from its slice of one noise sequence and cross-faded in the frame domain, so memory stays
+    bounded by one window and the windows agree where they overlap as far as their context allows."""
+    batch, frames, _ = cond.shape
+    n = sample_cfg.num_samples
+    noise = torch.randn(batch * n, frames, state_dim, device=cond.device, dtype=cond.dtype, generator=generator)
+    spans = window_spans(frames, sample_cfg.max_frames, overlap)
+    out = torch.zeros(batch, n, frames, state_dim, device=cond.device, dtype=cond.dtype)
+    total = torch.zeros(frames, device=cond.device, dtype=cond.dtype)
+    for (start, end), weight in zip(spans, crossfade_weights(spans, frames)):
+        window = sample(velocity_fn, cond[:, start:end], None, state_dim, sample_cfg, noise=noise[:, start:end])
+        out[:, :, start:end] += window * weight.to(window).view(1, 1, -1, 1)
+        total[start:end] += weight.to(total)
+    return out / total.view(1, 1, -1, 1)

@@ -11,7 +11,8 @@ TINY = ["corpus.train_segments=3", "corpus.val_segments=1", "corpus.words_per_se
         "model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32",
         "data.segment_length=64", "trainer.batch_size=2", "trainer.steps=3", "trainer.warmup_steps=1",
         "trainer.val_every=3", "trainer.checkpoint_every=3", "head_vae.ffn_hidden=8", "head_vae.steps=3",
-        "head_vae.segment_length=32", "head_vae.batch_size=2", "sample.nfe=2", "sample.num_samples=2"]
+        "head_vae.segment_length=32", "head_vae.batch_size=2", "sample.nfe=2", "sample.num_samples=2",
+        "sample.max_frames=64", "sample.window_overlap=8"]  # inputs longer than 0.74 s go through windows
 
 
 @pytest.fixture(scope="module")

@@ -109,3 +109,34 @@ def test_guidance_extrapolates_from_unconditional():
     # conditional 3, unconditional (zeroed cond) 1: scale 2.5 -> 1 + 2.5 * 2 = 6
     assert torch.allclose(guided(velocity, 2.5)(x, t, cond, None), torch.full((2, 3, 4), 6.0))
     assert guided(velocity, 1.0) is velocity
+
+
+def test_long_inputs_are_covered_by_overlapping_windows():
+    from avflow.model.flow import crossfade_weights, window_spans
+
+    assert window_spans(50, 60, 10) == [(0, 50)]
+    for frames in (61, 100, 131, 250, 301):
+        spans = window_spans(frames, 60, 10)
+        assert spans[0][0] == 0 and spans[-1][1] == frames
+        assert all(end - start == 60 for start, end in spans)
+        assert all(b_start <= a_end - 10 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+        coverage = torch.zeros(frames)
+        for (start, end), weight in zip(spans, crossfade_weights(spans, frames)):
+            assert (weight > 0).all()
+            coverage[start:end] += 1
+        assert (coverage >= 1).all()
+
+
+def test_windowed_sampling_of_a_frame_local_field_equals_one_pass():
+    """A velocity that depends only on its own frame gives the same samples whether the sequence is cut into
+    windows or not: the windows share one noise sequence, so the cross-fade can add no seam."""
+    from avflow.model.flow import sample_long
+
+    cond = torch.randn(1, 250, 3)
+    local = lambda x, t, c, valid: torch.tanh(c.sum(-1, keepdim=True)) - 0.5 * x  # noqa: E731
+    one_pass = sample_long(local, cond, 5, SampleConfig(nfe=4, num_samples=2, max_frames=1725), 10,
+                           torch.Generator().manual_seed(0))
+    windowed = sample_long(local, cond, 5, SampleConfig(nfe=4, num_samples=2, max_frames=60), 10,
+                           torch.Generator().manual_seed(0))
+    assert windowed.shape == (1, 2, 250, 5)
+    assert torch.allclose(windowed, one_pass, atol=1e-6)
