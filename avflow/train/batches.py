@@ -74,7 +74,7 @@ def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
 
 
 def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True,
-                        is_main: bool = True) -> tuple[BatchEncoder, Path]:
+                        is_main: bool = True) -> BatchEncoder:
     """Load (or have rank 0 train once) the head VAE and read normalization stats from the manifest."""
     manifest = load_manifest(cfg.data.shards)
     vae_path = head_vae_path(cfg)
@@ -87,4 +87,4 @@ def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VAE
     head_vae, pose_mean, pose_std = load_head_vae(vae_path, cfg.head_vae)
-    return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device), vae_path
+    return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device)

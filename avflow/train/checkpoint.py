@@ -26,6 +26,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from avflow.config import Config, config_from_dict
+from avflow.model.avflow import AVFlowNet
+from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
 from avflow.utils import atomic_path
 
 FORMAT = "avflow-checkpoint-v2"
@@ -166,15 +169,11 @@ MODEL_FILE_FORMAT = "avflow-model-v1"
 
 def inference_template(cfg: Config) -> dict[str, Any]:
     """Empty tensors of the right shapes for the inference groups, for DCP to fill."""
-    from avflow.model.avflow import AVFlowNet
-    from avflow.model.head_vae import HeadVAE
-
     pose_dim = cfg.head_vae.pose_dim
     return {
         "ema": AVFlowNet(cfg.model).state_dict(),
-        "codec": {"expression_mean": torch.zeros(cfg.model.expression_dim),
-                  "expression_std": torch.zeros(cfg.model.expression_dim),
-                  "mel_mean": torch.zeros(()), "mel_std": torch.zeros(())},
+        "codec": StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0,
+                            cfg.model).state_dict(),
         "head_vae": {"model_state_dict": HeadVAE(cfg.head_vae).state_dict(), "pose_mean": torch.zeros(pose_dim),
                      "pose_std": torch.zeros(pose_dim)},
     }

@@ -32,7 +32,6 @@ from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.head_vae import decode_latents
 from avflow.train.metrics import gpu_memory_gib, peak_flops, training_flops_per_frame
 from avflow.train.parallel import bf16_autocast, build_engine
-from avflow.utils import load_torch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ class Trainer:
         if existing is not None and not resume:
             raise FileExistsError(f"trainer.run_dir={self.run_dir} already has checkpoints (newest {existing.name}); "
                                   "pass --resume to continue it or choose another trainer.run_dir")
-        self.device = self.info.device if cfg.trainer.device == "auto" else pick_device(cfg.trainer.device)
+        self.device = self.info.device  # cuda:LOCAL_RANK unless trainer.device=cpu
         torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
         model = AVFlowNet(cfg.model).to(self.device)
         self.parameters = count_parameters(model)
@@ -106,7 +105,7 @@ class Trainer:
         self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None
         torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
         self.step = 0
-        self.encoder, self.head_vae_path = build_batch_encoder(cfg, self.device, self.progress, self.info.is_main)
+        self.encoder = build_batch_encoder(cfg, self.device, self.progress, self.info.is_main)
         self.train_batches = training_batches(cfg.data.shards, cfg, self.info.rank, self.info.world_size)
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         if existing is not None:
@@ -118,12 +117,12 @@ class Trainer:
 
     def _tensors(self) -> dict:
         """Everything DCP saves and restores, in the engine's (possibly sharded) layout."""
-        head_vae = load_torch(self.head_vae_path)
         return {
             **self.engine.state_dict(),
             "ema": self.ema.params if self.ema is not None else self.engine.full_model_state_dict(),
             "codec": self.encoder.codec.state_dict(),
-            "head_vae": {key: head_vae[key] for key in ("model_state_dict", "pose_mean", "pose_std")},
+            "head_vae": {"model_state_dict": self.encoder.head_vae.state_dict(),
+                         "pose_mean": self.encoder.pose_mean, "pose_std": self.encoder.pose_std},
             f"rng_rank{self.info.rank}": torch.get_rng_state(),
         }
 

@@ -16,6 +16,7 @@ import torch
 from avflow.config import Config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
 from avflow.train.checkpoint import write_model_file
 from avflow.utils import load_torch
 
@@ -93,9 +94,8 @@ def import_published(model_path: str | Path, head_vae_path: str | Path, headpose
     tensors = {
         "ema": {k[len(PUBLISHED_PREFIX):]: v.float() for k, v in state.items()},
         # The published model consumes expression codes as they are: an identity normalization.
-        "codec": {"expression_mean": torch.zeros(cfg.model.expression_dim),
-                  "expression_std": torch.ones(cfg.model.expression_dim),
-                  "mel_mean": torch.tensor(cfg.mel.norm_mean), "mel_std": torch.tensor(cfg.mel.norm_std)},
+        "codec": StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim),
+                            cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model).state_dict(),
         "head_vae": {"model_state_dict": {k: v.float() for k, v in vae_state.items()},
                      "pose_mean": pose_mean, "pose_std": pose_std},
     }
