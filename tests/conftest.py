@@ -111,3 +111,23 @@ def published_velocity(net: AVFlowNet, cfg: ModelConfig, x, t, cond):
         fused = F.linear(torch.cat([ha, hv], -1), sd[f"fusion.{n}.weight"], sd[f"fusion.{n}.bias"])
         ha, hv = ha + fused[..., :d], hv + fused[..., d:]
     return torch.cat([F.linear(hv, sd["out_v.weight"], sd["out_v.bias"]), F.linear(ha, sd["out_a.weight"], sd["out_a.bias"])], -1)
+
+
+def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
+    """A consolidated model file of a tiny random network (with codec and head VAE), without training."""
+    from avflow.config import load_config
+    from avflow.model.head_vae import HeadVAE
+    from avflow.model.state import StateCodec
+    from avflow.train.checkpoint import write_model_file
+
+    cfg = load_config(None, ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=64",
+                             "head_vae.ffn_hidden=8", "sample.num_samples=2", "sample.nfe=4", *(overrides or [])])
+    torch.manual_seed(seed)
+    net = randomized(AVFlowNet(cfg.model), scale=0.1)
+    codec = StateCodec(torch.randn(cfg.model.expression_dim), torch.rand(cfg.model.expression_dim) + 0.5,
+                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+    vae = HeadVAE(cfg.head_vae)
+    tensors = {"ema": net.state_dict(), "codec": codec.state_dict(),
+               "head_vae": {"model_state_dict": vae.state_dict(), "pose_mean": torch.zeros(cfg.head_vae.pose_dim),
+                            "pose_std": torch.ones(cfg.head_vae.pose_dim)}}
+    return write_model_file(cfg, tensors, path, "tests")

@@ -7,8 +7,9 @@ vocoded with BigVGAN when a vocoder checkpoint is given, with Griffin-Lim otherw
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,11 +21,14 @@ from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import sample_long
+from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
+from avflow.infer.artifacts import (DTYPES, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE, CompiledSampler,
+                                    is_model_directory, load_compiled_sampler, read_export_meta)
+from avflow.infer.sampler import GraphSampler, length_buckets, sample_sequences
 from avflow.infer.render import Camera, FaceDecoder, render_mesh, side_by_side, write_video
-from avflow.infer.vocoder import BigVGAN, vocode
+from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.train.loop import pick_device
@@ -37,6 +41,8 @@ VISUAL_OUTPUT_FPS = 30.0  # renderers and the capture rate of the published data
 
 @dataclass
 class InferenceModel:
+    """Everything generation needs, from a training checkpoint, a consolidated file or an export directory."""
+
     cfg: Config
     net: AVFlowNet
     codec: StateCodec
@@ -44,17 +50,63 @@ class InferenceModel:
     pose_mean: torch.Tensor
     pose_std: torch.Tensor
     device: torch.device
+    dtype: torch.dtype = torch.float32
+    compiled: CompiledSampler | None = None  # fixed-shape loop of a torchscript/aoti export
+    vocoder: BigVGAN | None = None
+    text2tokens: Any = None  # TextToTokens of the export directory, when it has one
+    batch_rows: int = 12  # sequences (windows x samples) per sampler call
+    length_bucket_count: int = 4
+    samplers: dict = field(default_factory=dict, repr=False)
+
+    def sampler(self, sample_cfg: SampleConfig) -> tuple[GraphSampler, int, list[int], int, bool]:
+        """(loop runner, window frames, length buckets, rows per call, pad rows) for these sampler settings."""
+        if self.compiled is not None:
+            self.compiled.check_settings(sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
+            key, frames, rows = "compiled", self.compiled.frames, self.compiled.rows
+            buckets, pad_rows = [frames], True
+        else:
+            key = (sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
+            frames, rows, pad_rows = sample_cfg.max_frames, max(self.batch_rows, sample_cfg.num_samples), False
+            buckets = length_buckets(frames, self.length_bucket_count)
+        if key not in self.samplers:
+            loop = self.compiled.loop if self.compiled is not None else FixedStepSampler(
+                guided(self.net, sample_cfg.guidance_scale), sample_cfg.method, sample_cfg.nfe, self.dtype)
+            self.samplers[key] = GraphSampler(loop, self.device)
+        return self.samplers[key], frames, buckets, rows, pad_rows
 
 
-def load_inference_model(checkpoint: str | Path, device: str = "auto") -> InferenceModel:
-    """The EMA network, normalization and head VAE from a training step directory or a consolidated file."""
-    cfg, tensors = load_inference_tensors(checkpoint)
+def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
+                         batch_rows: int = 12) -> InferenceModel:
+    """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
+    file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
+
+    `dtype` (fp32 | bf16) is the network's precision; an export directory fixes it at export time.
+    """
     target = pick_device(device)
+    exported = is_model_directory(checkpoint)
+    meta = read_export_meta(checkpoint) if exported else None
+    if exported and dtype is not None and dtype != meta["dtype"]:
+        raise ValueError(f"{checkpoint} was exported in {meta['dtype']}; --dtype {dtype} needs another export")
+    dtype = meta["dtype"] if exported else (dtype or "fp32")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    cfg, tensors = load_inference_tensors(Path(checkpoint) / WEIGHTS_FILE if exported else checkpoint)
     net = AVFlowNet(cfg.model)
     net.load_state_dict(tensors["ema"])
     head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
     codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
-    return InferenceModel(cfg, net.to(target).eval(), codec, head_vae.eval(), pose_mean, pose_std, target)
+    model = InferenceModel(cfg, net.to(target, DTYPES[dtype]).eval(), codec, head_vae.eval(), pose_mean, pose_std,
+                           target, DTYPES[dtype], batch_rows=batch_rows)
+    if exported:
+        directory = Path(checkpoint)
+        model.compiled = load_compiled_sampler(directory, meta, target)
+        if (directory / VOCODER_FILE).is_file():
+            model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
+        if (directory / TEXT2TOKENS_FILE).is_file():
+            from avflow.infer.text2tokens import load_text2tokens
+
+            model.text2tokens = load_text2tokens(directory / TEXT2TOKENS_FILE)
+    return model
 
 
 def tokens_from_file(path: str | Path, token_fps: float, frame_rate: float) -> np.ndarray:
@@ -102,20 +154,57 @@ class Generated:
     head_pose: np.ndarray
 
 
+def conditioning(model: InferenceModel, tokens: np.ndarray, participant_tokens: np.ndarray | None = None,
+                 participant_features: np.ndarray | None = None) -> np.ndarray:
+    """Per-frame conditioning at the mel frame rate: the actor's tokens, and for a dyadic model the participant's
+    tokens and normalized SMIRK features (all already at the mel frame rate; cut to the shortest)."""
+    dyadic = model.cfg.model.dyadic
+    given = participant_tokens is not None or participant_features is not None
+    if dyadic and (participant_tokens is None or participant_features is None):
+        raise ValueError("this is a dyadic model: it needs the participant's tokens and SMIRK features as well as "
+                         "the actor's input")
+    if given and not dyadic:
+        raise ValueError("participant inputs were given, but this model is monadic (model.dyadic=false)")
+    parts = [tokens] + ([participant_tokens, participant_features] if dyadic else [])
+    frames = min(part.shape[0] for part in parts)
+    cond = np.concatenate([part[:frames] for part in parts], axis=1).astype(np.float32)
+    if cond.shape[1] != model.cfg.model.cond_dim:
+        raise ValueError(f"conditioning has {cond.shape[1]} features per frame; the model expects "
+                         f"{model.cfg.model.cond_dim} (tokens {len(TOKEN_LABELS)}"
+                         + (f" + participant tokens {len(TOKEN_LABELS)} + features "
+                            f"{model.cfg.model.participant_feature_dim})" if dyadic else ")"))
+    return cond
+
+
 @torch.no_grad()
-def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig | None = None) -> Generated:
+def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: SampleConfig | None = None,
+                   seeds: list[int] | None = None) -> list[Generated]:
+    """N samples for each conditioning sequence (T_i, cond_dim), sampled together in length-bucketed batches.
+
+    Each input's noise comes from its own seed (default sample.seed), so its samples do not depend on
+    which other inputs share its batch, on the batch size, or on the device.
+    """
     sample_cfg = sample_cfg or model.cfg.sample
-    if model.cfg.model.dyadic:
-        raise ValueError("this is a dyadic model: it also needs the participant's tokens and SMIRK features per "
-                         "frame, which avflow generate does not take yet; use a monadic model")
-    cond = torch.from_numpy(tokens).float()[None].to(model.device)
-    generator = torch.Generator(device=model.device).manual_seed(sample_cfg.seed)
-    states = sample_long(model.net, cond, model.cfg.model.state_dim, sample_cfg, sample_cfg.window_overlap,
-                         generator)[0].float().cpu()
-    parts = model.codec.decode(states)
-    head_pose = np.stack([decode_latents(model.head_vae, model.pose_mean, model.pose_std, latent.numpy())
-                          for latent in parts["head_latent"]])
-    return Generated(parts["mel"].numpy(), parts["expression"].numpy(), head_pose.astype(np.float32))
+    seeds = seeds if seeds is not None else [sample_cfg.seed] * len(conds)
+    state_dim, n = model.cfg.model.state_dim, sample_cfg.num_samples
+    noises = [sample_cfg.temperature * torch.randn(n, cond.shape[0], state_dim, generator=torch.Generator().manual_seed(seed))
+              for cond, seed in zip(conds, seeds)]
+    runner, frames, buckets, rows, pad_rows = model.sampler(sample_cfg)
+    states = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],
+                              [noise.to(model.device) for noise in noises], frames, sample_cfg.window_overlap,
+                              buckets, rows, pad_rows)
+    results = []
+    for state in states:
+        parts = model.codec.decode(state.float().cpu())
+        head_pose = np.stack([decode_latents(model.head_vae, model.pose_mean, model.pose_std, latent.numpy())
+                              for latent in parts["head_latent"]])
+        results.append(Generated(parts["mel"].numpy(), parts["expression"].numpy(), head_pose.astype(np.float32)))
+    return results
+
+
+def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig | None = None) -> Generated:
+    """N samples for one monadic input's token logits (T, 29) at the mel frame rate."""
+    return generate_batch(model, [conditioning(model, tokens)], sample_cfg)[0]
 
 
 def plot_sample(path: Path, mel: np.ndarray, expression: np.ndarray, head_pose: np.ndarray, frame_rate: float) -> None:

@@ -15,16 +15,19 @@ weight-free Griffin-Lim fallback otherwise.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from avflow.config import MelConfig
-from avflow.utils import load_torch
+from avflow.utils import atomic_path, load_torch
 
 SNAKE_EPS = 1e-9  # added to exp(log beta) before dividing, as in the published SnakeBeta
 RESAMPLE_RATIO = 2
@@ -275,6 +278,37 @@ def load_bigvgan(path: str | os.PathLike, device: str | torch.device = "cpu",
     model = BigVGAN(config)
     _check_keys(model, state_dict, str(path))
     model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval().requires_grad_(False)
+
+
+VOCODER_FILE_FORMAT = "avflow-bigvgan-v1"
+
+
+def save_vocoder_file(vocoder: BigVGAN, path: str | os.PathLike) -> Path:
+    """The folded generator as safetensors with its sizes in the metadata (no pickle to load it back)."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": VOCODER_FILE_FORMAT, "config": json.dumps(dataclasses.asdict(vocoder.config))}
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in vocoder.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_vocoder_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> BigVGAN:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        state = {name: handle.get_tensor(name) for name in handle.keys()}
+    if metadata.get("format") != VOCODER_FILE_FORMAT:
+        raise ValueError(f"{path}: not an avflow vocoder file (expected format '{VOCODER_FILE_FORMAT}')")
+    sizes = json.loads(metadata["config"])
+    config = BigVGANConfig(**{key: tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                              if isinstance(value, list) else value for key, value in sizes.items()})
+    model = BigVGAN(config)
+    _check_keys(model, state, str(path))
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
 
 from avflow.config import FlowConfig, ModelConfig, SampleConfig
 
@@ -72,18 +73,27 @@ def flow_matching_loss(velocity_fn: VelocityFn, x1: torch.Tensor, cond: torch.Te
     return total, parts
 
 
-def guided(velocity_fn: VelocityFn, scale: float) -> VelocityFn:
-    """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond), both in one batch."""
-    if scale == 1.0:
-        return velocity_fn
+class Guided(nn.Module):
+    """Classifier-free guidance: v = v_uncond + scale * (v_cond - v_uncond), both in one batch.
 
-    def velocity(x, t, cond, valid):
-        both = velocity_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
-                           None if valid is None else torch.cat([valid, valid]))
+    The unconditional branch sees zeroed conditioning, which training produces with `cond_dropout`.
+    """
+
+    def __init__(self, velocity: VelocityFn, scale: float):
+        super().__init__()
+        self.velocity = velocity
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        both = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]),
+                             torch.cat([valid, valid]))
         conditional, unconditional = both.chunk(2)
-        return unconditional + scale * (conditional - unconditional)
+        return unconditional + self.scale * (conditional - unconditional)
 
-    return velocity
+
+def guided(velocity_fn: VelocityFn, scale: float) -> VelocityFn:
+    """`velocity_fn` itself without guidance (scale 1, as published), else its guided mixture."""
+    return velocity_fn if scale == 1.0 else Guided(velocity_fn, scale)
 
 
 def integrate(velocity_fn: VelocityFn, x0: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor | None,
@@ -116,7 +126,9 @@ def sample(velocity_fn: VelocityFn, cond: torch.Tensor, valid: torch.Tensor | No
     batch, length, _ = cond.shape
     n = sample_cfg.num_samples
     cond_n = cond.repeat_interleave(n, dim=0)
-    valid_n = None if valid is None else valid.repeat_interleave(n, dim=0)
+    if valid is None:
+        valid = torch.ones(batch, length, dtype=torch.bool, device=cond.device)
+    valid_n = valid.repeat_interleave(n, dim=0)
     if noise is None:
         noise = torch.randn(batch * n, length, state_dim, device=cond.device, dtype=cond.dtype, generator=generator)
     x0 = sample_cfg.temperature * noise
@@ -130,6 +142,8 @@ def window_spans(frames: int, max_frames: int, overlap: int) -> list[tuple[int, 
 
     The last window is shifted back to end at `frames`, so no window is short.
     """
+    if not 0 <= overlap < max_frames:
+        raise ValueError(f"window overlap: expected 0 <= overlap < {max_frames} (the window), got {overlap}")
     if frames <= max_frames:
         return [(0, frames)]
     step = max_frames - overlap
@@ -153,20 +167,36 @@ def crossfade_weights(spans: list[tuple[int, int]], frames: int) -> list[torch.T
     return weights
 
 
-@torch.no_grad()
-def sample_long(velocity_fn: VelocityFn, cond: torch.Tensor, state_dim: int, sample_cfg: SampleConfig,
-                overlap: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`sample` for inputs longer than one pass (B, T > sample_cfg.max_frames): overlapping windows, each
-    sampled from its slice of one noise sequence and cross-faded in the frame domain, so memory stays
-    bounded by one window and the windows agree where they overlap as far as their context allows."""
-    batch, frames, _ = cond.shape
-    n = sample_cfg.num_samples
-    noise = torch.randn(batch * n, frames, state_dim, device=cond.device, dtype=cond.dtype, generator=generator)
-    spans = window_spans(frames, sample_cfg.max_frames, overlap)
-    out = torch.zeros(batch, n, frames, state_dim, device=cond.device, dtype=cond.dtype)
-    total = torch.zeros(frames, device=cond.device, dtype=cond.dtype)
-    for (start, end), weight in zip(spans, crossfade_weights(spans, frames)):
-        window = sample(velocity_fn, cond[:, start:end], None, state_dim, sample_cfg, noise=noise[:, start:end])
-        out[:, :, start:end] += window * weight.to(window).view(1, 1, -1, 1)
-        total[start:end] += weight.to(total)
-    return out / total.view(1, 1, -1, 1)
+class FixedStepSampler(nn.Module):
+    """`integrate` as a module with its schedule fixed, so it can be scripted (TorchScript) or captured whole.
+
+    The state is carried in float32 while `velocity` may run in a lower precision (`dtype`): the
+    per-step increments are small, and accumulating them in bf16 would lose them.
+    """
+
+    def __init__(self, velocity: nn.Module, method: str, nfe: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        steps = nfe if method == "euler" else nfe // 2
+        if method not in ("euler", "midpoint") or steps < 1 or (method == "midpoint" and nfe % 2):
+            raise ValueError(f"sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, got {method} nfe={nfe}")
+        self.velocity = velocity
+        self.midpoint = method == "midpoint"
+        self.steps = steps
+        self.dtype = dtype
+        self.register_buffer("times", torch.linspace(0.0, 1.0, steps + 1)[:-1], persistent=False)
+
+    def _v(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return self.velocity(x.to(self.dtype), t.to(self.dtype), cond, valid).float()
+
+    def forward(self, x0: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = x0.float()
+        cond = cond.to(self.dtype)
+        dt = 1.0 / self.steps
+        for step in range(self.steps):
+            t = self.times[step].expand(x.shape[0]).contiguous()  # compiled artifacts assume dense inputs
+            if self.midpoint:
+                half = x + 0.5 * dt * self._v(x, t, cond, valid)
+                x = x + dt * self._v(half, t + 0.5 * dt, cond, valid)
+            else:
+                x = x + dt * self._v(x, t, cond, valid)
+        return x

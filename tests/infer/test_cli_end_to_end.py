@@ -67,8 +67,8 @@ def test_generate_from_tokens_file_matches_its_duration(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--text", "   "], "has no letters to speak"),
-    (["--text", "room 101"], "unsupported characters"),
+    (["--text", "   "], "no letters to speak"),
+    (["--text", "snow \u2603"], "unsupported characters"),
     (["--tokens", "missing.npy"], "missing.npy: no such token file"),
     (["--audio", "speech.wav"], "--audio needs --asr-model"),
     (["--text", "hi", "--nfe", "0"], "sample.nfe: expected at least 1"),

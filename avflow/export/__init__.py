@@ -1,0 +1,1 @@
+"""`python -m avflow.export`: training checkpoints -> self-contained inference model directories."""

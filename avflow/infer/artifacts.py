@@ -1,0 +1,87 @@
+"""The model directory written by `python -m avflow.export`, and loading its compiled sampler.
+
+A model directory is self-contained: it needs avflow and torch, never the training checkpoint or the
+original config file.
+
+    export.json            what was exported: format, dtype, sampler, fixed shape, parity error, versions
+    config.yaml            the full config (model, mel, normalization settings, sampler defaults)
+    model.safetensors      EMA weights, expression/mel statistics and the head VAE with pose statistics
+    sampler.ts             --format torchscript: the whole fixed-step loop around the traced network
+    velocity.pt2           --format aoti: the network as an AOTInductor package (the loop runs in Python)
+    vocoder.safetensors    optional BigVGAN generator (weight norm folded), its sizes in the metadata
+    text2tokens.safetensors  optional text-to-tokens model, so --text needs no other file
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from avflow.model.flow import FixedStepSampler
+
+EXPORT_FORMAT_VERSION = 1
+META_FILE = "export.json"
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TORCHSCRIPT_FILE = "sampler.ts"
+AOTI_FILE = "velocity.pt2"
+VOCODER_FILE = "vocoder.safetensors"
+TEXT2TOKENS_FILE = "text2tokens.safetensors"
+FORMATS = ("eager", "torchscript", "aoti")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def is_model_directory(path: str | Path) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+def read_export_meta(directory: str | Path) -> dict:
+    path = Path(directory) / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable avflow export ({error})") from error
+    if meta.get("format_version") != EXPORT_FORMAT_VERSION or meta.get("format") not in FORMATS:
+        raise ValueError(f"{path}: expected an avflow export of format version {EXPORT_FORMAT_VERSION} with format "
+                         f"one of {FORMATS}, got version {meta.get('format_version')} format {meta.get('format')}")
+    return meta
+
+
+@dataclass
+class CompiledSampler:
+    """A fixed-shape sampling loop from a model directory: `rows` sequences of `frames` frames per call."""
+
+    loop: torch.nn.Module
+    method: str
+    nfe: int
+    guidance_scale: float
+    rows: int
+    frames: int
+
+    def check_settings(self, method: str, nfe: int, guidance_scale: float) -> None:
+        asked, fixed = (method, nfe, guidance_scale), (self.method, self.nfe, self.guidance_scale)
+        if asked != fixed:
+            raise ValueError(f"this model directory was exported for method={fixed[0]} nfe={fixed[1]} "
+                             f"guidance_scale={fixed[2]}; asked for method={asked[0]} nfe={asked[1]} "
+                             f"guidance_scale={asked[2]}: export again, or with --format eager for free settings")
+
+
+def load_compiled_sampler(directory: str | Path, meta: dict, device: torch.device) -> CompiledSampler | None:
+    """The directory's compiled loop on `device`, or None for an eager export."""
+    directory = Path(directory)
+    sampler = meta["sampler"]
+    if meta["format"] == "eager":
+        return None
+    if meta["format"] == "torchscript":
+        loop = torch.jit.load(str(directory / TORCHSCRIPT_FILE), map_location=device)
+    else:
+        if device.type != meta["device"]:
+            raise ValueError(f"{directory}: the AOTInductor package was compiled for {meta['device']}, not "
+                             f"{device.type}; export again on a {device.type} machine or use --format torchscript")
+        velocity = torch._inductor.aoti_load_package(str(directory / AOTI_FILE))
+        loop = FixedStepSampler(velocity, sampler["method"], sampler["nfe"], DTYPES[meta["dtype"]]).to(device)
+    return CompiledSampler(loop.eval(), sampler["method"], sampler["nfe"], sampler["guidance_scale"], meta["rows"],
+                           meta["frames"])

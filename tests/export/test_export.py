@@ -1,0 +1,73 @@
+"""python -m avflow.export: each format round-trips with parity, the directory is self-contained, and failures
+leave nothing under the output name."""
+
+import json
+
+import numpy as np
+import pytest
+
+from avflow.export.__main__ import main as export_main
+from avflow.export.exporter import ExportError, ExportOptions, export
+from avflow.infer.generate import generate_batch, load_inference_model
+from conftest import tiny_model_file
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("fmt,dtype", [("eager", "fp32"), ("torchscript", "fp32"), ("torchscript", "bf16"),
+                                       ("aoti", "fp32")])
+def test_export_round_trip_matches_the_checkpoint(model_file, tmp_path, fmt, dtype):
+    """The exported directory alone generates what the checkpoint generates (same seeds), within the dtype's
+    tolerance, and records a parity error that is within it."""
+    out = tmp_path / "model"
+    assert export_main(["--checkpoint", str(model_file), "-o", str(out), "--format", fmt, "--dtype", dtype,
+                        "--max-seconds", "0.5", "--batch", "4", "--device", "cpu"]) == 0
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["format"] == fmt and meta["frames"] == 44 and meta["rows"] == 4
+    assert 0 <= meta["parity"]["max_abs_error"] <= meta["parity"]["tolerance"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(meta["files"])
+    model_file.rename(model_file.with_suffix(".moved"))  # loading must not need the source checkpoint
+    try:
+        exported = load_inference_model(out, "cpu")
+    finally:
+        model_file.with_suffix(".moved").rename(model_file)
+    original = load_inference_model(model_file, "cpu")
+    original.cfg.sample = exported.cfg.sample  # the export's window length (0.5 s) and overlap
+    conds = [np.random.default_rng(i).standard_normal((n, 29)).astype(np.float32) for i, n in enumerate((30, 44, 100))]
+    ours, reference = generate_batch(exported, conds), generate_batch(original, conds, original.cfg.sample)
+    tolerance = 1e-3 if dtype == "fp32" else 0.3
+    for a, b in zip(ours, reference):
+        assert a.mel.shape == b.mel.shape
+        np.testing.assert_allclose(a.mel, b.mel, atol=tolerance * 10)  # log-mel = std 2.5 x state
+        np.testing.assert_allclose(a.expression, b.expression, atol=tolerance * 5)
+
+
+def test_compiled_export_refuses_other_sampler_settings(model_file, tmp_path):
+    export(model_file, tmp_path / "m", ExportOptions(format="torchscript", nfe=2, max_seconds=0.2, device="cpu"))
+    model = load_inference_model(tmp_path / "m", "cpu")
+    model.cfg.sample.nfe = 8
+    with pytest.raises(ValueError, match="exported for method=euler nfe=2"):
+        generate_batch(model, [np.zeros((10, 29), np.float32)])
+
+
+def test_failed_parity_or_existing_output_leaves_the_output_untouched(model_file, tmp_path, monkeypatch):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="pass --force"):
+        export(model_file, out, ExportOptions(format="eager", max_seconds=0.2, device="cpu"))
+    monkeypatch.setattr("avflow.export.exporter.PARITY_TOLERANCE", {"fp32": -1.0, "bf16": -1.0})
+    with pytest.raises(ExportError, match="parity check failed"):
+        export(model_file, out, ExportOptions(format="torchscript", max_seconds=0.2, device="cpu", force=True))
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left behind
+
+
+def test_bad_options_are_named(model_file, tmp_path, capsys):
+    assert export_main(["--checkpoint", str(tmp_path / "none.safetensors"), "-o", str(tmp_path / "o")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--batch: expected at least 1"):
+        export(model_file, tmp_path / "o", ExportOptions(batch=0))
