@@ -204,6 +204,36 @@ class CorpusConfig:
 
 
 @dataclass
+class Text2TokensConfig:
+    """Text -> frame-level ASR token logits, the model AV-Flow's text input goes through (`task: text2tokens`).
+
+    The published system predicts the tokens with a separate model whose training code was never
+    released; the architecture values below are the ones it documents (see docs/text2tokens.md).
+    """
+
+    front_end: str = "auto"  # reference: espeak-ng IPA phonemes; auto = phoneme if espeak-ng is installed, else character
+    language: str = "en-us"  # reference espeak voice
+    d_model: int = 192  # reference: 192-channel encoder
+    encoder_layers: int = 6  # reference: 6-layer RoPE transformer encoder
+    n_heads: int = 2
+    ffn_hidden: int = 768
+    dropout: float = 0.1
+    duration_hidden: int = 256
+    duration_kernel: int = 3
+    duration_rounding: str = "ceil"  # reference: durations are exp then ceil | cumulative (total = round(sum))
+    decoder: str = "flow"  # reference: flow-matching decoder | regression (one pass, same network)
+    decoder_layers: int = 4
+    decoder_window: int = 32  # decoder attention: frames seen back and ahead
+    nfe: int = 10  # reference: 10 Euler steps
+    temperature: float = 0.667  # reference
+    duration_weight: float = 1.0
+    max_symbols: int = 400  # longer input is split into sentences (then at words), generated in turn, concatenated
+    max_train_frames: int = 1000  # training crops longer segments at symbol boundaries
+    short_pause_s: float = 0.15  # added to a word gap at , ; : and brackets (times the pause scale)
+    long_pause_s: float = 0.35  # added at sentence ends
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -215,6 +245,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    text2tokens: Text2TokensConfig = field(default_factory=Text2TokensConfig)
+    task: str = "avflow"  # what `avflow train` trains: avflow (the AV-Flow network) | text2tokens
 
     def validate(self) -> "Config":
         """Check every value once; raise ConfigError naming the field and what was expected."""
@@ -278,6 +310,23 @@ class Config:
         _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments", "at least 1 each", (c.train_segments, c.val_segments))
         _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
                  "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
+        x = self.text2tokens
+        _choice(self.task, "task", ("avflow", "text2tokens"))
+        _choice(x.front_end, "text2tokens.front_end", ("auto", "phoneme", "character"))
+        _choice(x.duration_rounding, "text2tokens.duration_rounding", ("ceil", "cumulative"))
+        _choice(x.decoder, "text2tokens.decoder", ("flow", "regression"))
+        for name in ("d_model", "encoder_layers", "n_heads", "ffn_hidden", "duration_hidden", "decoder_layers", "nfe",
+                     "max_symbols", "max_train_frames"):
+            _require(getattr(x, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(x, name))
+        _require(x.d_model % x.n_heads == 0 and (x.d_model // x.n_heads) % 2 == 0, "text2tokens.d_model",
+                 f"divisible by text2tokens.n_heads={x.n_heads} into even per-head sizes (RoPE pairs)", x.d_model)
+        _require(x.duration_kernel % 2 == 1, "text2tokens.duration_kernel", "an odd kernel size", x.duration_kernel)
+        _require(0.0 <= x.dropout < 1.0, "text2tokens.dropout", "in [0, 1)", x.dropout)
+        _require(x.decoder_window >= 1, "text2tokens.decoder_window", "at least 1", x.decoder_window)
+        _require(x.temperature >= 0, "text2tokens.temperature", "non-negative", x.temperature)
+        _require(x.duration_weight >= 0, "text2tokens.duration_weight", "non-negative", x.duration_weight)
+        _require(min(x.short_pause_s, x.long_pause_s) >= 0, "text2tokens.short_pause_s/long_pause_s", "non-negative",
+                 (x.short_pause_s, x.long_pause_s))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,15 +26,20 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from avflow.config import Config, config_from_dict
+from avflow.data.phonemes import front_end_symbols
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
+from avflow.model.text2tokens import TextToTokensNet
 from avflow.utils import atomic_path
 
 FORMAT = "avflow-checkpoint-v2"
 META = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RUNTIME_MODEL_KEYS = {"attention", "dropout"}  # do not change the weights' shapes or meaning
+# text2tokens keys that only steer training or inference; the rest fix the network and its input symbols
+_RUNTIME_TEXT2TOKENS_KEYS = {"dropout", "nfe", "temperature", "duration_weight", "max_symbols", "max_train_frames",
+                             "short_pause_s", "long_pause_s", "duration_rounding"}
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -156,10 +161,14 @@ def checkpoint_config(meta: dict[str, Any], path: str | Path) -> Config:
 
 def require_same_model(saved: Config, current: Config, path: str | Path) -> None:
     """Refuse to resume a run whose network differs from the checkpoint's (weights would not fit)."""
-    saved_model, current_model = saved.to_dict()["model"], current.to_dict()["model"]
-    differing = [k for k in saved_model if k not in _RUNTIME_MODEL_KEYS and saved_model[k] != current_model.get(k)]
+    if saved.task != current.task:
+        raise ValueError(f"{path}: checkpoint of task {saved.task!r}, but the config trains task {current.task!r}")
+    section, runtime = ("text2tokens", _RUNTIME_TEXT2TOKENS_KEYS) if current.task == "text2tokens" else ("model", _RUNTIME_MODEL_KEYS)
+    saved_model, current_model = saved.to_dict()[section], current.to_dict()[section]
+    differing = [k for k in saved_model if k not in runtime and saved_model[k] != current_model.get(k)]
     if differing:
-        details = ", ".join(f"model.{k}: checkpoint {saved_model[k]!r} vs config {current_model.get(k)!r}" for k in differing)
+        details = ", ".join(f"{section}.{k}: checkpoint {saved_model[k]!r} vs config {current_model.get(k)!r}"
+                            for k in differing)
         raise ValueError(f"{path}: checkpoint of another model config ({details})")
 
 
@@ -168,7 +177,12 @@ MODEL_FILE_FORMAT = "avflow-model-v1"
 
 
 def inference_template(cfg: Config) -> dict[str, Any]:
-    """Empty tensors of the right shapes for the inference groups, for DCP to fill."""
+    """Empty tensors of the right shapes for the inference groups of cfg.task, for DCP to fill."""
+    if cfg.task == "text2tokens":
+        symbols = front_end_symbols(cfg.text2tokens.front_end)
+        token_dim = cfg.model.token_dim
+        return {"ema": TextToTokensNet(cfg.text2tokens, len(symbols), token_dim).state_dict(),
+                "token_stats": {"mean": torch.zeros(token_dim), "std": torch.zeros(token_dim)}}
     pose_dim = cfg.head_vae.pose_dim
     return {
         "ema": AVFlowNet(cfg.model).state_dict(),
@@ -201,12 +215,14 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
     return tree
 
 
-def load_inference_tensors(path: str | Path) -> tuple[Config, dict[str, Any]]:
-    """(config, {ema, codec, head_vae}) from a training checkpoint directory or a consolidated file."""
+def load_inference_tensors(path: str | Path, task: str | None = None) -> tuple[Config, dict[str, Any]]:
+    """(config, tensors) from a training checkpoint directory or a consolidated file: {ema, codec, head_vae}
+    for task avflow, {ema, token_stats} for task text2tokens. With `task`, a checkpoint of another task is
+    refused."""
     path = Path(path)
     if path.is_dir():
         meta = read_meta(path)
-        cfg = checkpoint_config(meta, path)
+        cfg = _require_task(checkpoint_config(meta, path), task, path)
         tensors = inference_template(cfg)
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=path)
@@ -224,12 +240,18 @@ def load_inference_tensors(path: str | Path) -> tuple[Config, dict[str, Any]]:
                          f"model: {error})") from error
     if metadata.get("format") != MODEL_FILE_FORMAT:
         raise ValueError(f"{path}: not an avflow model file (expected format '{MODEL_FILE_FORMAT}')")
-    cfg = checkpoint_config({"config": json.loads(metadata["config"])}, path)
+    cfg = _require_task(checkpoint_config({"config": json.loads(metadata["config"])}, path), task, path)
     return cfg, _unflatten(flat)
 
 
+def _require_task(cfg: Config, task: str | None, path: Path) -> Config:
+    if task is not None and cfg.task != task:
+        raise ValueError(f"{path}: a model of task {cfg.task!r}; expected a {task!r} model")
+    return cfg
+
+
 def write_model_file(cfg: Config, tensors: dict[str, Any], output: str | Path, source: str) -> Path:
-    """The single-file inference format: safetensors of {ema, codec, head_vae} with the config as metadata."""
+    """The single-file inference format: safetensors of the inference groups with the config as metadata."""
     from safetensors.torch import save_file
 
     metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.to_dict()), "source": source}
@@ -239,6 +261,6 @@ def write_model_file(cfg: Config, tensors: dict[str, Any], output: str | Path, s
 
 
 def consolidate(path: str | Path, output: str | Path) -> Path:
-    """One safetensors file with the EMA weights, normalization, head VAE and config, from any strategy."""
+    """One safetensors file with the EMA weights, normalization (and head VAE) and config, from any strategy."""
     cfg, tensors = load_inference_tensors(path)
     return write_model_file(cfg, tensors, output, str(path))

@@ -8,7 +8,6 @@ resumed run continues exactly where an uninterrupted one would be), TensorBoard 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -19,23 +18,18 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
+from torch import nn
+
 from avflow.config import Config
-from avflow.data.griffin_lim import mel_to_audio
-from avflow.data.loader import training_batches, validation_batches
-from avflow.data.plots import sample_figure
-from avflow.model.avflow import AVFlowNet, count_parameters
-from avflow.model.flow import flow_matching_loss, sample
-from avflow.train.batches import build_batch_encoder
+from avflow.model.avflow import count_parameters
 from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
                                      require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
-from avflow.train.head_vae import decode_latents
-from avflow.train.metrics import gpu_memory_gib, peak_flops, training_flops_per_frame
+from avflow.train.metrics import gpu_memory_gib, peak_flops
 from avflow.train.parallel import bf16_autocast, build_engine
+from avflow.train.tasks import VAL_SEED, build_task, resolved_config
 
 log = logging.getLogger(__name__)
-
-VAL_SEED = 1234  # fixed noise and times, so validation losses are comparable across steps and runs
 
 
 def pick_device(name: str) -> torch.device:
@@ -84,7 +78,10 @@ class EMA:
 
 
 class Trainer:
+    """Trains the network of cfg.task (avflow.train.tasks) under any strategy; the task supplies model, data and loss."""
+
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, info: DistInfo | None = None):
+        cfg = resolved_config(cfg)
         self.cfg = cfg
         self.info = info or init_distributed(cfg)
         self.progress = progress and self.info.is_main
@@ -95,7 +92,8 @@ class Trainer:
                                   "pass --resume to continue it or choose another trainer.run_dir")
         self.device = self.info.device  # cuda:LOCAL_RANK unless trainer.device=cpu
         torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank
-        model = AVFlowNet(cfg.model).to(self.device)
+        self.task = build_task(cfg, self.info, self.progress)
+        model = self.task.build_model().to(self.device)
         self.parameters = count_parameters(model)
         t = cfg.trainer
         self.engine = build_engine(
@@ -105,8 +103,8 @@ class Trainer:
         self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None
         torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
         self.step = 0
-        self.encoder = build_batch_encoder(cfg, self.device, self.progress, self.info.is_main)
-        self.train_batches = training_batches(cfg.data.shards, cfg, self.info.rank, self.info.world_size)
+        self.task.load_data()
+        self.train_batches = self.task.train_batches
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         if existing is not None:
             self._restore(existing)
@@ -120,9 +118,7 @@ class Trainer:
         return {
             **self.engine.state_dict(),
             "ema": self.ema.params if self.ema is not None else self.engine.full_model_state_dict(),
-            "codec": self.encoder.codec.state_dict(),
-            "head_vae": {"model_state_dict": self.encoder.head_vae.state_dict(),
-                         "pose_mean": self.encoder.pose_mean, "pose_std": self.encoder.pose_std},
+            **self.task.checkpoint_tensors(),
             f"rng_rank{self.info.rank}": torch.get_rng_state(),
         }
 
@@ -158,20 +154,22 @@ class Trainer:
         """One optimizer step over parallel.grad_accumulation micro-batches; metrics are means over ranks."""
         self.engine.model.train()
         accumulation = self.cfg.parallel.grad_accumulation
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, 3 parts, frames, data-wait seconds
+        parts_count = len(self.task.loss_parts)
+        sums = torch.zeros(parts_count + 3, dtype=torch.float64)  # loss, its parts, frames, data-wait seconds
         for micro in range(accumulation):
             wait_start = time.perf_counter()
-            batch = self.encoder(next(self.train_iter))
-            sums[5] += time.perf_counter() - wait_start
+            batch = self.task.prepare(next(self.train_iter))
+            waited = time.perf_counter() - wait_start
             sync = contextlib.nullcontext() if micro == accumulation - 1 else self.engine.no_sync()
             with sync:
                 with autocast_context(self.cfg.trainer.precision, self.device):
-                    loss, parts = flow_matching_loss(self.engine.model, batch.state, batch.cond, batch.valid,
-                                                     self.cfg.flow, self.cfg.model, batch.expression_valid)
+                    loss, parts = self.task.loss(self.engine.model, batch)
                 self.engine.backward(loss)
-            sums[:4] += torch.tensor([loss.item(), *(v.item() for v in parts.values())], dtype=torch.float64)
-            sums[4] += batch.valid.sum().item()
+            values = torch.tensor([loss.item(), *(parts[part].item() for part in self.task.loss_parts),
+                                   self.task.frames(batch).sum().item(), waited], dtype=torch.float64)
+            sums += values
         sums = self._sum_over_ranks(sums)
+        frames_index = parts_count + 1
         scale = accumulation * self.info.world_size
         if not math.isfinite(sums[0].item()):
             raise FloatingPointError(f"step {step}: the loss is {sums[0].item() / scale} on at least one rank; "
@@ -180,9 +178,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.engine.ema_source(), step)
         metrics = {"loss": sums[0].item() / scale}
-        metrics.update({f"loss_{name}": sums[1 + i].item() / scale for i, name in enumerate(parts)})
-        metrics.update(grad_norm=grad_norm, lr=self.engine.scheduler.get_last_lr()[0], frames=sums[4].item(),
-                       data_wait_s=sums[5].item() / scale, bad_samples=self.train_batches.bad_samples)
+        metrics.update({f"loss_{name}": sums[1 + i].item() / scale for i, name in enumerate(self.task.loss_parts)})
+        metrics.update(grad_norm=grad_norm, lr=self.engine.scheduler.get_last_lr()[0], frames=sums[frames_index].item(),
+                       data_wait_s=sums[frames_index + 1].item() / scale, bad_samples=self.train_batches.bad_samples)
         return metrics
 
     @torch.no_grad()
@@ -191,46 +189,26 @@ class Trainer:
         weights and fixed noise; with a writer, also one generated sample (audio and plot) for TensorBoard."""
         model = self.ema_model()
         if writer is not None:
-            self._log_sample(writer, model)
+            self.task.log_sample(writer, model, self.step)
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.info.rank)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, 3 parts, each times frames; frames
-        for features in validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size):
-            batch = self.encoder(features)
+        names = ["loss", *(f"loss_{part}" for part in self.task.loss_parts)]
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # loss and its parts, each times frames; frames
+        for features in self.task.validation_batches():
+            batch = self.task.prepare(features)
             with autocast_context(self.cfg.trainer.precision, self.device):
-                loss, parts = flow_matching_loss(model, batch.state, batch.cond, batch.valid, self.cfg.flow,
-                                                 self.cfg.model, batch.expression_valid, generator)
-            count = batch.valid.sum().item()
-            sums += torch.tensor([loss.item() * count, *(v.item() * count for v in parts.values()), count],
-                                 dtype=torch.float64)
+                loss, parts = self.task.loss(model, batch, generator)
+            count = self.task.frames(batch).sum().item()
+            sums += torch.tensor([loss.item() * count, *(parts[part].item() * count for part in self.task.loss_parts),
+                                  count], dtype=torch.float64)
         sums = self._sum_over_ranks(sums)
-        if sums[4] == 0:
+        if sums[-1] == 0:
             return {}
-        names = ["loss", "loss_expression", "loss_head", "loss_mel"]
-        return {name: sums[i].item() / sums[4].item() for i, name in enumerate(names)}
+        return {name: sums[i].item() / sums[-1].item() for i, name in enumerate(names)}
 
-    def _log_sample(self, writer, model: AVFlowNet) -> None:
-        """Generate the first validation window from its tokens: audio (Griffin-Lim) and a plot vs. the recording."""
-        features = next(iter(validation_batches(self.cfg.data.shards, self.cfg)), None)
-        if features is None:
-            return
-        batch = self.encoder(features)
-        frames = int(batch.valid[0].sum())
-        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
-        one = dataclasses.replace(self.cfg.sample, num_samples=1)
-        state = sample(model, batch.cond[:1, :frames], None, self.cfg.model.state_dim, one, generator)[0, 0]
-        generated = self.encoder.codec.decode(state.float().cpu())
-        recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
-        pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
-                              generated["head_latent"].numpy())
-        audio = mel_to_audio(generated["mel"].T.contiguous(), self.cfg.mel)
-        writer.add_audio("val/sample_audio", audio[None], self.step, sample_rate=self.cfg.mel.sample_rate)
-        writer.add_figure("val/sample", sample_figure(generated["mel"].numpy(), generated["expression"].numpy(), pose,
-                                                      self.cfg.mel.frame_rate, recorded["mel"].numpy()), self.step)
-
-    def ema_model(self) -> AVFlowNet:
+    def ema_model(self) -> nn.Module:
         """An unsharded network with the EMA weights (the training weights without EMA), in eval mode."""
         weights = self.ema.full_state_dict() if self.ema is not None else self.engine.full_model_state_dict()
-        model = AVFlowNet(self.cfg.model).to(self.device)
+        model = self.task.build_model().to(self.device)
         model.load_state_dict(weights)
         return model.eval()
 
@@ -250,7 +228,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        flops_per_frame = training_flops_per_frame(self.cfg.model, self.parameters)
+        flops_per_frame = self.task.flops_per_frame(self.parameters)
         peak = peak_flops(self.device)
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
         window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0

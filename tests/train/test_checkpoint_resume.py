@@ -125,16 +125,16 @@ def test_consolidated_file_loads_without_pickle_and_generates_like_the_directory
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shards, monkeypatch):
-    from avflow.train import loop
+    from avflow.train import tasks
 
-    real_loss, calls = loop.flow_matching_loss, []
+    real_loss, calls = tasks.flow_matching_loss, []
 
     def loss_turning_nan(*args, **kwargs):
         total, parts = real_loss(*args, **kwargs)
         calls.append(1)
         return (total * float("nan"), parts) if len(calls) == 5 else (total, parts)
 
-    monkeypatch.setattr(loop, "flow_matching_loss", loss_turning_nan)
+    monkeypatch.setattr(tasks, "flow_matching_loss", loss_turning_nan)
     with pytest.raises(FloatingPointError, match="step 4: the loss is nan on at least one rank; stopping with the last "
                                                  "good checkpoint intact"):
         Trainer(config(shards, tmp_path / "run", "trainer.val_every=1000"), progress=False).fit()

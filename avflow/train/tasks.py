@@ -1,0 +1,106 @@
+"""What the one training loop trains, selected by the config's `task`: the AV-Flow network or text-to-tokens.
+
+A task builds its network, loads its data once the model exists (so the random stream the model's
+initialization draws from is the same whatever the data), turns loader batches into model inputs, computes
+the loss, names the extra tensors a checkpoint carries for inference, and logs a generated sample. The
+Trainer (avflow.train.loop) owns everything else: the engine and strategy, EMA, checkpoints, resume,
+TensorBoard and the NaN stop.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from avflow.config import Config
+from avflow.data.griffin_lim import mel_to_audio
+from avflow.data.loader import training_batches, validation_batches
+from avflow.data.phonemes import resolve_front_end
+from avflow.data.plots import sample_figure
+from avflow.model.avflow import AVFlowNet
+from avflow.model.flow import flow_matching_loss, sample
+from avflow.train.batches import Batch, build_batch_encoder
+from avflow.train.distributed import DistInfo
+from avflow.train.head_vae import decode_latents
+from avflow.train.metrics import training_flops_per_frame
+from avflow.train.text2tokens import Text2TokensTask
+
+VAL_SEED = 1234  # fixed noise and times, so validation losses are comparable across steps and runs
+
+
+class AVFlowTask:
+    """The two-stream AV-Flow network trained by flow matching on tokens -> (expression, head latent, mel)."""
+
+    name = "avflow"
+    loss_parts = ("expression", "head", "mel")
+
+    def __init__(self, cfg: Config, info: DistInfo, progress: bool):
+        self.cfg, self.info, self.progress = cfg, info, progress
+        self.device = info.device
+
+    def build_model(self) -> AVFlowNet:
+        return AVFlowNet(self.cfg.model)
+
+    def load_data(self) -> None:
+        """The batch encoder (training the head VAE first if needed) and this rank's training stream."""
+        self.encoder = build_batch_encoder(self.cfg, self.device, self.progress, self.info.is_main)
+        self.train_batches = training_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
+
+    def prepare(self, features: dict[str, Any]) -> Batch:
+        return self.encoder(features)
+
+    def loss(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None):
+        return flow_matching_loss(model, batch.state, batch.cond, batch.valid, self.cfg.flow, self.cfg.model,
+                                  batch.expression_valid, generator)
+
+    @staticmethod
+    def frames(batch: Batch) -> torch.Tensor:
+        return batch.valid
+
+    def validation_batches(self) -> Iterable[dict[str, Any]]:
+        return validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
+
+    def checkpoint_tensors(self) -> dict[str, Any]:
+        return {"codec": self.encoder.codec.state_dict(),
+                "head_vae": {"model_state_dict": self.encoder.head_vae.state_dict(),
+                             "pose_mean": self.encoder.pose_mean, "pose_std": self.encoder.pose_std}}
+
+    def flops_per_frame(self, parameters: int) -> float:
+        return training_flops_per_frame(self.cfg.model, parameters)
+
+    def log_sample(self, writer, model: AVFlowNet, step: int) -> None:
+        """Generate the first validation window from its tokens: audio (Griffin-Lim) and a plot vs. the recording."""
+        features = next(iter(validation_batches(self.cfg.data.shards, self.cfg)), None)
+        if features is None:
+            return
+        batch = self.encoder(features)
+        frames = int(batch.valid[0].sum())
+        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+        one = dataclasses.replace(self.cfg.sample, num_samples=1)
+        state = sample(model, batch.cond[:1, :frames], None, self.cfg.model.state_dim, one, generator)[0, 0]
+        generated = self.encoder.codec.decode(state.float().cpu())
+        recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
+        pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
+                              generated["head_latent"].numpy())
+        audio = mel_to_audio(generated["mel"].T.contiguous(), self.cfg.mel)
+        writer.add_audio("val/sample_audio", audio[None], step, sample_rate=self.cfg.mel.sample_rate)
+        writer.add_figure("val/sample", sample_figure(generated["mel"].numpy(), generated["expression"].numpy(), pose,
+                                                      self.cfg.mel.frame_rate, recorded["mel"].numpy()), step)
+
+
+def resolved_config(cfg: Config) -> Config:
+    """A copy of cfg with choices that depend on this machine made concrete, so the run records what it
+    trained with: text2tokens.front_end=auto becomes phoneme or character."""
+    resolved = copy.deepcopy(cfg)
+    resolved.text2tokens.front_end = resolve_front_end(cfg.text2tokens.front_end)
+    return resolved
+
+
+def build_task(cfg: Config, info: DistInfo, progress: bool) -> AVFlowTask | Text2TokensTask:
+    if cfg.task == "text2tokens":
+        return Text2TokensTask(cfg, info, progress)
+    return AVFlowTask(cfg, info, progress)
