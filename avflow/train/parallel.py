@@ -59,9 +59,9 @@ class CheckpointedDiTBlock(DiTBlock):
         return checkpoint(super().forward, x, time_embedding, valid, use_reentrant=False)
 
 
-def dit_blocks(model: AVFlowNet) -> list[nn.Module]:
-    """Every DiT block of both streams, in forward order per stream."""
-    return [*model.transformer_blocks_v, *model.transformer_blocks_a]
+def dit_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every DiT block of the model in registration order (AVFlowNet: the visual stream's, then the audio's)."""
+    return [module for module in model.modules() if isinstance(module, DiTBlock)]
 
 
 def apply_activation_checkpointing(model: AVFlowNet) -> None:
