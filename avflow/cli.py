@@ -109,17 +109,45 @@ def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
     return cfg.validate()
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from avflow.infer.generate import (generate, load_inference_model, tokens_from_audio, tokens_from_file,
-                                       tokens_from_text, write_outputs)
+def _load_model(args: argparse.Namespace):
+    """The model with the command's sampler overrides, its text front end and its vocoder if given."""
+    from avflow.infer.generate import load_inference_model
 
-    model = load_inference_model(args.checkpoint, args.device)
-    cfg = _sample_overrides(args, model.cfg)
+    model = load_inference_model(args.model, args.device, args.dtype)
+    _sample_overrides(args, model.cfg)
+    if args.text2tokens:
+        from avflow.infer.text2tokens import load_text2tokens
+
+        model.text2tokens = load_text2tokens(args.text2tokens)
+    if args.vocoder:
+        from avflow.infer.vocoder import load_bigvgan
+
+        model.vocoder = load_bigvgan(args.vocoder, model.device)
+    return model
+
+
+def _face_decoder(args: argparse.Namespace):
+    if args.face_decoder:
+        from avflow.infer.render import load_face_decoder
+
+        return load_face_decoder(args.face_decoder)
+    if args.procedural_face:
+        from avflow.infer.render import ProceduralFaceDecoder
+
+        return ProceduralFaceDecoder()
+    return None
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from avflow.infer.generate import generate, tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs
+
+    model = _load_model(args)
+    cfg = model.cfg
     if args.tokens:
         tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
         name = Path(args.tokens).stem
     elif args.text is not None:
-        tokens = tokens_from_text(args.text, cfg.mel.frame_rate)
+        tokens = tokens_for_text(model, args.text, seed=cfg.sample.seed)
         name = args.name
     else:
         tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
@@ -127,23 +155,34 @@ def cmd_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generated = generate(model, tokens, cfg.sample)
     elapsed = time.perf_counter() - started
-    vocoder = None
-    if args.vocoder:
-        from avflow.infer.vocoder import load_bigvgan
-
-        vocoder = load_bigvgan(args.vocoder)
-    face_decoder = None
-    if args.face_decoder:
-        from avflow.infer.render import load_face_decoder
-
-        face_decoder = load_face_decoder(args.face_decoder)
-    elif args.procedural_face:
-        from avflow.infer.render import ProceduralFaceDecoder
-
-        face_decoder = ProceduralFaceDecoder()
-    written = write_outputs(generated, args.output, name, cfg, vocoder, face_decoder)
+    written = write_outputs(generated, args.output, name, cfg, model.vocoder, _face_decoder(args))
     seconds = tokens.shape[0] / cfg.mel.frame_rate
     print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    import json
+    import tempfile
+
+    from avflow.infer.batch import parse_shard, run_batch
+
+    shard = parse_shard(args.shard) if args.shard else None
+    model = _load_model(args)
+    items = args.inputs
+    with tempfile.TemporaryDirectory() as scratch:
+        if items is None:  # one item from --text / --audio / --tokens, as a one-line manifest
+            source = {"text": args.text} if args.text is not None else (
+                {"audio": str(Path(args.audio).resolve())} if args.audio else {"tokens": str(Path(args.tokens).resolve())})
+            items = Path(scratch) / "items.jsonl"
+            items.write_text(json.dumps({"id": args.name, **source}) + "\n")
+        face = None if args.no_video else (_face_decoder(args) or model.face_decoder)
+        if not args.no_video and face is None:
+            raise ValueError("videos need a face decoder: pass --face-decoder FILE or --procedural-face, export the "
+                             "model with --face-decoder, or pass --no-video")
+        counts = run_batch(model, items, args.output, shard=shard, face_decoder=face, asr_model=args.asr_model,
+                           retry_errors=args.retry_errors, progress=not args.quiet)
+    print(f"{counts['ok']} items done, {counts['error']} failed, {counts['skipped']} already recorded; "
+          f"results in {Path(args.output) / 'results*.jsonl'}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -212,30 +251,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--device", default="cpu")
     sub.set_defaults(run=cmd_extract_asr)
 
+    def with_model(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
+                         help="an export directory (python -m avflow.export), a .safetensors model or RUN/checkpoints/step-N")
+        sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for audio inputs)")
+        sub.add_argument("--text2tokens", type=Path, help="a text-to-tokens .safetensors for text inputs (an export "
+                                                          "directory may carry one; without either, rule-based timing)")
+        sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint ({'generator': ...}); "
+                                                      "default: the export's, else Griffin-Lim")
+        video = sub.add_mutually_exclusive_group()
+        video.add_argument("--face-decoder", type=Path, help="TorchScript face decoder (expression, head pose) -> "
+                                                             "vertices, with a `faces` tensor: also write .mp4 videos")
+        video.add_argument("--procedural-face", action="store_true",
+                           help="render the demo's procedural head (driven by the demo corpus's mouth controls)")
+        sub.add_argument("--num-samples", type=int)
+        sub.add_argument("--nfe", type=int)
+        sub.add_argument("--method", choices=("euler", "midpoint"))
+        sub.add_argument("--temperature", type=float)
+        sub.add_argument("--guidance-scale", type=float)
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (an export fixes its own)")
+
+    def with_source(sub: argparse.ArgumentParser, required: bool) -> None:
+        source = sub.add_mutually_exclusive_group(required=required)
+        source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
+        source.add_argument("--text", help="text to speak")
+        source.add_argument("--audio", type=Path, help="speech .wav to re-synthesize (needs --asr-model)")
+        return source
+
     sub = commands.add_parser("generate", help="generate speech and motion from tokens, text or audio")
-    sub.add_argument("--checkpoint", required=True, type=Path)
-    source = sub.add_mutually_exclusive_group(required=True)
-    source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
-    source.add_argument("--text", help="text to speak")
-    source.add_argument("--audio", type=Path, help="speech .wav to re-synthesize (needs --asr-model)")
-    sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for --audio)")
+    with_model(sub)
+    with_source(sub, required=True)
     sub.add_argument("-o", "--output", type=Path, default=Path("outputs"))
     sub.add_argument("--name", default="text", help="file stem for --text outputs")
-    sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint ({'generator': ...}); "
-                                                  "Griffin-Lim without it")
-    video = sub.add_mutually_exclusive_group()
-    video.add_argument("--face-decoder", type=Path, help="TorchScript face decoder (expression, head pose) -> "
-                                                         "vertices, with a `faces` tensor: also write .mp4 videos")
-    video.add_argument("--procedural-face", action="store_true",
-                       help="render the demo's procedural head (driven by the demo corpus's mouth controls)")
-    sub.add_argument("--num-samples", type=int)
-    sub.add_argument("--nfe", type=int)
-    sub.add_argument("--method", choices=("euler", "midpoint"))
-    sub.add_argument("--temperature", type=float)
-    sub.add_argument("--guidance-scale", type=float)
-    sub.add_argument("--seed", type=int)
-    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sub.set_defaults(run=cmd_generate)
+
+    sub = commands.add_parser("infer", help="batch inference over a manifest of items (resumable), or one item")
+    with_model(sub)
+    with_source(sub, required=True).add_argument(
+        "--inputs", type=Path, help="items.jsonl: one JSON object per line with an id and text, audio or tokens")
+    sub.add_argument("-o", "--output", type=Path, required=True, help="results folder: <id>/ outputs and results.jsonl")
+    sub.add_argument("--name", default="item", help="the id of a single --text/--audio/--tokens item")
+    sub.add_argument("--no-video", action="store_true", help="skip the .mp4 renders")
+    sub.add_argument("--shard", help="I/N: only the items whose line index %% N == I (one SLURM array task)")
+    sub.add_argument("--retry-errors", action="store_true", help="retry items recorded as failed")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=cmd_infer)
 
     sub = commands.add_parser("demo", help="corpus -> train a small model on CPU -> generate -> evaluate")
     with_config(sub, DEMO_CONFIG)

@@ -22,9 +22,10 @@ import torch
 
 import avflow
 from avflow.data.tokens import TOKEN_LABELS
-from avflow.infer.artifacts import (AOTI_FILE, CONFIG_FILE, DTYPES, EXPORT_FORMAT_VERSION, FORMATS, META_FILE,
-                                    TEXT2TOKENS_FILE, TORCHSCRIPT_FILE, VOCODER_FILE, WEIGHTS_FILE,
-                                    load_compiled_sampler)
+from avflow.infer.artifacts import (AOTI_FILE, CONFIG_FILE, DTYPES, EXPORT_FORMAT_VERSION, FACE_DECODER_FILE,
+                                    FORMATS, META_FILE, TEXT2TOKENS_FILE, TORCHSCRIPT_FILE, VOCODER_FILE,
+                                    WEIGHTS_FILE, load_compiled_sampler)
+from avflow.infer.render import load_face_decoder
 from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
@@ -54,6 +55,7 @@ class ExportOptions:
     device: str = "auto"
     vocoder: str | None = None
     text2tokens: str | None = None
+    face_decoder: str | None = None
     force: bool = False
 
     def validate(self) -> None:
@@ -156,6 +158,9 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
 
             load_text2tokens(options.text2tokens)  # refuse a file that would fail later, at inference
             shutil.copyfile(options.text2tokens, staging / TEXT2TOKENS_FILE)
+        if options.face_decoder:
+            load_face_decoder(options.face_decoder)
+            shutil.copyfile(options.face_decoder, staging / FACE_DECODER_FILE)
         meta["files"] = sorted(path.name for path in staging.iterdir()) + [META_FILE]
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         _replace_directory(staging, output)

@@ -10,6 +10,7 @@ original config file.
     velocity.pt2           --format aoti: the network as an AOTInductor package (the loop runs in Python)
     vocoder.safetensors    optional BigVGAN generator (weight norm folded), its sizes in the metadata
     text2tokens.safetensors  optional text-to-tokens model, so --text needs no other file
+    face_decoder.ts        optional TorchScript face decoder, so videos need no other file
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ TORCHSCRIPT_FILE = "sampler.ts"
 AOTI_FILE = "velocity.pt2"
 VOCODER_FILE = "vocoder.safetensors"
 TEXT2TOKENS_FILE = "text2tokens.safetensors"
+FACE_DECODER_FILE = "face_decoder.ts"
 FORMATS = ("eager", "torchscript", "aoti")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -24,10 +24,10 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.infer.artifacts import (DTYPES, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE, CompiledSampler,
+from avflow.infer.artifacts import (DTYPES, FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE, CompiledSampler,
                                     is_model_directory, load_compiled_sampler, read_export_meta)
 from avflow.infer.sampler import GraphSampler, length_buckets, sample_sequences
-from avflow.infer.render import Camera, FaceDecoder, render_mesh, side_by_side, write_video
+from avflow.infer.render import Camera, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
@@ -54,6 +54,7 @@ class InferenceModel:
     compiled: CompiledSampler | None = None  # fixed-shape loop of a torchscript/aoti export
     vocoder: BigVGAN | None = None
     text2tokens: Any = None  # TextToTokens of the export directory, when it has one
+    face_decoder: FaceDecoder | None = None  # the export directory's, when it has one
     batch_rows: int = 12  # sequences (windows x samples) per sampler call
     length_bucket_count: int = 4
     samplers: dict = field(default_factory=dict, repr=False)
@@ -102,6 +103,8 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
         model.compiled = load_compiled_sampler(directory, meta, target)
         if (directory / VOCODER_FILE).is_file():
             model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
+        if (directory / FACE_DECODER_FILE).is_file():
+            model.face_decoder = load_face_decoder(directory / FACE_DECODER_FILE)
         if (directory / TEXT2TOKENS_FILE).is_file():
             from avflow.infer.text2tokens import load_text2tokens
 
@@ -130,6 +133,29 @@ def tokens_from_file(path: str | Path, token_fps: float, frame_rate: float) -> n
 
 def tokens_from_text(text: str, frame_rate: float) -> np.ndarray:
     return text_to_token_logits(text, frame_rate)
+
+
+def tokens_for_text(model: InferenceModel, text: str, rate: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Token logits at the mel frame rate from the model's learned text front end when it has one (an export
+    with text2tokens), else from the rule-based character timing the demo corpus is made with."""
+    if model.text2tokens is not None:
+        return model.text2tokens.token_logits(text, rate=rate, seed=seed)
+    return text_to_token_logits(text, model.cfg.mel.frame_rate, rate)
+
+
+def participant_features_from_file(path: str | Path, cfg: Config) -> np.ndarray:
+    """The participant's SMIRK features .npy (F, participant_feature_dim), min-max normalized to [-1, 1] as
+    in the shards, at the visual frame rate -> mel frames."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such participant feature file")
+    features = np.load(path, allow_pickle=False)
+    width = cfg.model.participant_feature_dim
+    if features.ndim != 2 or features.shape[1] != width or not np.isfinite(features).all():
+        raise ValueError(f"{path}: expected finite participant features of shape (frames, {width}), got "
+                         f"{features.shape}")
+    frames = int(features.shape[0] / cfg.data.visual_fps * cfg.mel.frame_rate)
+    return interpolate_frames(features.astype(np.float32), cfg.data.visual_fps, frames, cfg.mel.frame_rate)
 
 
 def tokens_from_audio(path: str | Path, asr_model: str | Path | None, token_fps: float, frame_rate: float) -> np.ndarray:
@@ -227,9 +253,9 @@ def render_frames(decoder: FaceDecoder, expression: np.ndarray, head_pose: np.nd
 
 
 def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Config,
-                  vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None) -> list[Path]:
-    """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and .png; with a face
-    decoder also {name}_s{i}.mp4 and {name}_samples.mp4, all samples side by side."""
+                  vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None, plot: bool = True) -> list[Path]:
+    """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and with `plot` a .png;
+    with a face decoder also {name}_s{i}.mp4 and {name}_samples.mp4, all samples side by side."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame_rate = cfg.mel.frame_rate
@@ -247,9 +273,11 @@ def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Con
             with open(tmp, "wb") as handle:
                 np.savez(handle, expression=expression_30, head_pose=pose_30, head_transform=pose7_to_rigid(pose_30),
                          fps=np.float32(VISUAL_OUTPUT_FPS))
-        plot_sample(stem.with_suffix(".png"), generated.mel[index], generated.expression[index],
-                    generated.head_pose[index], frame_rate)
-        written += [stem.with_suffix(suffix) for suffix in (".wav", ".npz", ".png")]
+        written += [stem.with_suffix(".wav"), stem.with_suffix(".npz")]
+        if plot:
+            plot_sample(stem.with_suffix(".png"), generated.mel[index], generated.expression[index],
+                        generated.head_pose[index], frame_rate)
+            written.append(stem.with_suffix(".png"))
         if face_decoder is not None:
             videos.append(render_frames(face_decoder, expression_30, pose_30))
             write_video(stem.with_suffix(".mp4"), videos[-1], VISUAL_OUTPUT_FPS, audio, cfg.mel.sample_rate)

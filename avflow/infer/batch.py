@@ -1,0 +1,225 @@
+"""Batch inference jobs: a manifest of items -> per-item outputs and a results.jsonl, resumable.
+
+    {"id": "greeting", "text": "Hello there."}
+    {"id": "reply", "audio": "clips/reply.wav"}
+    {"id": "take3", "tokens": "tokens/take3.npy", "seed": 7}
+    {"id": "dyad1", "tokens": "a.npy", "participant_tokens": "b.npy", "participant_features": "b_smirk.npy"}
+
+Relative paths are relative to the manifest. Each item's outputs are written into a hidden staging
+folder and renamed to RESULTS/<id>/ only when complete, then one line is appended to the results file,
+so an interrupted job leaves no partial output under a final name and a re-run skips every item
+already recorded (ok or failed; `retry_errors` retries the failed ones). Bad items (missing file,
+empty text, wrong shapes) are recorded with their reason and never stop the job. With a shard I/N the
+job takes the items whose line index % N == I and writes results.shard-I-of-N.jsonl, so SLURM array
+tasks never write the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from avflow.infer.generate import (InferenceModel, conditioning, generate_batch, participant_features_from_file,
+                                   tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs)
+from avflow.infer.render import FaceDecoder
+from avflow.infer.vocoder import BigVGAN
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("text", "audio", "tokens")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ITEMS_PER_ROUND = 32  # items prepared and sampled together: enough to fill length buckets, bounded memory
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    spec: dict
+    error: str | None = None
+    cond: np.ndarray | None = None
+    seed: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def results_name(shard: tuple[int, int] | None) -> str:
+    return "results.jsonl" if shard is None else f"results.shard-{shard[0]}-of-{shard[1]}.jsonl"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard: expected I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def read_items(path: str | Path, shard: tuple[int, int] | None = None) -> list[Item]:
+    """The manifest's items (of this shard). Lines that are not items become items with an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such items file (expected JSON lines with an id and text/audio/tokens)")
+    items, seen = [], set()
+    for index, line in enumerate(path.read_text().splitlines()):
+        if not line.strip() or (shard is not None and index % shard[1] != shard[0]):
+            continue
+        where = f"{path.name} line {index + 1}"
+        try:
+            spec = json.loads(line)
+        except json.JSONDecodeError as error:
+            items.append(Item(index, f"line-{index + 1}", {}, f"{where}: not JSON ({error.msg})"))
+            continue
+        item_id = str(spec.get("id", "")) if isinstance(spec, dict) else ""
+        if not ID_PATTERN.match(item_id):
+            items.append(Item(index, f"line-{index + 1}", {}, f"{where}: expected an \"id\" of letters, digits, "
+                                                              f"'.', '_' or '-' (max 128), got {item_id!r}"))
+            continue
+        item = Item(index, item_id, spec)
+        given = [key for key in SOURCES if key in spec]
+        if item_id in seen:
+            item.error = f"{where}: duplicate id {item_id!r}"
+        elif len(given) != 1:
+            item.error = f"{where}: expected exactly one of {', '.join(SOURCES)}, got {given or 'none'}"
+        seen.add(item_id)
+        items.append(item)
+    return items
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value)
+    return path if path.is_absolute() else base / path
+
+
+def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None) -> None:
+    """Fill item.cond from its text, audio or tokens (and participant inputs), or item.error with the reason."""
+    cfg, spec = model.cfg, item.spec
+    started = time.perf_counter()
+    try:
+        item.seed = int(spec.get("seed", cfg.sample.seed))
+        if "text" in spec:
+            if not isinstance(spec["text"], str):
+                raise ValueError(f"text: expected a string, got {type(spec['text']).__name__}")
+            tokens = tokens_for_text(model, spec["text"], rate=float(spec.get("rate", 1.0)), seed=item.seed)
+        elif "audio" in spec:
+            tokens = tokens_from_audio(_resolve(base, spec["audio"]), asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
+        else:
+            tokens = tokens_from_file(_resolve(base, spec["tokens"]), cfg.data.token_fps, cfg.mel.frame_rate)
+        participant = {}
+        if "participant_tokens" in spec:
+            participant["participant_tokens"] = tokens_from_file(_resolve(base, spec["participant_tokens"]),
+                                                                 cfg.data.token_fps, cfg.mel.frame_rate)
+        if "participant_features" in spec:
+            participant["participant_features"] = participant_features_from_file(
+                _resolve(base, spec["participant_features"]), cfg)
+        item.cond = conditioning(model, tokens, **participant)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
+        item.error = str(error)
+    item.timings["prepare_s"] = round(time.perf_counter() - started, 4)
+
+
+class ResultsLog:
+    """The job's results file: one JSON line per finished item, flushed and synced as it is written."""
+
+    def __init__(self, out_dir: Path, shard: tuple[int, int] | None):
+        self.path = out_dir / results_name(shard)
+        self.recorded = {}
+        for path in sorted(out_dir.glob("results*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash mid-write: that item is simply done again
+                self.recorded[entry["id"]] = entry
+
+    def record(self, entry: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.recorded[entry["id"]] = entry
+
+
+def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *, shard: tuple[int, int] | None = None,
+              vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None, asr_model: str | None = None,
+              retry_errors: bool = False, progress: bool = True) -> dict[str, int]:
+    """Process the manifest; returns counts of ok, error and skipped items."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale)
+    results = ResultsLog(out_dir, shard)
+    items = read_items(items_path, shard)
+    counts = {"ok": 0, "error": 0, "skipped": 0}
+    pending = []
+    for item in items:
+        previous = results.recorded.get(item.id)
+        if previous is not None and (previous["status"] == "ok" or not retry_errors):
+            counts["skipped"] += 1
+        elif item.error is None and (out_dir / item.id).is_dir():
+            # Renamed into place but not recorded (stopped in between): the folder is complete.
+            results.record({"id": item.id, "status": "ok", "outputs": sorted(_listing(out_dir, item.id)),
+                            "timings": {}, "recovered": True})
+            counts["ok"] += 1
+        else:
+            pending.append(item)
+    base = Path(items_path).parent
+    bar = tqdm(total=len(pending), desc="infer", unit="item", disable=not progress)
+    for first in range(0, len(pending), ITEMS_PER_ROUND):
+        round_items = pending[first:first + ITEMS_PER_ROUND]
+        for item in round_items:
+            if item.error is None:
+                prepare(item, model, base, asr_model)
+        good = [item for item in round_items if item.error is None]
+        sample_s = 0.0
+        if good:
+            started = time.perf_counter()
+            generated = generate_batch(model, [item.cond for item in good], model.cfg.sample,
+                                       [item.seed for item in good])
+            sample_s = (time.perf_counter() - started) / len(good)  # shared batches: each item's share
+        results_of = dict(zip((item.id for item in good), generated)) if good else {}
+        for item in round_items:
+            if item.error is None:
+                item.timings["sample_s"] = round(sample_s, 4)
+                _write_item(item, results_of[item.id], model, out_dir, vocoder or model.vocoder, face_decoder)
+            entry = {"id": item.id, "status": "error" if item.error else "ok", "timings": item.timings}
+            if item.error:
+                entry["error"] = item.error
+                log.warning("item %s: %s", item.id, item.error)
+            else:
+                entry["outputs"] = sorted(_listing(out_dir, item.id))
+                entry["audio_seconds"] = round(item.cond.shape[0] / model.cfg.mel.frame_rate, 3)
+            results.record(entry)
+            counts[entry["status"]] += 1
+            bar.update(1)
+    bar.close()
+    return counts
+
+
+def _listing(out_dir: Path, item_id: str) -> list[str]:
+    return [str(path.relative_to(out_dir)) for path in (out_dir / item_id).iterdir()]
+
+
+def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, vocoder, face_decoder) -> None:
+    started = time.perf_counter()
+    staging = out_dir / f"{STAGING_PREFIX}{item.id}"
+    try:
+        write_outputs(generated, staging, item.id, model.cfg, vocoder, face_decoder, plot=False)
+        final = out_dir / item.id
+        if final.exists():
+            shutil.rmtree(final)  # an unrecorded earlier attempt (retry of a failed item)
+        staging.rename(final)
+    except (ValueError, OSError, RuntimeError) as error:
+        item.error = f"writing outputs: {error}"
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    item.timings["write_s"] = round(time.perf_counter() - started, 4)
