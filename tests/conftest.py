@@ -3,13 +3,17 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from avflow.config import ModelConfig
+from avflow.config import HeadVAEConfig, ModelConfig, load_config
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
+from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
+from avflow.train.checkpoint import write_model_file
 
 # The published wav2vec2 character vocabulary: <pad> (the CTC blank), 3 specials, then the 28 labels in order.
 PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
@@ -34,9 +38,6 @@ def tiny_wav2vec2(tmp_path_factory):
 def packed_tiny_corpus(root, overrides: list[str]) -> list[str]:
     """Write and pack the demo corpus under `root` and train a throwaway head VAE, so a test trains only the
     main model; returns the data.* overrides that point a config at them."""
-    import numpy as np
-
-    from avflow.config import load_config
     from avflow.data.corpus import write_corpus
     from avflow.data.shards import pack
     from avflow.train.head_vae import train_head_vae
@@ -115,11 +116,6 @@ def published_velocity(net: AVFlowNet, cfg: ModelConfig, x, t, cond):
 
 def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
     """A consolidated model file of a tiny random network (with codec and head VAE), without training."""
-    from avflow.config import load_config
-    from avflow.model.head_vae import HeadVAE
-    from avflow.model.state import StateCodec
-    from avflow.train.checkpoint import write_model_file
-
     cfg = load_config(None, ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=64",
                              "head_vae.ffn_hidden=8", "sample.num_samples=2", "sample.nfe=4", *(overrides or [])])
     torch.manual_seed(seed)
@@ -131,3 +127,22 @@ def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
                "head_vae": {"model_state_dict": vae.state_dict(), "pose_mean": torch.zeros(cfg.head_vae.pose_dim),
                             "pose_std": torch.ones(cfg.head_vae.pose_dim)}}
     return write_model_file(cfg, tensors, path, "tests")
+
+
+def write_published_release(folder, dyadic=False, pose_dim=7, edit=None):
+    """Random tensors under the published key names, in the published file formats."""
+    net = randomized(AVFlowNet(ModelConfig(dyadic=dyadic)), scale=0.03)  # keeps 512-wide activations O(1)
+    state = {f"diffusion_module.{k}": v.clone() for k, v in net.state_dict().items()}
+    if edit:
+        edit(state)
+    torch.save({"iteration": 1000, "model_state_dict": state, "optimizer_state_dict": {}}, folder / "model.pt")
+    torch.manual_seed(1)
+    vae = HeadVAE(HeadVAEConfig(pose_dim=pose_dim))
+    torch.save({"model_state_dict": vae.state_dict()}, folder / "head_vae.pt")
+    stats = folder / "headpose_normstats"
+    stats.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for kind, size in (("qvec", 4), ("translation", pose_dim - 4)):
+        np.save(stats / f"head_{kind}_mean.npy", rng.standard_normal(size).astype(np.float32))
+        np.save(stats / f"head_{kind}_std.npy", rng.uniform(0.5, 2, size).astype(np.float32))
+    return net, vae

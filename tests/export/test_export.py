@@ -71,3 +71,27 @@ def test_bad_options_are_named(model_file, tmp_path, capsys):
     assert "none.safetensors" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--batch: expected at least 1"):
         export(model_file, tmp_path / "o", ExportOptions(batch=0))
+
+
+def test_released_weights_run_through_export_and_batch_inference(tmp_path):
+    """The imported published network (full size) exported to TorchScript: the sampler loaded from the export
+    directory reproduces the imported checkpoint's eager sampler, and `avflow infer` runs on the directory."""
+    from avflow.cli import main
+    from avflow.train.published import import_published
+    from conftest import write_published_release
+
+    write_published_release(tmp_path)
+    imported = import_published(tmp_path / "model.pt", tmp_path / "head_vae.pt", tmp_path / "headpose_normstats",
+                                tmp_path / "imported.safetensors")
+    out = tmp_path / "exported"
+    assert export_main(["--checkpoint", str(imported), "-o", str(out), "--format", "torchscript", "--nfe", "2",
+                        "--max-seconds", "0.3", "--device", "cpu"]) == 0
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["parity"]["max_abs_error"] < 1e-3 and meta["sampler"] == {"method": "euler", "nfe": 2,
+                                                                          "guidance_scale": 1.0}
+    (tmp_path / "items.jsonl").write_text('{"id": "a", "text": "hello"}\n{"id": "b", "text": ""}\n')
+    assert main(["infer", "--model", str(out), "--inputs", str(tmp_path / "items.jsonl"), "-o", str(tmp_path / "r"),
+                 "--no-video", "--quiet", "--num-samples", "3"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    assert [(line["id"], line["status"]) for line in lines] == [("a", "ok"), ("b", "error")]
+    assert len(lines[0]["outputs"]) == 6  # 3 samples x (wav, npz)

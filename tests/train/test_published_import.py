@@ -6,31 +6,9 @@ import pytest
 import torch
 
 from avflow.cli import main
-from avflow.config import HeadVAEConfig, ModelConfig
 from avflow.infer.generate import load_inference_model
-from avflow.model.avflow import AVFlowNet
-from avflow.model.head_vae import HeadVAE
 from avflow.train.published import import_published
-from conftest import published_velocity, randomized
-
-
-def write_release(folder, dyadic=False, pose_dim=7, edit=None):
-    """Random tensors under the published key names, in the published file formats."""
-    net = randomized(AVFlowNet(ModelConfig(dyadic=dyadic)), scale=0.03)  # keeps 512-wide activations O(1)
-    state = {f"diffusion_module.{k}": v.clone() for k, v in net.state_dict().items()}
-    if edit:
-        edit(state)
-    torch.save({"iteration": 1000, "model_state_dict": state, "optimizer_state_dict": {}}, folder / "model.pt")
-    torch.manual_seed(1)
-    vae = HeadVAE(HeadVAEConfig(pose_dim=pose_dim))
-    torch.save({"model_state_dict": vae.state_dict()}, folder / "head_vae.pt")
-    stats = folder / "headpose_normstats"
-    stats.mkdir(exist_ok=True)
-    rng = np.random.default_rng(0)
-    for kind, size in (("qvec", 4), ("translation", pose_dim - 4)):
-        np.save(stats / f"head_{kind}_mean.npy", rng.standard_normal(size).astype(np.float32))
-        np.save(stats / f"head_{kind}_std.npy", rng.uniform(0.5, 2, size).astype(np.float32))
-    return net, vae
+from conftest import published_velocity, write_published_release as write_release
 
 
 @pytest.mark.parametrize("dyadic", [False, True])
