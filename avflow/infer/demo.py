@@ -2,7 +2,8 @@
 
 Writes the procedural corpus (50h layout), packs it into shards through the normal ingestion path,
 trains a small model from the shards, compares it with its own untrained initialization against the
-corpus ground truth on held-out segments, and generates three samples per held-out sentence from text.
+corpus ground truth on held-out segments, trains the text-to-tokens model on the same shards
+(configs/text2tokens_demo.yaml), and generates three samples per held-out sentence from its text through it.
 """
 
 from __future__ import annotations
@@ -14,41 +15,51 @@ from pathlib import Path
 
 import torch
 
-from avflow.config import Config
+from avflow.config import Config, load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
-from avflow.data.loader import validation_batches
+from avflow.data.loader import iter_split_arrays, validation_batches
 from avflow.data.shards import pack
 from avflow.infer.evaluate import evaluate
-from avflow.infer.generate import generate, load_inference_model, tokens_from_text, write_outputs
+from avflow.infer.generate import generate, load_inference_model, write_outputs
 from avflow.infer.render import ProceduralFaceDecoder
+from avflow.infer.text2tokens import evaluate_text2tokens, load_text2tokens
 from avflow.model.avflow import AVFlowNet
 from avflow.train.loop import Trainer
+
+TEXT2TOKENS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "text2tokens_demo.yaml"
+
+
+def text2tokens_config(cfg: Config) -> Config:
+    """The demo's text-to-tokens run: configs/text2tokens_demo.yaml on the demo's shards, in <run_dir>/text2tokens."""
+    return load_config(TEXT2TOKENS_CONFIG, [f"data.root={cfg.data.root}", f"data.shards={cfg.data.shards}",
+                                            f"trainer.run_dir={Path(cfg.trainer.run_dir) / 'text2tokens'}",
+                                            f"trainer.device={cfg.trainer.device}"])
 
 
 def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     started = time.perf_counter()
     root = Path(cfg.data.root)
-    print(f"[1/5] writing the demo corpus to {root}")
+    print(f"[1/6] writing the demo corpus to {root}")
     write_corpus(root, cfg.corpus)
     transcripts = json.loads((root / "transcripts.json").read_text())
 
-    print(f"[2/5] packing it into shards in {cfg.data.shards}")
+    print(f"[2/6] packing it into shards in {cfg.data.shards}")
     manifest = pack(cfg, cfg.data.shards)
     print(f"  {manifest['splits']['train']['hours'] * 60:.1f} min train, {manifest['splits']['val']['hours'] * 60:.1f} min held out")
 
-    print(f"[3/5] training a {cfg.model.n_blocks}-block d={cfg.model.d_model} model for {cfg.trainer.steps} steps "
+    print(f"[3/6] training a {cfg.model.n_blocks}-block d={cfg.model.d_model} model for {cfg.trainer.steps} steps "
           f"in {cfg.trainer.run_dir}")
     trainer = Trainer(cfg, resume=True)
     checkpoint = trainer.fit()
 
-    print("[4/5] evaluating on held-out segments (3 samples each)")
+    print("[4/6] evaluating on held-out segments (3 samples each)")
     whole_segments = copy.deepcopy(cfg)
     whole_segments.data.segment_length = cfg.sample.max_frames
-    held_out = [trainer.encoder(batch) for batch in validation_batches(cfg.data.shards, whole_segments)]
+    held_out = [trainer.task.encoder(batch) for batch in validation_batches(cfg.data.shards, whole_segments)]
     torch.manual_seed(cfg.trainer.seed)
     untrained = AVFlowNet(cfg.model).to(trainer.device)
-    codec = trainer.encoder.codec
+    codec = trainer.task.encoder.codec
     results = {
         "untrained": evaluate(untrained, codec, held_out, cfg, cfg.sample),
         "trained": evaluate(trainer.ema_model(), codec, held_out, cfg, cfg.sample),
@@ -57,13 +68,24 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     for name, scores in results.items():
         print(f"{name:>10}  {scores['mel_l1']:>25.3f}  {scores['mouth_correlation']:>37.3f}")
 
-    print(f"[5/5] generating from the held-out sentences' text into {output}")
+    t2t_cfg = text2tokens_config(cfg)
+    print(f"[5/6] training the text-to-tokens model ({t2t_cfg.text2tokens.front_end} front end, "
+          f"{t2t_cfg.text2tokens.decoder} decoder) for {t2t_cfg.trainer.steps} steps in {t2t_cfg.trainer.run_dir}")
+    text2tokens = load_text2tokens(Trainer(t2t_cfg, resume=True).fit(), cfg.trainer.device)
+    held_out_names = sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns))
+    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
+    t2t_scores = evaluate_text2tokens(text2tokens, [transcripts[name] for name in held_out_names], frames)
+    print(f"  held-out sentences: CER of the generated tokens {t2t_scores['cer']:.1%}, "
+          f"total duration error {t2t_scores['duration_error']:.1%}")
+    results["text2tokens"] = t2t_scores
+
+    print(f"[6/6] generating from the held-out sentences' text into {output}")
     model = load_inference_model(checkpoint, cfg.trainer.device)
     face = ProceduralFaceDecoder()
-    for name in sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns)):
+    for index, name in enumerate(held_out_names):
         sentence = transcripts[name]
-        written = write_outputs(generate(model, tokens_from_text(sentence, cfg.mel.frame_rate)), output, name, cfg,
-                                face_decoder=face)
+        tokens = text2tokens.token_logits(sentence, seed=cfg.sample.seed + index)
+        written = write_outputs(generate(model, tokens), output, name, cfg, face_decoder=face)
         print(f"  '{sentence}': {', '.join(p.name for p in written if p.name.endswith('_samples.mp4'))}")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs (.wav, .npz, .png, .mp4) in {output}, "
           f"TensorBoard logs in {Path(cfg.trainer.run_dir) / 'tensorboard'}")

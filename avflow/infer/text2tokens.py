@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from avflow.config import Config
+from avflow.data.alignment import character_error_rate, greedy_transcript
 from avflow.data.phonemes import SILENCE, WORD_GAP, build_front_end, front_end_symbols, sequence_symbols
-from avflow.data.text import LONG_PAUSE, SHORT_PAUSE, speech_words, split_sentences
+from avflow.data.text import LONG_PAUSE, SHORT_PAUSE, normalize_text, speech_words, split_sentences
 from avflow.model.text2tokens import TextToTokensNet, generate_tokens
 from avflow.train.checkpoint import load_inference_tensors
 
@@ -120,3 +121,17 @@ def load_text2tokens(path: str | Path, device: str | torch.device = "cpu") -> Te
     net.load_state_dict(tensors["ema"])
     stats = tensors["token_stats"]
     return TextToTokens(cfg, net, stats["mean"].float(), stats["std"].float(), torch.device(device))
+
+
+def evaluate_text2tokens(model: TextToTokens, sentences: list[str], frames: list[int], seed: int = 0) -> dict[str, float]:
+    """Generate each sentence and compare: the character error rate of the greedy CTC decoding against the
+    normalized sentence (edits summed over all sentences), and the relative error of the total length
+    against `frames`, the recorded lengths in mel frames."""
+    if len(sentences) != len(frames) or not sentences:
+        raise ValueError(f"expected one recorded length per sentence and at least one sentence, got "
+                         f"{len(sentences)} sentences and {len(frames)} lengths")
+    generated = [model.token_logits(sentence, seed=seed) for sentence in sentences]
+    references = [normalize_text(sentence) for sentence in sentences]
+    total = sum(logits.shape[0] for logits in generated)
+    return {"cer": character_error_rate([greedy_transcript(logits) for logits in generated], references),
+            "duration_error": abs(total - sum(frames)) / sum(frames)}
