@@ -104,7 +104,7 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
     sample.method = options.method or sample.method
     if options.max_seconds is not None:
         sample.max_frames = math.ceil(options.max_seconds * cfg.mel.frame_rate)
-        if sample.window_overlap >= sample.max_frames / 2:
+        if sample.window_overlap >= sample.max_frames // 2:
             sample.window_overlap = sample.max_frames // 4
             log.info("windows of %d frames: overlap reduced to %d frames", sample.max_frames, sample.window_overlap)
     cfg.validate()
