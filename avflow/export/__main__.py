@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"avflow.export: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}: {meta['format']} {meta['dtype']}, {meta['rows']} x {meta['frames']} frames, "
-          f"{meta['sampler']['method']} nfe={meta['sampler']['nfe']}, parity max abs error "
-          f"{meta['parity']['max_abs_error']:.3g} (tolerance {meta['parity']['tolerance']})")
+          f"{meta['sampler']['method']} nfe={meta['sampler']['nfe']}, parity: relative error "
+          f"{meta['parity']['relative_error']:.3g} (tolerance {meta['parity']['tolerance']})")
     return 0
 
 

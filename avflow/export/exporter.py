@@ -34,9 +34,10 @@ from avflow.train.loop import pick_device
 
 log = logging.getLogger(__name__)
 
-# Largest |artifact - fp32 eager| over the sampled state (normalized units, ~unit variance) after the whole
-# loop. fp32 differs only by kernel order; bf16 carries ~3 significant digits through every step.
-PARITY_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25}
+# Largest |artifact - fp32 eager| over the sampled states after the whole loop, relative to the largest
+# |fp32 eager| value. fp32 differs only by kernel order; bf16 keeps ~3 significant digits per step (the
+# full-size network at 16 steps measured 0.7%, see docs/performance.md).
+PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 PARITY_SEED = 0
 
 
@@ -141,14 +142,18 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
         truth = FixedStepSampler(guided(reference, sample.guidance_scale), sample.method, sample.nfe)
         with torch.no_grad():
             x0, cond, valid = example
-            error = (loop(x0, cond, valid) - truth(x0, cond, valid)).abs()[valid].max().item()
+            expected = truth(x0, cond, valid)[valid]
+            max_abs = (loop(x0, cond, valid)[valid] - expected).abs().max().item()
+        error = max_abs / max(expected.abs().max().item(), 1e-12)
         tolerance = PARITY_TOLERANCE[options.dtype]
-        meta["parity"] = {"max_abs_error": error, "tolerance": tolerance,
-                          "against": "float32 eager sampler, random noise and conditioning, one row half padded"}
+        meta["parity"] = {"relative_error": error, "max_abs_error": max_abs, "tolerance": tolerance,
+                          "against": "float32 eager sampler, random noise and conditioning, one row half padded; "
+                                     "relative_error = max |difference| / max |float32 eager|"}
         if not error <= tolerance:
             raise ExportError(f"parity check failed: the {options.format} {options.dtype} sampler differs from the "
-                              f"float32 eager sampler by {error:.3g} (tolerance {tolerance}); {output} was not written")
-        log.info("parity: max abs error %.3g (tolerance %g)", error, tolerance)
+                              f"float32 eager sampler by {error:.3g} of its largest value (tolerance {tolerance}); "
+                              f"{output} was not written")
+        log.info("parity: relative error %.3g (tolerance %g), max abs error %.3g", error, tolerance, max_abs)
         write_model_file(cfg, tensors, staging / WEIGHTS_FILE, source=str(checkpoint))
         cfg.save(staging / CONFIG_FILE)
         if options.vocoder:
