@@ -2,11 +2,14 @@
 
     python benchmarks/text2tokens.py                       # flow + regression decoders, character front end
     python benchmarks/text2tokens.py --variants flow:character flow:phoneme regression:character
+    python benchmarks/text2tokens.py --val-segments 60     # a fresh demo corpus with 60 held-out sentences
 
 Expects the demo shards (`avflow demo`, or `avflow corpus` + `avflow pack --layout demo`) at data.shards of
-configs/text2tokens_demo.yaml. For each variant it trains that config with the shared Trainer (one
-process, wall time measured), then generates every held-out sentence from its text through the public
-inference path (`load_text2tokens(...).token_logits`, seed 0) and reports:
+configs/text2tokens_demo.yaml; with --val-segments N it writes and packs the demo corpus with N held-out
+segments into a temporary folder instead (the training segments are the same: every segment is a pure
+function of the corpus seed, its split and its index). For each variant it trains that config with the
+shared Trainer (one process, wall time measured), then generates every held-out sentence from its text
+through the public inference path (`load_text2tokens(...).token_logits`, seed 0) and reports:
 - CER: character error rate of the greedy CTC decoding of the generated logits against the sentence, as
   words separated by single spaces (transcripts.json of the corpus), edits summed over all sentences;
 - total duration error: |generated frames - corpus frames| / corpus frames over all held-out sentences,
@@ -25,8 +28,10 @@ from pathlib import Path
 
 from avflow.config import load_config
 from avflow.data.alignment import character_error_rate, greedy_transcript
+from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.loader import iter_split_arrays
+from avflow.data.shards import pack
 from avflow.data.text import normalize_text
 from avflow.infer.text2tokens import load_text2tokens
 from avflow.train.loop import Trainer
@@ -42,6 +47,15 @@ def held_out(cfg) -> tuple[list[str], list[int]]:
     if len(frames) != len(names):
         raise ValueError(f"{cfg.data.shards}: {len(frames)} held-out segments, but transcripts.json names {len(names)}")
     return [transcripts[name] for name in names], frames
+
+
+def write_demo_shards(val_segments: int, work: Path) -> list[str]:
+    """The demo corpus with `val_segments` held-out segments, packed; returns the data.* overrides for it."""
+    data = [f"data.root={work / 'corpus'}", f"data.shards={work / 'shards'}", f"corpus.val_segments={val_segments}"]
+    cfg = load_config(CONFIG, data)
+    write_corpus(cfg.data.root, cfg.corpus)
+    pack(cfg, cfg.data.shards, progress=False)
+    return data
 
 
 def run_variant(decoder: str, front_end: str, overrides: list[str], work: Path) -> dict[str, float]:
@@ -76,13 +90,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["flow:character", "regression:character"],
                         help="DECODER:FRONT_END pairs (decoder flow|regression, front end character|phoneme)")
+    parser.add_argument("--val-segments", type=int, help="write a fresh demo corpus with this many held-out segments")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of configs/text2tokens_demo.yaml")
     args = parser.parse_args()
     print("$ python " + " ".join(shlex.quote(a) for a in sys.argv))
     with tempfile.TemporaryDirectory(prefix="t2t-bench-") as work:
+        overrides = list(args.overrides)
+        if args.val_segments is not None:
+            overrides = write_demo_shards(args.val_segments, Path(work)) + overrides
         for variant in args.variants:
             decoder, _, front_end = variant.partition(":")
-            scores = run_variant(decoder, front_end, args.overrides, Path(work))
+            scores = run_variant(decoder, front_end, overrides, Path(work))
             wrong = scores.pop("wrong")
             print(f"{variant}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in scores.items()), flush=True)
