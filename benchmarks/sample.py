@@ -1,0 +1,493 @@
+"""Sampling speed of the AV-Flow network per execution mode, and the real-time factor of text -> wav + motion.
+
+    python benchmarks/sample.py --json sample.json           # full-size model; one GPU, under 5 minutes
+    python benchmarks/sample.py --quick --json quick.json    # tiny sizes on CPU, under a minute (a smoke run)
+
+Sampling rows: 3 samples (one batch) and 1 sample of `--frames` frames (default 1725, one 20 s pass),
+`--nfe` Euler steps (default 16), the whole fixed-step loop (`FixedStepSampler`: state in fp32, network
+in the row's precision) on random weights:
+- the published way: fp32, eager, the 3 samples one after another, dense T x T masked attention;
+- eager fp32 and eager bf16 (bf16 weights, not autocast), batched;
+- compiled: bf16 with torch.compile (static shapes) of every DiT block (`--compile-scope block`, the
+  default: one compiled graph serves all 16 blocks, so it compiles once per input shape, in a fraction
+  of the whole network's compile time) or of the whole network (`--compile-scope network`);
+- CUDA graph: the compiled bf16 loop captured whole by `GraphSampler` and replayed (CUDA only).
+Every row's output is compared with eager fp32 on the same noise, so a fast but wrong mode shows.
+
+Pipeline row: text -> rule-based token logits -> `generate_batch` (3 samples of one 20 s input, model file
+of random full-size weights loaded with dtype bf16, CUDA-graph sampler on CUDA) -> BigVGAN (random weights)
+on the three mels, back on the CPU. Real-time factor = wall seconds / seconds of audio produced; video is
+not rendered.
+
+Times are medians over `--repeats` calls after warm-up calls (which compile and capture), taken with CUDA
+events on GPU and the wall clock on CPU; the pipeline's on the wall clock everywhere. A row whose warm-up would not fit in what is left of `--budget-s`
+is skipped with a note, so the run ends in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from avflow.config import Config, ModelConfig, load_config
+from avflow.data.text import text_to_token_logits
+from avflow.infer.generate import conditioning, generate_batch, load_inference_model
+from avflow.infer.sampler import GraphSampler, cuda_graphs_wanted
+from avflow.infer.vocoder import BigVGAN, BigVGANConfig
+from avflow.model.avflow import AVFlowNet, count_parameters
+from avflow.model.flow import FixedStepSampler
+from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
+from avflow.train.checkpoint import write_model_file
+from avflow.utils import atomic_path
+
+# The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,
+# 3 sequential samples. One sample of that run is a third of it.
+PUBLISHED_MS = 592.0
+PUBLISHED_WORK = (1725, 16)  # frames, NFE
+TARGET_MS = 30.0  # 3 x 20 s, 20x faster than published
+TARGET_RTF = 0.005
+WEIGHT_STD = 0.02  # every parameter drawn: zero adaLN gates would leave the sublayers out of the numerics
+FULL_BUDGET_S = 240.0  # leaves a 5-minute device call time to start and to build the models
+QUICK_BUDGET_S = 50.0  # a CI-like check must end within a minute
+SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs back home again. "
+
+
+@dataclass
+class Settings:
+    model: dict  # ModelConfig fields that differ from the published network
+    frames: int
+    nfe: int
+    warmup: int
+    repeats: int
+    vocoder: BigVGANConfig
+    head_vae: dict = field(default_factory=dict)  # HeadVAEConfig fields that differ from the published one
+    # Guessed warm-up seconds of a kind's first row (later rows use the measured one): what a row must
+    # find left of the budget to start.
+    first_warmup_s: dict = field(default_factory=dict)
+
+
+FULL = Settings(model={}, frames=1725, nfe=16, warmup=2, repeats=7, vocoder=BigVGANConfig(),
+                first_warmup_s={"eager": 10.0, "compiled": 90.0, "graph": 20.0, "pipeline": 60.0})
+QUICK = Settings(model=dict(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64), frames=128, nfe=4, warmup=1,
+                 repeats=3, head_vae=dict(ffn_hidden=8),
+                 vocoder=BigVGANConfig(upsample_initial_channel=16, resblock_kernel_sizes=(3,),
+                                       resblock_dilation_sizes=((1,),)),
+                 first_warmup_s={"eager": 1.0, "compiled": 15.0, "graph": 1.0, "pipeline": 5.0})
+
+
+class Budget:
+    """Wall-clock seconds left to the whole run; a row starts only if its expected warm-up fits."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, wall_clock: bool = False) -> float:
+    """Milliseconds of one call: CUDA events around it on a CUDA device (then a sync), else (or with
+    `wall_clock`) the host clock until the device is done."""
+    if device.type == "cuda" and not wall_clock:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    synchronize(device)
+    return (time.perf_counter() - begin) * 1e3
+
+
+@dataclass
+class Timing:
+    median_ms: float | None
+    repeats: int
+    warmup_s: float  # wall seconds of the warm-up calls (compilation and capture happen there)
+    note: str = ""
+
+
+def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, budget: Budget,
+            wall_clock: bool = False) -> Timing:
+    """Median of `repeats` timed calls after `warmup` untimed ones; fewer repeats (or none) if the budget ends.
+
+    `wall_clock` times every call on the host clock (with a device sync), as a real-time factor needs."""
+    begin = time.perf_counter()
+    last_s = 0.0
+    for _ in range(warmup):
+        call_start = time.perf_counter()
+        fn()
+        synchronize(device)
+        last_s = time.perf_counter() - call_start
+    warmup_s = time.perf_counter() - begin
+    affordable = int(budget.left() // max(last_s, 1e-6))
+    count = min(repeats, affordable)
+    if count < 1:
+        return Timing(None, 0, warmup_s, f"not timed: {budget.left():.0f} s of the budget left after warm-up")
+    times = [time_call(fn, device, wall_clock) for _ in range(count)]
+    note = f"{count} of {repeats} repeats (budget)" if count < repeats else ""
+    return Timing(statistics.median(times), count, warmup_s, note)
+
+
+def random_network(cfg: ModelConfig, device: torch.device) -> AVFlowNet:
+    torch.manual_seed(0)
+    net = AVFlowNet(cfg)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.normal_(0.0, WEIGHT_STD)
+    return net.to(device).eval()
+
+
+def compile_network(net: AVFlowNet, scope: str) -> torch.nn.Module:
+    """torch.compile (static shapes) of each DiT block in place, or of the whole network."""
+    if scope == "network":
+        return torch.compile(net, dynamic=False)
+    for block in [*net.transformer_blocks_v, *net.transformer_blocks_a]:
+        block.compile(dynamic=False)
+    return net
+
+
+@dataclass
+class Row:
+    configuration: str
+    samples: int
+    kind: str  # eager | compiled | graph | pipeline: which warm-up estimate applies
+    ms: float | None = None
+    speedup: float | None = None
+    frames_per_s: float | None = None
+    repeats: int = 0
+    warmup_s: float | None = None
+    deviation: float | None = None  # max |x1 - x1_fp32| / max |x1_fp32 - x0|
+    note: str = ""
+
+
+def published_ms_for(samples: int, frames: int, nfe: int) -> float | None:
+    """The published time for the same work: 592 ms for 3 samples, a third of it for one; None otherwise."""
+    if (frames, nfe) != PUBLISHED_WORK or samples not in (1, 3):
+        return None
+    return PUBLISHED_MS * samples / 3
+
+
+def sampling_rows(settings: Settings, args: argparse.Namespace, device: torch.device, budget: Budget,
+                  warmup_estimates: dict[str, float]) -> list[Row]:
+    cfg = ModelConfig(**settings.model, attention=args.attention)
+    net_fp32 = random_network(cfg, device)
+    net_dense = AVFlowNet(dataclasses.replace(cfg, attention=args.baseline_attention)).to(device).eval()
+    net_dense.load_state_dict(net_fp32.state_dict())
+    net_bf16 = copy.deepcopy(net_fp32).to(torch.bfloat16)
+    net_compiled = compile_network(copy.deepcopy(net_bf16), args.compile_scope)
+    print(f"model: {count_parameters(net_fp32):,} parameters; attention {cfg.attention} "
+          f"(published-style row: {args.baseline_attention}); {args.compile_scope} compile", flush=True)
+
+    def loop(net: torch.nn.Module, dtype: torch.dtype) -> FixedStepSampler:
+        return FixedStepSampler(net, "euler", settings.nfe, dtype).to(device)
+
+    def one_at_a_time(sampler: FixedStepSampler) -> Callable:
+        return lambda x0, cond, valid: torch.cat([sampler(x0[i:i + 1], cond[i:i + 1], valid[i:i + 1])
+                                                  for i in range(x0.shape[0])])
+
+    graphs_possible = cuda_graphs_wanted(device)
+    graph_sampler = {}  # samples -> GraphSampler, so a fallback to eager can be reported
+
+    def captured(samples: int) -> Callable:
+        graph_sampler[samples] = GraphSampler(loop(net_compiled, torch.bfloat16), device, use_cuda_graph=True)
+        return graph_sampler[samples]
+
+    name_bf16 = f"{args.compile_scope}-compiled bf16"
+    # (configuration, samples, kind, sampler for that many samples, reason to skip)
+    plans: list[tuple[str, int, str, Callable[[int], Callable], str]] = [
+        (f"fp32 eager, 3 sequential samples (published style, {args.baseline_attention} attention)", 3, "eager",
+         lambda n: one_at_a_time(loop(net_dense, torch.float32)), ""),
+    ]
+    for samples in (3, 1):
+        graph_skip = "" if graphs_possible else ("skipped: CUDA graphs need a CUDA device" if device.type != "cuda"
+                                                 else "skipped: AVFLOW_NO_CUDA_GRAPH is set")
+        plans += [
+            (f"eager fp32, {samples} sample{'s' * (samples > 1)}", samples, "eager",
+             lambda n: loop(net_fp32, torch.float32), ""),
+            (f"eager bf16, {samples} sample{'s' * (samples > 1)}", samples, "eager",
+             lambda n: loop(net_bf16, torch.bfloat16), ""),
+            (f"{name_bf16}, {samples} sample{'s' * (samples > 1)}", samples, "compiled",
+             lambda n: loop(net_compiled, torch.bfloat16), ""),
+            (f"CUDA graph of the {name_bf16} loop, {samples} sample{'s' * (samples > 1)}", samples, "graph",
+             captured, graph_skip),
+        ]
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = {n: (torch.randn(n, settings.frames, cfg.state_dim, generator=generator).to(device),
+                  torch.randn(n, settings.frames, cfg.cond_dim, generator=generator).to(device),
+                  torch.ones(n, settings.frames, dtype=torch.bool, device=device)) for n in (3, 1)}
+    references: dict[int, torch.Tensor] = {}
+
+    def reference(samples: int) -> torch.Tensor:
+        if samples not in references:
+            references[samples] = loop(net_fp32, torch.float32)(*inputs[samples]).float()
+        return references[samples]
+
+    rows = []
+    for name, samples, kind, build, skip in plans:
+        row = Row(name, samples, kind)
+        rows.append(row)
+        expected_warmup = warmup_estimates.get(kind, settings.first_warmup_s.get(kind, 0.0))
+        if skip:
+            row.note = skip
+        elif budget.left() < expected_warmup:
+            row.note = f"skipped: {budget.left():.0f} s of the budget left, its warm-up takes ~{expected_warmup:.0f} s"
+        else:
+            run_row(row, build(samples), inputs[samples], lambda: reference(samples), settings, device, budget)
+            warmup_estimates[kind] = row.warmup_s
+            if kind == "graph" and not graph_sampler[samples].use_cuda_graph:
+                row.note = "capture failed: this row ran eagerly (see the warning above)"
+        report_progress(row)
+    return rows
+
+
+def run_row(row: Row, sampler: Callable, inputs: tuple[torch.Tensor, ...], reference: Callable[[], torch.Tensor],
+            settings: Settings, device: torch.device, budget: Budget) -> None:
+    """Time one configuration and compare its output with `reference()`, eager fp32 on the same inputs,
+    relative to how far that moved from the noise (so a mode that loses the network's steps shows)."""
+    with torch.no_grad():
+        timing = measure(lambda: sampler(*inputs), device, settings.warmup, settings.repeats, budget)
+        output = sampler(*inputs).float()
+        expected = reference()
+    travelled = (expected - inputs[0].float()).abs().max()
+    row.deviation = ((output - expected).abs().max() / travelled).item()
+    row.ms, row.repeats, row.warmup_s, row.note = timing.median_ms, timing.repeats, timing.warmup_s, timing.note
+    if row.ms is not None:
+        row.frames_per_s = row.samples * settings.frames / (row.ms / 1e3)
+        published = published_ms_for(row.samples, settings.frames, settings.nfe)
+        row.speedup = published / row.ms if published else None
+
+
+def report_progress(row: Row) -> None:
+    shown = f"{row.ms:.2f} ms" if row.ms is not None else "-"
+    print(f"  {row.configuration}: {shown} {row.note}".rstrip(), flush=True)
+
+
+def random_model_file(cfg: Config, path: Path) -> Path:
+    """A model file of random weights (network, expression/mel normalization, head VAE), as training writes."""
+    net = random_network(cfg.model, torch.device("cpu"))
+    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim),
+                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+    head_vae = HeadVAE(cfg.head_vae)
+    tensors = {"ema": net.state_dict(), "codec": codec.state_dict(),
+               "head_vae": {"model_state_dict": head_vae.state_dict(), "pose_mean": torch.zeros(cfg.head_vae.pose_dim),
+                            "pose_std": torch.ones(cfg.head_vae.pose_dim)}}
+    return write_model_file(cfg, tensors, path, "benchmarks/sample.py (random weights)")
+
+
+def text_for_frames(frames: int, frame_rate: float) -> str:
+    """Enough repetitions of one sentence for the rule front end to give at least `frames` frames."""
+    text = SENTENCE
+    while text_to_token_logits(text, frame_rate).shape[0] < frames:
+        text += SENTENCE
+    return text.strip()
+
+
+def pipeline_row(settings: Settings, args: argparse.Namespace, device: torch.device, budget: Budget,
+                 warmup_estimates: dict[str, float]) -> tuple[Row, dict]:
+    samples = 3
+    sampler = "CUDA-graph" if cuda_graphs_wanted(device) else "eager"
+    row = Row(f"pipeline: text -> {samples} x (wav + motion), {'compiled ' if args.pipeline_compile else ''}bf16 "
+              f"network, {sampler} sampler, {args.vocoder_dtype} BigVGAN", samples, "pipeline")
+    details: dict = {}
+    expected_warmup = settings.first_warmup_s["pipeline"]
+    if budget.left() < expected_warmup:
+        row.note = f"skipped: {budget.left():.0f} s of the budget left, its set-up takes ~{expected_warmup:.0f} s"
+        report_progress(row)
+        return row, details
+    overrides = [f"model.{key}={value}" for key, value in settings.model.items()]
+    overrides += [f"head_vae.{key}={value}" for key, value in settings.head_vae.items()]
+    # One pass of exactly `frames` frames: one window, so no overlap (and no padding to a larger length bucket).
+    overrides += [f"model.attention={args.attention}", f"sample.num_samples={samples}", f"sample.nfe={settings.nfe}",
+                  f"sample.max_frames={settings.frames}", "sample.window_overlap=0"]
+    cfg = load_config(None, overrides)
+    with tempfile.TemporaryDirectory() as scratch:
+        model_file = random_model_file(cfg, Path(scratch) / "model.safetensors")
+        model = load_inference_model(model_file, device=str(device), dtype="bf16", batch_rows=samples)
+    if args.pipeline_compile:
+        model.net = compile_network(model.net, args.compile_scope)
+    torch.manual_seed(0)
+    vocoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.vocoder_dtype]
+    vocoder = BigVGAN(settings.vocoder).to(device, vocoder_dtype).eval()
+    text = text_for_frames(settings.frames, cfg.mel.frame_rate)
+    stage_s: dict[str, list[float]] = {"text": [], "sample": [], "vocoder": []}
+    audio_seconds = []
+
+    def text_to_outputs() -> None:
+        begin = time.perf_counter()
+        tokens = text_to_token_logits(text, cfg.mel.frame_rate)[:settings.frames]
+        cond = conditioning(model, tokens)
+        after_text = time.perf_counter()
+        generated = generate_batch(model, [cond])[0]  # ends with the motion and mel on the CPU
+        after_sample = time.perf_counter()
+        with torch.inference_mode():
+            mel = torch.from_numpy(generated.mel).to(device, vocoder_dtype).transpose(1, 2)
+            audio = vocoder(mel)[:, 0].float().cpu().numpy()
+        end = time.perf_counter()
+        for stage, seconds in zip(stage_s, (after_text - begin, after_sample - after_text, end - after_sample)):
+            stage_s[stage].append(seconds)
+        audio_seconds.append(audio.size / cfg.mel.sample_rate)
+
+    timing = measure(text_to_outputs, device, settings.warmup, settings.repeats, budget, wall_clock=True)
+    row.repeats, row.warmup_s, row.note = timing.repeats, timing.warmup_s, timing.note
+    if timing.median_ms is not None:
+        row.ms = timing.median_ms
+        produced = audio_seconds[-1]
+        row.frames_per_s = samples * settings.frames / (row.ms / 1e3)
+        timed = slice(settings.warmup, None)
+        details = {"audio_seconds": produced, "rtf": row.ms / 1e3 / produced, "text_chars": len(text),
+                   "stage_ms": {stage: statistics.median(values[timed]) * 1e3 for stage, values in stage_s.items()}}
+    if cuda_graphs_wanted(device) and not all(runner.use_cuda_graph for runner in model.samplers.values()):
+        row.note = "; ".join(filter(None, [row.note, "capture failed: the sampler ran eagerly (see the warning above)"]))
+    warmup_estimates["pipeline"] = row.warmup_s
+    report_progress(row)
+    return row, details
+
+
+def cell(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| configuration | ms per call | speedup vs published 592 ms | frames/s |", "| --- | ---: | ---: | ---: |"]
+    for row in rows:
+        speedup = f"{row.speedup:.1f}x" if row.speedup is not None else ("n/a" if row.ms is not None else "-")
+        lines.append(f"| {row.configuration} | {cell(row.ms, '.2f')} | {speedup} | {cell(row.frames_per_s, ',.0f')} |")
+    return "\n".join(lines)
+
+
+def notes(rows: list[Row]) -> list[str]:
+    lines = []
+    for row in rows:
+        parts = [row.note] if row.note else []
+        if row.deviation is not None:
+            parts.append(f"max |x1 - x1_eager_fp32| / max |x1_eager_fp32 - x0| = {row.deviation:.2e}")
+        if row.warmup_s is not None:
+            parts.append(f"warm-up {row.warmup_s:.1f} s, {row.repeats} timed calls")
+        lines.append(f"- {row.configuration}: {'; '.join(parts)}")
+    return lines
+
+
+def verdicts(rows: list[Row], pipeline: dict, settings: Settings) -> dict:
+    """Whether the issue's two targets are met, or why they cannot be judged from this run."""
+    full_work = (settings.frames, settings.nfe) == PUBLISHED_WORK
+    three = [row.ms for row in rows if row.samples == 3 and row.kind != "pipeline" and row.ms is not None
+             and "sequential" not in row.configuration]
+    best = min(three) if three else None
+    if not full_work:
+        sampling = "not judged: the work differs from 3 x 1725 frames x 16 NFE"
+    elif best is None:
+        sampling = "not measured"
+    else:
+        sampling = f"{'met' if best <= TARGET_MS else 'not met'}: best {best:.2f} ms (target {TARGET_MS:.0f} ms)"
+    rtf = pipeline.get("rtf")
+    if not full_work:
+        pipeline_verdict = "not judged: quick sizes"
+    elif rtf is None:
+        pipeline_verdict = "not measured"
+    else:
+        pipeline_verdict = f"{'met' if rtf < TARGET_RTF else 'not met'}: RTF {rtf:.5f} (target < {TARGET_RTF})"
+    return {"sampling_3x20s_ms": sampling, "pipeline_rtf": pipeline_verdict}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, vocoder and inputs: a CPU smoke run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--frames", type=int, help="frames per sample (default 1725; --quick 128)")
+    parser.add_argument("--nfe", type=int, help="network evaluations per sample (default 16; --quick 4)")
+    parser.add_argument("--repeats", type=int, help="timed calls per row (default 7; --quick 3)")
+    parser.add_argument("--attention", default="auto", choices=("auto", "flex", "banded", "dense"),
+                        help="attention of every row but the published-style one (auto: flex on CUDA, banded on CPU)")
+    parser.add_argument("--baseline-attention", default="dense", choices=("auto", "flex", "banded", "dense"),
+                        help="attention of the published-style row (default dense, the published T x T mask)")
+    parser.add_argument("--compile-scope", default="block", choices=("block", "network"),
+                        help="torch.compile each DiT block (default) or the whole network")
+    parser.add_argument("--pipeline-compile", action="store_true", help="compile the pipeline's network too")
+    parser.add_argument("--vocoder-dtype", choices=("bf16", "fp32"),
+                        help="BigVGAN precision (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--no-pipeline", action="store_true", help="only the sampling rows")
+    parser.add_argument("--budget-s", type=float,
+                        help="seconds for the whole run; rows that would not fit are skipped (default 240; --quick 50)")
+    parser.add_argument("--json", type=Path, help="write every number and setting to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.budget_s = args.budget_s or (QUICK_BUDGET_S if args.quick else FULL_BUDGET_S)
+    budget = Budget(args.budget_s)
+    device = torch.device(args.device)
+    base = QUICK if args.quick else FULL
+    settings = dataclasses.replace(base, frames=args.frames or base.frames, nfe=args.nfe or base.nfe,
+                                   repeats=args.repeats or base.repeats)
+    for name, value in (("--frames", settings.frames), ("--nfe", settings.nfe), ("--repeats", settings.repeats)):
+        if value < 1:
+            raise SystemExit(f"{name}: expected at least 1, got {value}")
+    args.vocoder_dtype = args.vocoder_dtype or ("bf16" if device.type == "cuda" else "fp32")
+    command = "python benchmarks/sample.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; {started:%Y-%m-%d %H:%M} UTC")
+    print(f"work: {settings.frames} frames x {settings.nfe} NFE per sample; {settings.warmup} warm-up and "
+          f"{settings.repeats} timed calls per row; budget {args.budget_s:.0f} s", flush=True)
+
+    warmup_estimates: dict[str, float] = {}
+    rows = sampling_rows(settings, args, device, budget, warmup_estimates)
+    pipeline: dict = {}
+    if not args.no_pipeline:
+        pipeline_result, pipeline = pipeline_row(settings, args, device, budget, warmup_estimates)
+        rows.append(pipeline_result)
+    targets = verdicts(rows, pipeline, settings)
+
+    print()
+    print(markdown_table(rows))
+    print()
+    print("\n".join(notes(rows)))
+    if pipeline:
+        stages = ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in pipeline["stage_ms"].items())
+        print(f"\npipeline: {pipeline['audio_seconds']:.2f} s of audio in total, real-time factor "
+              f"{pipeline['rtf']:.5f} ({stages})")
+    print(f"target 3 x 20 s in <= {TARGET_MS:.0f} ms: {targets['sampling_3x20s_ms']}")
+    print(f"target pipeline RTF < {TARGET_RTF}: {targets['pipeline_rtf']}")
+    if args.json:
+        report = {"command": command, "date_utc": started.isoformat(timespec="seconds"), "device": device_name(device),
+                  "torch": torch.__version__, "settings": dataclasses.asdict(settings), "arguments": vars(args),
+                  "published_ms": PUBLISHED_MS, "rows": [dataclasses.asdict(row) for row in rows],
+                  "pipeline": pipeline, "targets": targets, "seconds": args.budget_s - budget.left()}
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
