@@ -146,9 +146,12 @@ def align_characters(log_probs: np.ndarray) -> CharacterAlignment:
     if not words:
         raise ValueError("the tokens decode to no words (silence only); nothing to align")
     path = ctc_forced_align(log_probs, labels)
-    emitted = np.flatnonzero(path >= 0)
-    first = {int(j): int(emitted[np.argmax(path[emitted] == j)]) for j in np.unique(path[emitted])}
-    last = {int(j): int(emitted[len(emitted) - 1 - np.argmax(path[emitted][::-1] == j)]) for j in first}
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for frame, target in enumerate(path.tolist()):
+        if target >= 0:
+            first.setdefault(target, frame)
+            last[target] = frame
     symbols, _ = sequence_symbols([list(word) for word in words])
     letter_labels = [j for j, label in enumerate(labels) if label != WORD_DELIMITER]
     starts, letter = [], 0  # letter: how many letters precede this position

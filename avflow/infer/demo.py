@@ -71,7 +71,8 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     t2t_cfg = text2tokens_config(cfg)
     print(f"[5/6] training the text-to-tokens model ({t2t_cfg.text2tokens.front_end} front end, "
           f"{t2t_cfg.text2tokens.decoder} decoder) for {t2t_cfg.trainer.steps} steps in {t2t_cfg.trainer.run_dir}")
-    text2tokens = load_text2tokens(Trainer(t2t_cfg, resume=True).fit(), cfg.trainer.device)
+    t2t_trainer = Trainer(t2t_cfg, resume=True)
+    text2tokens = load_text2tokens(t2t_trainer.fit(), t2t_trainer.device)
     held_out_names = sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns))
     frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
     t2t_scores = evaluate_text2tokens(text2tokens, [transcripts[name] for name in held_out_names], frames)
