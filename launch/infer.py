@@ -21,6 +21,7 @@ from pathlib import Path
 import submitit
 
 from avflow.cli import build_parser as avflow_parser
+from avflow.cli import main as avflow_main
 from avflow.infer.artifacts import FACE_DECODER_FILE
 from avflow.infer.batch import results_name
 from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit_array
@@ -36,13 +37,12 @@ class ShardInference(submitit.helpers.Checkpointable):
     The requeued task runs it again; `avflow infer` skips the items its results file already holds.
     """
 
-    def __init__(self, infer_argv: list[str], shards: int):
+    def __init__(self, infer_argv: list[str], shards: int, output: Path):
         self.infer_argv = infer_argv
         self.shards = shards
+        self.output = output
 
     def __call__(self, shard: int) -> dict[str, list[str]]:
-        from avflow.cli import main as avflow_main
-
         # A preempted run may have stored a failure (its requeue kills it mid-call); drop it, so the task
         # only counts as done once this run finishes.
         submitit.JobEnvironment().paths.result_pickle.unlink(missing_ok=True)
@@ -51,7 +51,7 @@ class ShardInference(submitit.helpers.Checkpointable):
         if status != 0:
             raise RuntimeError(f"avflow {shlex.join(argv)} exited with status {status}; "
                                "its error is in this task's stderr log")
-        return shard_summary(Path(argv[argv.index("-o") + 1]), shard, self.shards)
+        return shard_summary(self.output, shard, self.shards)
 
 
 def shard_summary(output: Path, shard: int, shards: int) -> dict[str, list[str]]:
@@ -155,12 +155,17 @@ def task_command_comment(args: argparse.Namespace) -> str:
     return f"# array task I (0 <= I < {args.array}) runs: avflow {shlex.join(infer_command(args))} --shard I/{args.array}"
 
 
+def shard_task(args: argparse.Namespace) -> ShardInference:
+    """What every array task of this launch runs, given its shard index."""
+    return ShardInference(infer_command(args), args.array, args.output.absolute())
+
+
 def submit_inference(args: argparse.Namespace) -> list[submitit.Job]:
     """Submit the array; returns one job per task."""
     executor = slurm_executor(args, args.job_dir or Path(DEFAULT_JOB_DIR), args.job_name,
                               gpus_per_node=args.gpus_per_node)
     log.info(task_command_comment(args).lstrip("# "))
-    return submit_array(executor, ShardInference(infer_command(args), args.array), list(range(args.array)))
+    return submit_array(executor, shard_task(args), list(range(args.array)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def check_every_item_recorded_once(output: Path) -> None:
 def test_array_tasks_split_the_manifest_and_a_rerun_redoes_nothing(model_file, tmp_path):
     output = tmp_path / "results"
     args = launch_args(model_file, write_items(tmp_path), output, "--partition", "cpu")
-    task = infer.ShardInference(infer.infer_command(args), args.array)
+    task = infer.shard_task(args)
     executor = submitit.LocalExecutor(folder=tmp_path / "jobs")  # each task a local job, as SLURM would run it
 
     def run(shard: int) -> dict:
