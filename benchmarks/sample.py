@@ -434,8 +434,10 @@ def device_name(device: torch.device) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, vocoder and inputs: a CPU smoke run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, vocoder and inputs: a smoke run (on CPU with one thread)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--frames", type=int, help="frames per sample (default 1725; --quick 128)")
     parser.add_argument("--nfe", type=int, help="network evaluations per sample (default 16; --quick 4)")
     parser.add_argument("--repeats", type=int, help="timed calls per row (default 7; --quick 3)")
