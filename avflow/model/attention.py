@@ -101,30 +101,54 @@ def _band_block_mask(length: int, back: int, ahead: int, device: str):
     return create_block_mask(in_band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
 
 
-def flex_attention_band(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None,
-                        compiled: bool = True) -> torch.Tensor:
-    """FlexAttention over the band; padded keys are masked by a per-batch mask when `valid` is given."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def band_key_mask(valid: torch.Tensor, back: int, ahead: int):
+    """The FlexAttention block mask of the band with padded keys masked, for `valid` (B, T).
 
-    length = q.shape[-2]
+    Building it costs more than a small attention call, so a network builds it once per forward and
+    hands it to every block (see `prepare_key_mask`) instead of once per block.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def in_band_and_valid(b, h, q_idx, kv_idx):
+        band = (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
+        return (band & valid[b, kv_idx]) | ((q_idx == kv_idx) & ~valid[b, q_idx])
+
+    length = valid.shape[1]
+    return create_block_mask(in_band_and_valid, B=valid.shape[0], H=None, Q_LEN=length, KV_LEN=length,
+                             device=valid.device)
+
+
+def flex_attention_band(q, k, v, back: int, ahead: int, valid=None, compiled: bool = True) -> torch.Tensor:
+    """FlexAttention over the band; padded keys are masked when `valid` is given, either as the (B, T)
+    frame mask or as its prepared block mask (`band_key_mask`)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
     if valid is None:
-        block_mask = _band_block_mask(length, back, ahead, str(q.device))
+        block_mask = _band_block_mask(q.shape[-2], back, ahead, str(q.device))
+    elif isinstance(valid, BlockMask):
+        block_mask = valid
     else:
-        def in_band_and_valid(b, h, q_idx, kv_idx):
-            band = (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
-            return (band & valid[b, kv_idx]) | ((q_idx == kv_idx) & ~valid[b, q_idx])
-
-        block_mask = create_block_mask(in_band_and_valid, B=q.shape[0], H=None, Q_LEN=length, KV_LEN=length,
-                                       device=q.device)
+        block_mask = band_key_mask(valid, back, ahead)
     attend = _compiled_flex() if compiled else flex_attention
     return attend(q, k, v, block_mask=block_mask)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    return ("flex" if device.type == "cuda" else "banded") if backend == "auto" else backend
+
+
+def prepare_key_mask(valid: torch.Tensor | None, back: int, ahead: int, backend: str, device: torch.device):
+    """What the blocks of one forward pass share as their key mask: for FlexAttention the block mask, built
+    once here; for the other backends the (B, T) frame mask itself."""
+    if valid is not None and resolve_backend(backend, device) == "flex":
+        return band_key_mask(valid, back, ahead)
+    return valid
 
 
 def local_attention(q, k, v, back: int, ahead: int, valid: torch.Tensor | None = None,
                     backend: str = "auto") -> torch.Tensor:
     """Dispatch to a backend; `auto` takes FlexAttention on CUDA and the banded tiles elsewhere."""
-    if backend == "auto":
-        backend = "flex" if q.is_cuda else "banded"
+    backend = resolve_backend(backend, q.device)
     if backend == "flex":
         return flex_attention_band(q, k, v, back, ahead, valid)
     if backend == "banded":

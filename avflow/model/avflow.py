@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from avflow.config import ModelConfig
+from avflow.model.attention import prepare_key_mask
 from avflow.model.dit import DiTBlock, TimestepEmbedding
 
 
@@ -43,6 +44,7 @@ class AVFlowNet(nn.Module):
         """
         visual_dim = self.cfg.visual_dim
         time_embedding = self.time_embed(t)
+        valid = prepare_key_mask(valid, self.cfg.window_back, self.cfg.window_ahead, self.cfg.attention, x.device)
         visual = self.input_proj_v(torch.cat([x[..., :visual_dim], cond], dim=-1))
         audio = self.input_proj_a(torch.cat([x[..., visual_dim:], cond], dim=-1))
         for block_v, block_a, fusion in zip(self.transformer_blocks_v, self.transformer_blocks_a, self.fusion):

@@ -63,3 +63,33 @@ def test_far_keys_have_no_influence():
     assert torch.equal(before[..., untouched, :], after[..., untouched, :])
     assert not torch.allclose(before[..., 72, :], after[..., 72, :])
     assert not torch.allclose(before[..., 96, :], after[..., 96, :])
+
+
+def test_network_shares_one_flex_block_mask_across_blocks(monkeypatch):
+    """With FlexAttention the network builds the padded-key block mask once per forward (not once per block)
+    and computes what the banded backend computes."""
+    import dataclasses
+
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from avflow.config import ModelConfig
+    from avflow.model import attention
+    from avflow.model.avflow import AVFlowNet
+
+    monkeypatch.setattr(attention, "_compiled_flex", lambda: flex_attention)  # eager FlexAttention on CPU
+    built = []
+    real_band_key_mask = attention.band_key_mask
+    monkeypatch.setattr(attention, "band_key_mask", lambda *a: built.append(1) or real_band_key_mask(*a))
+    cfg = ModelConfig(d_model=32, n_blocks=3, n_heads=2, ffn_hidden=64, attention="flex")
+    torch.manual_seed(0)
+    flex_net = AVFlowNet(cfg).eval()
+    banded_net = AVFlowNet(dataclasses.replace(cfg, attention="banded")).eval()
+    banded_net.load_state_dict(flex_net.state_dict())
+    x, cond, t = torch.randn(2, 40, cfg.state_dim), torch.randn(2, 40, cfg.cond_dim), torch.rand(2)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, 25:] = False
+    with torch.no_grad():
+        out = flex_net(x, t, cond, valid)
+        expected = banded_net(x, t, cond, valid)
+    assert len(built) == 1
+    torch.testing.assert_close(out[valid], expected[valid], atol=1e-5, rtol=1e-5)
