@@ -1,4 +1,4 @@
-"""Text -> (M, 29) token log-probabilities at the mel frame rate with a trained text-to-tokens model.
+"""Text -> (M, 29) token logits at the mel frame rate with a trained text-to-tokens model.
 
     t2t = load_text2tokens("t2t.safetensors")     # or a training step directory
     log_probs = t2t.token_logits("Hello there, friend.", rate=1.0, pause_scale=1.0, seed=0)
@@ -43,7 +43,8 @@ class TextToTokens:
 
     def token_logits(self, text: str, rate: float = 1.0, pause_scale: float = 1.0, temperature: float | None = None,
                      seed: int = 0) -> np.ndarray:
-        """(M, 29) float32 log-probabilities for `text` at the mel frame rate, the same for the same seed.
+        """(M, 29) float32 token logits for `text` at the mel frame rate, in the value domain of the training shards'
+        tokens; the same for the same seed.
 
         rate: speaking rate (2.0 is twice as fast: every duration divided by it). pause_scale: multiplies the
         silences, word gaps and punctuation pauses. temperature: noise scale of the flow-matching decoder
@@ -66,7 +67,9 @@ class TextToTokens:
             ids, scale, extra = self._inputs(piece, symbols, rate, pause_scale)
             tokens, _ = generate_tokens(self.net, torch.from_numpy(ids).to(self.device), scale, extra, temperature,
                                         generator)
-            pieces.append(torch.log_softmax((tokens * self.token_std + self.token_mean).float(), dim=-1).cpu().numpy())
+            # In the shards' own domain (raw wav2vec2 logits for extracted data, log-probabilities for the demo
+            # corpus): that is what the main model trained on those shards is conditioned on.
+            pieces.append((tokens * self.token_std + self.token_mean).float().cpu().numpy())
         return np.concatenate(pieces).astype(np.float32)
 
     def _pieces(self, words: list[tuple[str, str]], symbols: dict[str, list[str]]) -> list[list[tuple[str, str]]]:
