@@ -147,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
         name = Path(args.tokens).stem
     elif args.text is not None:
-        tokens = tokens_for_text(model, args.text, seed=cfg.sample.seed)
+        tokens = tokens_for_text(model, args.text, args.rate, args.pause_scale, cfg.sample.seed)
         name = args.name
     else:
         tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
@@ -171,8 +171,10 @@ def cmd_infer(args: argparse.Namespace) -> None:
     items = args.inputs
     with tempfile.TemporaryDirectory() as scratch:
         if items is None:  # one item from --text / --audio / --tokens, as a one-line manifest
-            source = {"text": args.text} if args.text is not None else (
-                {"audio": str(Path(args.audio).resolve())} if args.audio else {"tokens": str(Path(args.tokens).resolve())})
+            if args.text is not None:
+                source = {"text": args.text, "rate": args.rate, "pause_scale": args.pause_scale}
+            else:
+                source = {"audio": str(Path(args.audio).resolve())} if args.audio else {"tokens": str(Path(args.tokens).resolve())}
             items = Path(scratch) / "items.jsonl"
             items.write_text(json.dumps({"id": args.name, **source}) + "\n")
         face = None if args.no_video else (_face_decoder(args) or model.face_decoder)
@@ -277,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         source = sub.add_mutually_exclusive_group(required=required)
         source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
         source.add_argument("--text", help="text to speak")
+        sub.add_argument("--rate", type=float, default=1.0, help="speaking rate for --text (2.0: twice as fast)")
+        sub.add_argument("--pause-scale", type=float, default=1.0,
+                         help="pause length for --text (needs a text-to-tokens model)")
         source.add_argument("--audio", type=Path, help="speech .wav to re-synthesize (needs --asr-model)")
         return source
 

@@ -108,7 +108,8 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
         if "text" in spec:
             if not isinstance(spec["text"], str):
                 raise ValueError(f"text: expected a string, got {type(spec['text']).__name__}")
-            tokens = tokens_for_text(model, spec["text"], rate=float(spec.get("rate", 1.0)), seed=item.seed)
+            tokens = tokens_for_text(model, spec["text"], rate=float(spec.get("rate", 1.0)),
+                                     pause_scale=float(spec.get("pause_scale", 1.0)), seed=item.seed)
         elif "audio" in spec:
             tokens = tokens_from_audio(_resolve(base, spec["audio"]), asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
         else:

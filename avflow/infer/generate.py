@@ -135,11 +135,15 @@ def tokens_from_text(text: str, frame_rate: float) -> np.ndarray:
     return text_to_token_logits(text, frame_rate)
 
 
-def tokens_for_text(model: InferenceModel, text: str, rate: float = 1.0, seed: int = 0) -> np.ndarray:
+def tokens_for_text(model: InferenceModel, text: str, rate: float = 1.0, pause_scale: float = 1.0,
+                    seed: int = 0) -> np.ndarray:
     """Token logits at the mel frame rate from the model's learned text front end when it has one (an export
-    with text2tokens), else from the rule-based character timing the demo corpus is made with."""
+    with text2tokens, or --text2tokens), else from the rule-based character timing the demo corpus is made
+    with (which has no pause control)."""
     if model.text2tokens is not None:
-        return model.text2tokens.token_logits(text, rate=rate, seed=seed)
+        return model.text2tokens.token_logits(text, rate=rate, pause_scale=pause_scale, seed=seed)
+    if pause_scale != 1.0:
+        raise ValueError("pause_scale needs a text-to-tokens model (--text2tokens); the rule-based timing has none")
     return text_to_token_logits(text, model.cfg.mel.frame_rate, rate)
 
 

@@ -116,3 +116,14 @@ def test_dyadic_items_take_participant_inputs(tmp_path):
     by_id, _ = results(tmp_path / "out")
     assert by_id["pair"]["status"] == "ok" and abs(by_id["pair"]["audio_seconds"] - 1.2) < 0.02
     assert "dyadic model: it needs the participant's tokens" in by_id["alone"]["error"]
+
+
+def test_speaking_rate_and_pause_controls(model_file, tmp_path, capsys):
+    for rate in (1, 2):
+        assert main(["infer", "--model", str(model_file), "--text", "hello moon", "--rate", str(rate), "--name",
+                     f"r{rate}", "-o", str(tmp_path), "--no-video", "--quiet"]) == 0
+    by_id, _ = results(tmp_path)
+    assert by_id["r2"]["audio_seconds"] == pytest.approx(by_id["r1"]["audio_seconds"] / 2, abs=0.03)
+    assert main(["infer", "--model", str(model_file), "--text", "hi", "--pause-scale", "2", "--name", "p",
+                 "-o", str(tmp_path), "--no-video", "--quiet"]) == 0
+    assert "pause_scale needs a text-to-tokens model" in results(tmp_path)[0]["p"]["error"]

@@ -181,3 +181,26 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
     frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
     scores = evaluate_text2tokens(model, [transcripts[name] for name in held_out], frames)
     assert scores["cer"] < 0.05 and scores["duration_error"] < 0.10, scores
+
+
+def test_one_export_directory_serves_text_through_its_text_to_tokens_model(trained, tmp_path):
+    """`python -m avflow.export --text2tokens` puts the front end in the model directory, and `avflow infer --text`
+    then generates for exactly the frames that model gives the text."""
+    from avflow.cli import main
+    from avflow.export.__main__ import main as export_main
+    from conftest import tiny_model_file
+
+    _, t2t_file = trained
+    model = tiny_model_file(tmp_path / "main.safetensors")
+    out = tmp_path / "model"
+    assert export_main(["--checkpoint", str(model), "-o", str(out), "--format", "eager", "--max-seconds", "1",
+                        "--text2tokens", str(t2t_file), "--device", "cpu"]) == 0
+    assert main(["infer", "--model", str(out), "--text", "hello there", "--seed", "4", "-o", str(tmp_path / "r"),
+                 "--no-video", "--quiet"]) == 0
+    entry = json.loads((tmp_path / "r" / "results.jsonl").read_text())
+    frames = load_text2tokens(t2t_file).token_logits("hello there", seed=4).shape[0]
+    assert entry["status"] == "ok" and entry["audio_seconds"] == round(frames / 86.1328125, 3)
+    (tmp_path / "bogus.safetensors").write_bytes(b"not a model")
+    assert export_main(["--checkpoint", str(model), "-o", str(tmp_path / "m2"), "--format", "eager",
+                        "--text2tokens", str(tmp_path / "bogus.safetensors"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "m2").exists()
