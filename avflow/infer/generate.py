@@ -131,10 +131,6 @@ def tokens_from_file(path: str | Path, token_fps: float, frame_rate: float) -> n
     return interpolate_frames(tokens.astype(np.float32), token_fps, frames, frame_rate)
 
 
-def tokens_from_text(text: str, frame_rate: float) -> np.ndarray:
-    return text_to_token_logits(text, frame_rate)
-
-
 def tokens_for_text(model: InferenceModel, text: str, rate: float = 1.0, pause_scale: float = 1.0,
                     seed: int = 0) -> np.ndarray:
     """Token logits at the mel frame rate from the model's learned text front end when it has one (an export
