@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
-
-from torch import nn
 
 from avflow.config import Config
 from avflow.model.avflow import count_parameters
