@@ -52,7 +52,7 @@ from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.flow import FixedStepSampler
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.train.checkpoint import write_model_file
+from avflow.train.checkpoint import model_state_tensors, write_model_file
 from avflow.utils import atomic_path
 
 # The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,
@@ -304,10 +304,9 @@ def random_model_file(cfg: Config, path: Path) -> Path:
     net = random_network(cfg.model, torch.device("cpu"))
     codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim),
                        cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
-    head_vae = HeadVAE(cfg.head_vae)
-    tensors = {"ema": net.state_dict(), "codec": codec.state_dict(),
-               "head_vae": {"model_state_dict": head_vae.state_dict(), "pose_mean": torch.zeros(cfg.head_vae.pose_dim),
-                            "pose_std": torch.ones(cfg.head_vae.pose_dim)}}
+    pose_dim = cfg.head_vae.pose_dim
+    tensors = {"ema": net.state_dict(), **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(),
+                                                              torch.zeros(pose_dim), torch.ones(pose_dim))}
     return write_model_file(cfg, tensors, path, "benchmarks/sample.py (random weights)")
 
 

@@ -13,7 +13,7 @@ from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.train.checkpoint import write_model_file
+from avflow.train.checkpoint import model_state_tensors, write_model_file
 
 # The published wav2vec2 character vocabulary: <pad> (the CTC blank), 3 specials, then the 28 labels in order.
 PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
@@ -122,10 +122,9 @@ def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
     net = randomized(AVFlowNet(cfg.model), scale=0.1)
     codec = StateCodec(torch.randn(cfg.model.expression_dim), torch.rand(cfg.model.expression_dim) + 0.5,
                        cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
-    vae = HeadVAE(cfg.head_vae)
-    tensors = {"ema": net.state_dict(), "codec": codec.state_dict(),
-               "head_vae": {"model_state_dict": vae.state_dict(), "pose_mean": torch.zeros(cfg.head_vae.pose_dim),
-                            "pose_std": torch.ones(cfg.head_vae.pose_dim)}}
+    pose_dim = cfg.head_vae.pose_dim
+    tensors = {"ema": net.state_dict(), **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(),
+                                                              torch.zeros(pose_dim), torch.ones(pose_dim))}
     return write_model_file(cfg, tensors, path, "tests")
 
 

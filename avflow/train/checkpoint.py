@@ -176,6 +176,14 @@ INFERENCE_GROUPS = ("ema", "codec", "head_vae")  # what generation needs from a 
 MODEL_FILE_FORMAT = "avflow-model-v1"
 
 
+def model_state_tensors(codec: StateCodec, head_vae_state: dict[str, torch.Tensor], pose_mean: torch.Tensor,
+                        pose_std: torch.Tensor) -> dict[str, Any]:
+    """What an AV-Flow model needs besides its network weights ("ema"), in the layout checkpoints and model
+    files share: the expression/mel normalization and the head VAE with its pose statistics."""
+    return {"codec": codec.state_dict(),
+            "head_vae": {"model_state_dict": head_vae_state, "pose_mean": pose_mean, "pose_std": pose_std}}
+
+
 def inference_template(cfg: Config) -> dict[str, Any]:
     """Empty tensors of the right shapes for the inference groups of cfg.task, for DCP to fill."""
     if cfg.task == "text2tokens":
@@ -184,13 +192,9 @@ def inference_template(cfg: Config) -> dict[str, Any]:
         return {"ema": TextToTokensNet(cfg.text2tokens, len(symbols), token_dim).state_dict(),
                 "token_stats": {"mean": torch.zeros(token_dim), "std": torch.zeros(token_dim)}}
     pose_dim = cfg.head_vae.pose_dim
-    return {
-        "ema": AVFlowNet(cfg.model).state_dict(),
-        "codec": StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0,
-                            cfg.model).state_dict(),
-        "head_vae": {"model_state_dict": HeadVAE(cfg.head_vae).state_dict(), "pose_mean": torch.zeros(pose_dim),
-                     "pose_std": torch.zeros(pose_dim)},
-    }
+    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0, cfg.model)
+    return {"ema": AVFlowNet(cfg.model).state_dict(),
+            **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(), torch.zeros(pose_dim), torch.zeros(pose_dim))}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from avflow.config import Config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.train.checkpoint import write_model_file
+from avflow.train.checkpoint import model_state_tensors, write_model_file
 from avflow.utils import load_torch
 
 PUBLISHED_PREFIX = "diffusion_module."
@@ -91,12 +91,9 @@ def import_published(model_path: str | Path, head_vae_path: str | Path, headpose
     if pose_mean.shape[0] != pose_dim:
         raise ValueError(f"{stats_dir}: head-pose statistics have {pose_mean.shape[0]} values; the head VAE "
                          f"expects {pose_dim}")
-    tensors = {
-        "ema": {k[len(PUBLISHED_PREFIX):]: v.float() for k, v in state.items()},
-        # The published model consumes expression codes as they are: an identity normalization.
-        "codec": StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim),
-                            cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model).state_dict(),
-        "head_vae": {"model_state_dict": {k: v.float() for k, v in vae_state.items()},
-                     "pose_mean": pose_mean, "pose_std": pose_std},
-    }
+    # The published model consumes expression codes as they are: an identity normalization.
+    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.ones(cfg.model.expression_dim),
+                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+    tensors = {"ema": {k[len(PUBLISHED_PREFIX):]: v.float() for k, v in state.items()},
+               **model_state_tensors(codec, {k: v.float() for k, v in vae_state.items()}, pose_mean, pose_std)}
     return write_model_file(cfg, tensors, output, str(model_path))

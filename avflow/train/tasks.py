@@ -24,6 +24,7 @@ from avflow.data.plots import sample_figure
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss, sample
 from avflow.train.batches import Batch, build_batch_encoder
+from avflow.train.checkpoint import model_state_tensors
 from avflow.train.distributed import DistInfo
 from avflow.train.head_vae import decode_latents
 from avflow.train.metrics import training_flops_per_frame
@@ -65,9 +66,8 @@ class AVFlowTask:
         return validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
 
     def checkpoint_tensors(self) -> dict[str, Any]:
-        return {"codec": self.encoder.codec.state_dict(),
-                "head_vae": {"model_state_dict": self.encoder.head_vae.state_dict(),
-                             "pose_mean": self.encoder.pose_mean, "pose_std": self.encoder.pose_std}}
+        encoder = self.encoder
+        return model_state_tensors(encoder.codec, encoder.head_vae.state_dict(), encoder.pose_mean, encoder.pose_std)
 
     def flops_per_frame(self, parameters: int) -> float:
         return training_flops_per_frame(self.cfg.model, parameters)
