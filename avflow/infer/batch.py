@@ -197,7 +197,9 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
                 log.warning("item %s: %s", item.id, item.error)
             else:
                 entry["outputs"] = sorted(_listing(out_dir, item.id))
-                entry["audio_seconds"] = round(item.cond.shape[0] / model.cfg.mel.frame_rate, 3)
+                seconds = item.cond.shape[0] / model.cfg.mel.frame_rate
+                entry["audio_seconds"] = round(seconds, 3)
+                entry["real_time_factor"] = round(sum(item.timings.values()) / seconds, 5)  # wall s per s of audio
             results.record(entry)
             counts[entry["status"]] += 1
             bar.update(1)

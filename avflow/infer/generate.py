@@ -63,6 +63,10 @@ class InferenceModel:
         """(loop runner, window frames, length buckets, rows per call, pad rows) for these sampler settings."""
         if self.compiled is not None:
             self.compiled.check_settings(sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
+            if sample_cfg.num_samples > self.compiled.rows:
+                raise ValueError(f"{sample_cfg.num_samples} samples per input do not fit this export's batch of "
+                                 f"{self.compiled.rows} sequences; export again with --batch {sample_cfg.num_samples} "
+                                 "or more")
             key, frames, rows = "compiled", self.compiled.frames, self.compiled.rows
             buckets, pad_rows = [frames], True
         else:

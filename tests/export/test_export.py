@@ -51,6 +51,9 @@ def test_compiled_export_refuses_other_sampler_settings(model_file, tmp_path):
     model.cfg.sample.nfe = 8
     with pytest.raises(ValueError, match="exported for method=euler nfe=2"):
         generate_batch(model, [np.zeros((10, 29), np.float32)])
+    model.cfg.sample.nfe, model.cfg.sample.num_samples = 2, 4
+    with pytest.raises(ValueError, match="4 samples per input do not fit this export's batch of 3"):
+        generate_batch(model, [np.zeros((10, 29), np.float32)])
 
 
 def test_failed_parity_or_existing_output_leaves_the_output_untouched(model_file, tmp_path, monkeypatch):

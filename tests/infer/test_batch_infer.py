@@ -115,6 +115,9 @@ def test_dyadic_items_take_participant_inputs(tmp_path):
                  "--no-video", "--quiet"]) == 0
     by_id, _ = results(tmp_path / "out")
     assert by_id["pair"]["status"] == "ok" and abs(by_id["pair"]["audio_seconds"] - 1.2) < 0.02
+    timings = by_id["pair"]["timings"]
+    assert by_id["pair"]["real_time_factor"] == pytest.approx(sum(timings.values()) / by_id["pair"]["audio_seconds"],
+                                                              rel=0.02)
     assert "dyadic model: it needs the participant's tokens" in by_id["alone"]["error"]
 
 
