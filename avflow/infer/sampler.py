@@ -22,7 +22,7 @@ from avflow.model.flow import crossfade_weights, window_spans
 log = logging.getLogger(__name__)
 
 NO_CUDA_GRAPH_ENV = "AVFLOW_NO_CUDA_GRAPH"
-GRAPH_WARMUP_RUNS = 2  # lazy initialisation (cuBLAS handles, compiled kernels) must happen before capture
+GRAPH_WARMUP_RUNS = 3  # lazy work (cuBLAS handles, compiled kernels, TorchScript profiling runs) must precede capture
 
 # x0 (rows, frames, state), cond (rows, frames, cond), valid (rows, frames) -> x1 (rows, frames, state)
 LoopFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
