@@ -21,6 +21,7 @@ from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
+from avflow.model.dit import DiTBlock
 from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
@@ -81,11 +82,13 @@ class InferenceModel:
 
 
 def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
-                         batch_rows: int = 12) -> InferenceModel:
+                         batch_rows: int = 12, compile_blocks: bool = False) -> InferenceModel:
     """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
     file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
 
     `dtype` (fp32 | bf16) is the network's precision; an export directory fixes it at export time.
+    `compile_blocks` compiles every DiT block (static shapes: once per length bucket) for the eager sampler,
+    which the CUDA graph then captures.
     """
     target = pick_device(device)
     exported = is_model_directory(checkpoint)
@@ -102,6 +105,10 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
     model = InferenceModel(cfg, net.to(target, DTYPES[dtype]).eval(), codec, head_vae.eval(), pose_mean, pose_std,
                            target, DTYPES[dtype], batch_rows=batch_rows)
+    if compile_blocks:
+        for block in net.modules():
+            if isinstance(block, DiTBlock):
+                block.compile(dynamic=False)
     if exported:
         directory = Path(checkpoint)
         model.compiled = load_compiled_sampler(directory, meta, target)

@@ -90,3 +90,18 @@ def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
     assert runner.use_cuda_graph and len(runner.graphs) == 1
     torch.testing.assert_close(first, loop(x0, cond, valid), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(second, loop(x0 * 0.5, cond, valid), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_blocks_generate_what_eager_blocks_generate(tmp_path):
+    import numpy as np
+
+    from avflow.infer.generate import generate_batch, load_inference_model
+    from conftest import tiny_model_file
+
+    path = tiny_model_file(tmp_path / "tiny.safetensors", ["sample.max_frames=48", "sample.window_overlap=8"])
+    conds = [np.random.default_rng(0).standard_normal((40, 29)).astype(np.float32)]
+    eager = generate_batch(load_inference_model(path, "cpu"), conds)[0]
+    compiled_model = load_inference_model(path, "cpu", compile_blocks=True)
+    assert all(block._compiled_call_impl is not None for block in compiled_model.net.transformer_blocks_v)
+    compiled = generate_batch(compiled_model, conds)[0]
+    np.testing.assert_allclose(compiled.mel, eager.mel, atol=1e-3)
