@@ -10,7 +10,7 @@ from avflow.train import checkpoint as checkpoint_module
 from avflow.train.checkpoint import (consolidate, latest_checkpoint, list_checkpoints, load_inference_tensors,
                                      read_meta)
 from avflow.train.loop import Trainer
-from conftest import packed_tiny_corpus
+from conftest import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=3", "trainer.steps=6", "trainer.warmup_steps=2", "trainer.checkpoint_every=3",
@@ -29,33 +29,8 @@ def config(shards, run_dir, *extra):
     return load_config(None, TINY + shards + [f"trainer.run_dir={run_dir}", *extra])
 
 
-def run_steps(trainer, count):
-    losses = []
-    for _ in range(count):
-        losses.append(trainer.train_step(trainer.step)["loss"])
-        trainer.step += 1
-    return losses
-
-
-def model_weights(trainer):
-    return trainer.engine.full_model_state_dict()
-
-
 def test_resume_matches_uninterrupted_run(tmp_path, shards):
-    uninterrupted = Trainer(config(shards, tmp_path / "a"), progress=False)
-    losses = run_steps(uninterrupted, 6)
-
-    interrupted = Trainer(config(shards, tmp_path / "b"), progress=False)
-    assert run_steps(interrupted, 3) == losses[:3]
-    interrupted.save()
-    torch.manual_seed(12345)  # a fresh process would have different global RNG state
-    resumed = Trainer(config(shards, tmp_path / "b"), resume=True, progress=False)
-    assert resumed.step == 3
-    assert run_steps(resumed, 3) == losses[3:]
-    for name, value in model_weights(uninterrupted).items():
-        assert torch.equal(value, model_weights(resumed)[name]), name
-    for name, value in uninterrupted.ema.params.items():
-        assert torch.equal(value, resumed.ema.params[name]), name
+    check_resume_matches_uninterrupted(lambda run_dir: config(shards, run_dir), tmp_path, 6)
 
 
 def test_fit_writes_checkpoints_and_keeps_last_k(tmp_path, shards):

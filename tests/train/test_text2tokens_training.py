@@ -16,6 +16,7 @@ from avflow.infer.text2tokens import load_text2tokens
 from avflow.train.checkpoint import consolidate
 from avflow.train.loop import Trainer
 from avflow.train.text2tokens import prepare_examples
+from conftest import check_resume_matches_uninterrupted
 
 TINY = ["task=text2tokens", "text2tokens.front_end=character", "text2tokens.d_model=16", "text2tokens.n_heads=2",
         "text2tokens.encoder_layers=1", "text2tokens.ffn_hidden=16", "text2tokens.duration_hidden=16",
@@ -63,27 +64,8 @@ def test_examples_come_from_the_shards_own_tokens(shards):
             assert greedy_transcript(example.tokens) == example.text
 
 
-def run_steps(trainer, count):
-    losses = []
-    for _ in range(count):
-        losses.append(trainer.train_step(trainer.step)["loss"])
-        trainer.step += 1
-    return losses
-
-
 def test_resume_matches_the_uninterrupted_run(shards, tmp_path):
-    uninterrupted = Trainer(config(shards, tmp_path / "a"), progress=False)
-    losses = run_steps(uninterrupted, 4)
-    interrupted = Trainer(config(shards, tmp_path / "b"), progress=False)
-    assert run_steps(interrupted, 2) == losses[:2]
-    interrupted.save()
-    torch.manual_seed(12345)  # a fresh process would have different global RNG state
-    resumed = Trainer(config(shards, tmp_path / "b"), resume=True, progress=False)
-    assert resumed.step == 2
-    assert run_steps(resumed, 2) == losses[2:]
-    expected, got = uninterrupted.engine.full_model_state_dict(), resumed.engine.full_model_state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert all(torch.equal(uninterrupted.ema.params[k], resumed.ema.params[k]) for k in expected)
+    check_resume_matches_uninterrupted(lambda run_dir: config(shards, run_dir), tmp_path, 4)
 
 
 def test_auto_front_end_is_recorded_as_what_was_used(shards, tmp_path, monkeypatch):
