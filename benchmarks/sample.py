@@ -53,6 +53,7 @@ from avflow.model.flow import FixedStepSampler
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.train.checkpoint import model_state_tensors, write_model_file
+from avflow.train.parallel import apply_compile
 from avflow.utils import atomic_path
 
 # The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,
@@ -166,8 +167,7 @@ def compile_network(net: AVFlowNet, scope: str) -> torch.nn.Module:
     """torch.compile (static shapes) of each DiT block in place, or of the whole network."""
     if scope == "network":
         return torch.compile(net, dynamic=False)
-    for block in [*net.transformer_blocks_v, *net.transformer_blocks_a]:
-        block.compile(dynamic=False)
+    apply_compile(net, dynamic=False)
     return net
 
 

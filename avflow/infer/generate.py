@@ -21,7 +21,6 @@ from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
-from avflow.model.dit import DiTBlock
 from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
@@ -33,6 +32,7 @@ from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.train.loop import pick_device
+from avflow.train.parallel import apply_compile
 from avflow.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     model = InferenceModel(cfg, net.to(target, DTYPES[dtype]).eval(), codec, head_vae.eval(), pose_mean, pose_std,
                            target, DTYPES[dtype], batch_rows=batch_rows)
     if compile_blocks:
-        for block in net.modules():
-            if isinstance(block, DiTBlock):
-                block.compile(dynamic=False)
+        apply_compile(net, dynamic=False)
     if exported:
         directory = Path(checkpoint)
         model.compiled = load_compiled_sampler(directory, meta, target)

@@ -71,10 +71,13 @@ def apply_activation_checkpointing(model: AVFlowNet) -> None:
         block.__class__ = CheckpointedDiTBlock
 
 
-def apply_compile(model: AVFlowNet) -> None:
-    """Compile each block in place (`Module.compile`), which, unlike torch.compile(module), adds no key prefix."""
+def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
+    """Compile each block in place (`Module.compile`), which, unlike torch.compile(module), adds no key prefix.
+
+    `dynamic=False` (inference) compiles once per input shape, as its length buckets and CUDA graphs expect.
+    """
     for block in dit_blocks(model):
-        block.compile()
+        block.compile(dynamic=dynamic)
 
 
 def apply_fsdp(model: AVFlowNet, cfg: Config, info: DistInfo) -> None:
