@@ -45,7 +45,7 @@ class InferenceModel:
     """Everything generation needs, from a training checkpoint, a consolidated file or an export directory."""
 
     cfg: Config
-    net: AVFlowNet
+    net: AVFlowNet | None  # None for a torchscript/aoti export: its compiled loop holds the network
     codec: StateCodec
     head_vae: HeadVAE
     pose_mean: torch.Tensor
@@ -99,17 +99,23 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, tensors = load_inference_tensors(Path(checkpoint) / WEIGHTS_FILE if exported else checkpoint)
-    net = AVFlowNet(cfg.model)
-    net.load_state_dict(tensors["ema"])
+    compiled = load_compiled_sampler(checkpoint, meta, target) if exported else None
+    net = None
+    if compiled is None:  # a compiled export carries its own copy of the network
+        net = AVFlowNet(cfg.model)
+        net.load_state_dict(tensors["ema"])
+        net = net.to(target, DTYPES[dtype]).eval()
+        if compile_blocks:
+            apply_compile(net, dynamic=False)
+    elif compile_blocks:
+        raise ValueError(f"{checkpoint} is a {meta['format']} export, compiled already; --compile applies to "
+                         "eager exports and checkpoints")
     head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
     codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
-    model = InferenceModel(cfg, net.to(target, DTYPES[dtype]).eval(), codec, head_vae.eval(), pose_mean, pose_std,
-                           target, DTYPES[dtype], batch_rows=batch_rows)
-    if compile_blocks:
-        apply_compile(net, dynamic=False)
+    model = InferenceModel(cfg, net, codec, head_vae.eval(), pose_mean, pose_std, target, DTYPES[dtype], compiled,
+                           batch_rows=batch_rows)
     if exported:
         directory = Path(checkpoint)
-        model.compiled = load_compiled_sampler(directory, meta, target)
         if (directory / VOCODER_FILE).is_file():
             model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
         if (directory / FACE_DECODER_FILE).is_file():
