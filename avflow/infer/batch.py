@@ -31,7 +31,6 @@ from tqdm import tqdm
 from avflow.infer.generate import (InferenceModel, conditioning, generate_batch, participant_features_from_file,
                                    tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs)
 from avflow.infer.render import FaceDecoder
-from avflow.infer.vocoder import BigVGAN
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +149,9 @@ class ResultsLog:
 
 
 def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *, shard: tuple[int, int] | None = None,
-              vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None, asr_model: str | None = None,
-              retry_errors: bool = False, progress: bool = True) -> dict[str, int]:
-    """Process the manifest; returns counts of ok, error and skipped items."""
+              face_decoder: FaceDecoder | None = None, asr_model: str | None = None, retry_errors: bool = False,
+              progress: bool = True) -> dict[str, int]:
+    """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
@@ -167,7 +166,7 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
             counts["skipped"] += 1
         elif item.error is None and (out_dir / item.id).is_dir():
             # Renamed into place but not recorded (stopped in between): the folder is complete.
-            results.record({"id": item.id, "status": "ok", "outputs": sorted(_listing(out_dir, item.id)),
+            results.record({"id": item.id, "status": "ok", "outputs": _listing(out_dir, item.id),
                             "timings": {}, "recovered": True})
             counts["ok"] += 1
         else:
@@ -180,23 +179,23 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
             if item.error is None:
                 prepare(item, model, base, asr_model)
         good = [item for item in round_items if item.error is None]
-        sample_s = 0.0
+        generated = {}
         if good:
             started = time.perf_counter()
-            generated = generate_batch(model, [item.cond for item in good], model.cfg.sample,
-                                       [item.seed for item in good])
-            sample_s = (time.perf_counter() - started) / len(good)  # shared batches: each item's share
-        results_of = dict(zip((item.id for item in good), generated)) if good else {}
+            samples = generate_batch(model, [item.cond for item in good], model.cfg.sample, [item.seed for item in good])
+            generated = dict(zip((item.id for item in good), samples))
+            share = (time.perf_counter() - started) / len(good)  # the batches are shared: each item's share
+            for item in good:
+                item.timings["sample_s"] = round(share, 4)
         for item in round_items:
             if item.error is None:
-                item.timings["sample_s"] = round(sample_s, 4)
-                _write_item(item, results_of[item.id], model, out_dir, vocoder or model.vocoder, face_decoder)
+                _write_item(item, generated[item.id], model, out_dir, face_decoder)
             entry = {"id": item.id, "status": "error" if item.error else "ok", "timings": item.timings}
             if item.error:
                 entry["error"] = item.error
                 log.warning("item %s: %s", item.id, item.error)
             else:
-                entry["outputs"] = sorted(_listing(out_dir, item.id))
+                entry["outputs"] = _listing(out_dir, item.id)
                 seconds = item.cond.shape[0] / model.cfg.mel.frame_rate
                 entry["audio_seconds"] = round(seconds, 3)
                 entry["real_time_factor"] = round(sum(item.timings.values()) / seconds, 5)  # wall s per s of audio
@@ -208,14 +207,14 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
 
 
 def _listing(out_dir: Path, item_id: str) -> list[str]:
-    return [str(path.relative_to(out_dir)) for path in (out_dir / item_id).iterdir()]
+    return sorted(str(path.relative_to(out_dir)) for path in (out_dir / item_id).iterdir())
 
 
-def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, vocoder, face_decoder) -> None:
+def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, face_decoder) -> None:
     started = time.perf_counter()
     staging = out_dir / f"{STAGING_PREFIX}{item.id}"
     try:
-        write_outputs(generated, staging, item.id, model.cfg, vocoder, face_decoder, plot=False)
+        write_outputs(generated, staging, item.id, model.cfg, model.vocoder, face_decoder, plot=False)
         final = out_dir / item.id
         if final.exists():
             shutil.rmtree(final)  # an unrecorded earlier attempt (retry of a failed item)
