@@ -113,7 +113,7 @@ def _load_model(args: argparse.Namespace):
     """The model with the command's sampler overrides, its text front end and its vocoder if given."""
     from avflow.infer.generate import load_inference_model
 
-    model = load_inference_model(args.model, args.device, args.dtype, compile_blocks=args.compile)
+    model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile)
     _sample_overrides(args, model.cfg)
     if args.text2tokens:
         from avflow.infer.text2tokens import load_text2tokens
@@ -273,9 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--guidance-scale", type=float)
         sub.add_argument("--seed", type=int)
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (an export fixes its own)")
+        sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (default: bf16 on CUDA, fp32 elsewhere; an export fixes its own)")
         sub.add_argument("--compile", action="store_true",
-                         help="torch.compile every DiT block (eager exports and checkpoints; compiles per length bucket)")
+                         help="torch.compile the whole network (eager exports and checkpoints; once per length bucket "
+                              "and row count, at load on CUDA)")
 
     def with_source(sub: argparse.ArgumentParser, required: bool) -> None:
         source = sub.add_mutually_exclusive_group(required=required)

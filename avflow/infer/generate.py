@@ -26,13 +26,12 @@ from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.infer.artifacts import (DTYPES, FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE, CompiledSampler,
                                     is_model_directory, load_compiled_sampler, read_export_meta)
-from avflow.infer.sampler import GraphSampler, length_buckets, sample_sequences
+from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets, sample_sequences
 from avflow.infer.render import Camera, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.train.loop import pick_device
-from avflow.train.parallel import apply_compile
 from avflow.utils import atomic_path
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,13 @@ class InferenceModel:
     face_decoder: FaceDecoder | None = None  # the export directory's, when it has one
     batch_rows: int = 12  # sequences (windows x samples) per sampler call
     length_bucket_count: int = 4
+    compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
     samplers: dict = field(default_factory=dict, repr=False)
 
-    def sampler(self, sample_cfg: SampleConfig) -> tuple[GraphSampler, int, list[int], int, bool]:
-        """(loop runner, window frames, length buckets, rows per call, pad rows) for these sampler settings."""
+    def sampler(self, sample_cfg: SampleConfig) -> tuple[GraphSampler, int, list[int], int, list[int]]:
+        """(loop runner, window frames, length buckets, rows per call, row counts a call is padded to) for these
+        sampler settings. On CUDA every (length bucket, row count) shape is warmed up and captured here, once,
+        so no request pays for a compilation or a capture."""
         if self.compiled is not None:
             self.compiled.check_settings(sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
             if sample_cfg.num_samples > self.compiled.rows:
@@ -69,33 +71,45 @@ class InferenceModel:
                                  f"{self.compiled.rows} sequences; export again with --batch {sample_cfg.num_samples} "
                                  "or more")
             key, frames, rows = "compiled", self.compiled.frames, self.compiled.rows
-            buckets, pad_rows = [frames], True
+            buckets, counts = [frames], [rows]
         else:
-            key = (sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
-            frames, rows, pad_rows = sample_cfg.max_frames, max(self.batch_rows, sample_cfg.num_samples), False
+            key = (sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale, sample_cfg.num_samples)
+            frames, rows = sample_cfg.max_frames, max(self.batch_rows, sample_cfg.num_samples)
             buckets = length_buckets(frames, self.length_bucket_count)
+            counts = row_buckets(rows, sample_cfg.num_samples)
         if key not in self.samplers:
-            loop = self.compiled.loop if self.compiled is not None else FixedStepSampler(
-                guided(self.net, sample_cfg.guidance_scale), sample_cfg.method, sample_cfg.nfe, self.dtype)
-            self.samplers[key] = GraphSampler(loop, self.device)
-        return self.samplers[key], frames, buckets, rows, pad_rows
+            if self.compiled is not None:
+                loop = self.compiled.loop
+            else:
+                velocity = PreparedVelocity(self.net, sample_cfg.method, sample_cfg.nfe, self.compile_network,
+                                            max_shapes=len(buckets) * len(counts))
+                loop = FixedStepSampler(guided(velocity, sample_cfg.guidance_scale), sample_cfg.method,
+                                        sample_cfg.nfe, self.dtype)
+            runner = GraphSampler(loop, self.device)
+            if runner.use_cuda_graph:
+                runner.warm_up(buckets, counts, self.cfg.model.state_dim, self.cfg.model.cond_dim, self.device)
+            self.samplers[key] = runner
+        return self.samplers[key], frames, buckets, rows, counts
 
 
 def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
-                         batch_rows: int = 12, compile_blocks: bool = False) -> InferenceModel:
+                         batch_rows: int = 12, compile_network: bool = False) -> InferenceModel:
     """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
     file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
 
-    `dtype` (fp32 | bf16) is the network's precision; an export directory fixes it at export time.
-    `compile_blocks` compiles every DiT block (static shapes: once per length bucket) for the eager sampler,
-    which the CUDA graph then captures.
+    `dtype` (fp32 | bf16) is the network's precision, by default bf16 on CUDA (the sampler keeps its state in
+    fp32) and fp32 elsewhere; an export directory fixes it at export time. On CUDA, fp32 matmuls use TF32.
+    `compile_network` compiles the whole network (fullgraph, static shapes: once per length bucket and row
+    count) for the eager sampler, which the CUDA graph then captures.
     """
     target = pick_device(device)
     exported = is_model_directory(checkpoint)
     meta = read_export_meta(checkpoint) if exported else None
     if exported and dtype is not None and dtype != meta["dtype"]:
         raise ValueError(f"{checkpoint} was exported in {meta['dtype']}; --dtype {dtype} needs another export")
-    dtype = meta["dtype"] if exported else (dtype or "fp32")
+    if target.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    dtype = meta["dtype"] if exported else (dtype or ("bf16" if target.type == "cuda" else "fp32"))
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, tensors = load_inference_tensors(Path(checkpoint) / WEIGHTS_FILE if exported else checkpoint)
@@ -105,15 +119,13 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
         net = AVFlowNet(cfg.model)
         net.load_state_dict(tensors["ema"])
         net = net.to(target, DTYPES[dtype]).eval()
-        if compile_blocks:
-            apply_compile(net, dynamic=False)
-    elif compile_blocks:
+    elif compile_network:
         raise ValueError(f"{checkpoint} is a {meta['format']} export, compiled already; --compile applies to "
                          "eager exports and checkpoints")
     head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
     codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
-    model = InferenceModel(cfg, net, codec, head_vae.eval(), pose_mean, pose_std, target, DTYPES[dtype], compiled,
-                           batch_rows=batch_rows)
+    model = InferenceModel(cfg, net, codec, head_vae.to(target).eval(), pose_mean, pose_std, target, DTYPES[dtype],
+                           compiled, batch_rows=batch_rows, compile_network=compile_network)
     if exported:
         directory = Path(checkpoint)
         if (directory / VOCODER_FILE).is_file():
@@ -230,10 +242,10 @@ def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: S
     state_dim, n = model.cfg.model.state_dim, sample_cfg.num_samples
     noises = [sample_cfg.temperature * torch.randn(n, cond.shape[0], state_dim, generator=torch.Generator().manual_seed(seed))
               for cond, seed in zip(conds, seeds)]
-    runner, frames, buckets, rows, pad_rows = model.sampler(sample_cfg)
+    runner, frames, buckets, rows, row_counts = model.sampler(sample_cfg)
     states = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],
                               [noise.to(model.device) for noise in noises], frames, sample_cfg.window_overlap,
-                              buckets, rows, pad_rows)
+                              buckets, rows, row_counts)
     results = []
     for state in states:
         parts = model.codec.decode(state.float().cpu())

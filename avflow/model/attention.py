@@ -92,30 +92,47 @@ def _compiled_flex():
 
 
 @functools.lru_cache(maxsize=32)
-def _band_block_mask(length: int, back: int, ahead: int, device: str):
+def _band_blocks(length: int, back: int, ahead: int, device: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(kv_num_blocks, kv_indices, block size) of the band's FlexAttention blocks, every one marked partial.
+
+    A partial block evaluates the mask function per score, so any mask that is a subset of the band (padded
+    keys removed) can reuse these blocks unchanged: they depend on the length only, and are computed once per
+    length instead of once per forward. Blocks the band fills completely (only for windows wider than a
+    block) are merged into the partial ones for the same reason.
+    """
     from torch.nn.attention.flex_attention import create_block_mask
 
     def in_band(b, h, q_idx, kv_idx):
         return (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
 
-    return create_block_mask(in_band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    mask = create_block_mask(in_band, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+    counts, indices = mask.kv_num_blocks, mask.kv_indices
+    if mask.full_kv_num_blocks is not None and bool(mask.full_kv_num_blocks.any()):
+        slots = torch.arange(indices.shape[-1], device=indices.device)
+        partial = torch.where(slots < counts[..., None], indices, indices.shape[-1])
+        full = torch.where(slots < mask.full_kv_num_blocks[..., None], mask.full_kv_indices, indices.shape[-1])
+        merged = torch.cat([partial, full], dim=-1).sort(dim=-1).values[..., :indices.shape[-1]]
+        counts, indices = counts + mask.full_kv_num_blocks, merged.clamp_max(indices.shape[-1] - 1).to(indices.dtype)
+    return counts, indices, mask.BLOCK_SIZE
 
 
 def band_key_mask(valid: torch.Tensor, back: int, ahead: int):
-    """The FlexAttention block mask of the band with padded keys masked, for `valid` (B, T).
+    """The FlexAttention block mask of the band with the keys that `valid` (B, T) marks as padding masked.
 
-    Building it costs more than a small attention call, so a network builds it once per forward and
-    hands it to every block (see `prepare_key_mask`) instead of once per block.
+    The mask function reads `valid` by reference when the attention runs, so a sampler that keeps `valid` in
+    a static buffer builds this once per shape and refills the buffer (a captured CUDA graph replays it).
+    Padded queries attend to themselves only, so no row is empty.
     """
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import BlockMask
 
     def in_band_and_valid(b, h, q_idx, kv_idx):
         band = (kv_idx >= q_idx - back) & (kv_idx <= q_idx + ahead)
         return (band & valid[b, kv_idx]) | ((q_idx == kv_idx) & ~valid[b, q_idx])
 
     length = valid.shape[1]
-    return create_block_mask(in_band_and_valid, B=valid.shape[0], H=None, Q_LEN=length, KV_LEN=length,
-                             device=valid.device)
+    counts, indices, block_size = _band_blocks(length, back, ahead, str(valid.device))
+    return BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block_size, mask_mod=in_band_and_valid,
+                                    seq_lengths=(length, length))
 
 
 def flex_attention_band(q, k, v, back: int, ahead: int, valid=None, compiled: bool = True) -> torch.Tensor:
@@ -124,8 +141,8 @@ def flex_attention_band(q, k, v, back: int, ahead: int, valid=None, compiled: bo
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
     if valid is None:
-        block_mask = _band_block_mask(q.shape[-2], back, ahead, str(q.device))
-    elif isinstance(valid, BlockMask):
+        valid = torch.ones(q.shape[0], q.shape[-2], dtype=torch.bool, device=q.device)
+    if isinstance(valid, BlockMask):
         block_mask = valid
     else:
         block_mask = band_key_mask(valid, back, ahead)
@@ -137,10 +154,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return ("flex" if device.type == "cuda" else "banded") if backend == "auto" else backend
 
 
-def prepare_key_mask(valid: torch.Tensor | None, back: int, ahead: int, backend: str, device: torch.device):
+def prepare_key_mask(valid, back: int, ahead: int, backend: str, device: torch.device):
     """What the blocks of one forward pass share as their key mask: for FlexAttention the block mask, built
-    once here; for the other backends the (B, T) frame mask itself."""
-    if valid is not None and resolve_backend(backend, device) == "flex":
+    once here (or already built by the caller, who passes it in); for the other backends the (B, T) frame mask."""
+    if isinstance(valid, torch.Tensor) and resolve_backend(backend, device) == "flex":
         return band_key_mask(valid, back, ahead)
     return valid
 

@@ -48,8 +48,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class AdaLN(nn.Module):
     """LayerNorm without affine, modulated by the timestep embedding; returns the sublayer gate too.
 
-    The modulation is split as (gate, shift, scale); the gate rows start at zero (adaLN-Zero), so a
-    fresh block is the identity.
+    The modulation, `linear` of the time embedding (B, 3d), is split as (gate, shift, scale); the gate rows
+    start at zero (adaLN-Zero), so a fresh block is the identity. It depends on the time alone, so a sampler
+    with fixed step times computes it once per step time instead of once per network evaluation.
     """
 
     def __init__(self, d_model: int):
@@ -59,8 +60,8 @@ class AdaLN(nn.Module):
         nn.init.zeros_(self.linear.weight[:d_model])
         nn.init.zeros_(self.linear.bias[:d_model])
 
-    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate, shift, scale = self.linear(time_embedding)[:, None].chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, modulation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        gate, shift, scale = modulation[:, None].chunk(3, dim=-1)
         return self.norm(x) * (1 + scale) + shift, gate
 
 
@@ -81,11 +82,12 @@ class LocalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.project = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`rope`: this length's (cos, sin) tables when the caller shares one pair across blocks."""
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, self.n_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        cos, sin = rope_angles(length, self.head_dim, self.rope_base, x.device)
+        cos, sin = rope if rope is not None else rope_angles(length, self.head_dim, self.rope_base, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = local_attention(q, k, v, self.window_back, self.window_ahead, valid, self.backend)
         return self.project(out.transpose(1, 2).reshape(batch, length, -1))
@@ -97,9 +99,9 @@ class AttentionSublayer(nn.Module):
         self.ada_ln = AdaLN(d_model)
         self.self_attn = attention
 
-    def forward(self, x, time_embedding, valid):
-        y, gate = self.ada_ln(x, time_embedding)
-        return x + gate * self.self_attn(y, valid)
+    def forward(self, x, modulation, valid, rope=None):
+        y, gate = self.ada_ln(x, modulation)
+        return x + gate * self.self_attn(y, valid, rope)
 
 
 class FeedForwardSublayer(nn.Module):
@@ -108,8 +110,8 @@ class FeedForwardSublayer(nn.Module):
         self.ada_ln = AdaLN(d_model)
         self.block = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
 
-    def forward(self, x, time_embedding):
-        y, gate = self.ada_ln(x, time_embedding)
+    def forward(self, x, modulation):
+        y, gate = self.ada_ln(x, modulation)
         return x + gate * self.block(y)
 
 
@@ -123,6 +125,20 @@ class DiTBlock(nn.Module):
         self.self_attn = AttentionSublayer(d_model, attention)
         self.feedforward = FeedForwardSublayer(d_model, ffn_hidden, dropout)
 
-    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return self.feedforward(self.self_attn(x, time_embedding, valid), time_embedding)
+    def modulation(self, time_embedding: torch.Tensor) -> torch.Tensor:
+        """Both sublayers' adaLN modulations (B, 2, 3d) for a time embedding (B, d)."""
+        return torch.stack([self.self_attn.ada_ln.linear(time_embedding),
+                            self.feedforward.ada_ln.linear(time_embedding)], dim=1)
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor | None, valid=None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) at the time of `time_embedding` (B, d), or of its precomputed `modulation` (B, 2, 3d).
+
+        The modulation is computed here, inside the block's own forward, when not given: under FSDP a block's
+        weights are gathered only around its forward.
+        """
+        if modulation is None:
+            modulation = self.modulation(time_embedding)
+        return self.feedforward(self.self_attn(x, modulation[:, 0], valid, rope), modulation[:, 1])
 

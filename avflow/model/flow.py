@@ -100,9 +100,7 @@ def integrate(velocity_fn: VelocityFn, x0: torch.Tensor, cond: torch.Tensor, val
               method: str, nfe: int) -> torch.Tensor:
     """Integrate from t=0 to 1 with `nfe` network evaluations (midpoint: nfe / 2 steps of 2)."""
     x = x0
-    steps = nfe if method == "euler" else nfe // 2
-    if method not in ("euler", "midpoint") or steps < 1:
-        raise ValueError(f"sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, got {method} nfe={nfe}")
+    steps = sampler_steps(method, nfe)
     dt = 1.0 / steps
     times = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)[:-1]
     for t in times:
@@ -167,6 +165,14 @@ def crossfade_weights(spans: list[tuple[int, int]], frames: int) -> list[torch.T
     return weights
 
 
+def sampler_steps(method: str, nfe: int) -> int:
+    """Steps of the fixed-step loop for `nfe` network evaluations: Euler one per step, midpoint two."""
+    steps = nfe if method == "euler" else nfe // 2
+    if method not in ("euler", "midpoint") or steps < 1 or (method == "midpoint" and nfe % 2):
+        raise ValueError(f"sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, got {method} nfe={nfe}")
+    return steps
+
+
 class FixedStepSampler(nn.Module):
     """`integrate` as a module with its schedule fixed, so it can be scripted (TorchScript) or captured whole.
 
@@ -176,14 +182,11 @@ class FixedStepSampler(nn.Module):
 
     def __init__(self, velocity: nn.Module, method: str, nfe: int, dtype: torch.dtype = torch.float32):
         super().__init__()
-        steps = nfe if method == "euler" else nfe // 2
-        if method not in ("euler", "midpoint") or steps < 1 or (method == "midpoint" and nfe % 2):
-            raise ValueError(f"sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, got {method} nfe={nfe}")
+        steps = sampler_steps(method, nfe)
         self.velocity = velocity
         self.midpoint = method == "midpoint"
         self.steps = steps
         self.dtype = dtype
-        self.register_buffer("times", torch.linspace(0.0, 1.0, steps + 1)[:-1], persistent=False)
 
     def _v(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.velocity(x.to(self.dtype), t.to(self.dtype), cond, valid).float()
@@ -193,7 +196,9 @@ class FixedStepSampler(nn.Module):
         cond = cond.to(self.dtype)
         dt = 1.0 / self.steps
         for step in range(self.steps):
-            t = self.times[step].expand(x.shape[0]).contiguous()  # compiled artifacts assume dense inputs
+            # built on the state's device each step (a CPU buffer would not follow the network to the GPU);
+            # dense, as compiled artifacts assume
+            t = torch.full([x.shape[0]], float(step) * dt, dtype=torch.float32, device=x.device)
             if self.midpoint:
                 half = x + 0.5 * dt * self._v(x, t, cond, valid)
                 x = x + dt * self._v(half, t + 0.5 * dt, cond, valid)

@@ -55,8 +55,8 @@ class CheckpointedDiTBlock(DiTBlock):
     the block stays picklable and deep-copyable.
     """
 
-    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return checkpoint(super().forward, x, time_embedding, valid, use_reentrant=False)
+    def forward(self, x, time_embedding, valid=None, rope=None, modulation=None) -> torch.Tensor:
+        return checkpoint(super().forward, x, time_embedding, valid, rope, modulation, use_reentrant=False)
 
 
 def dit_blocks(model: nn.Module) -> list[nn.Module]:

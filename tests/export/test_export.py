@@ -50,7 +50,7 @@ def test_compiled_export_refuses_other_sampler_settings(model_file, tmp_path):
     model = load_inference_model(tmp_path / "m", "cpu")
     assert model.net is None  # the TorchScript loop holds the network: no second copy in memory
     with pytest.raises(ValueError, match="torchscript export, compiled already"):
-        load_inference_model(tmp_path / "m", "cpu", compile_blocks=True)
+        load_inference_model(tmp_path / "m", "cpu", compile_network=True)
     model.cfg.sample.nfe = 8
     with pytest.raises(ValueError, match="exported for method=euler nfe=2"):
         generate_batch(model, [np.zeros((10, 29), np.float32)])

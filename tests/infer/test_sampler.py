@@ -50,7 +50,7 @@ def test_padded_and_batched_windows_equal_each_input_alone(tiny_net):
     conds = [torch.randn(n, TINY.cond_dim) for n in lengths]
     noises = [torch.randn(2, n, TINY.state_dim) for n in lengths]
     batched = sample_sequences(loop, conds, noises, max_frames=40, overlap=8, buckets=[20, 40], max_rows=6,
-                               pad_rows=True)
+                               row_counts=[6])
     for cond, noise, out in zip(conds, noises, batched):
         alone = loop(noise, cond.expand(2, -1, -1), torch.ones(2, cond.shape[0], dtype=torch.bool))
         torch.testing.assert_close(out, alone, atol=1e-4 * alone.abs().max().item(), rtol=1e-4)
@@ -92,7 +92,7 @@ def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
     torch.testing.assert_close(second, loop(x0 * 0.5, cond, valid), atol=1e-4, rtol=1e-4)
 
 
-def test_compiled_blocks_generate_what_eager_blocks_generate(tmp_path):
+def test_compiled_network_generates_what_the_eager_network_generates(tmp_path):
     import numpy as np
 
     from avflow.infer.generate import generate_batch, load_inference_model
@@ -101,7 +101,7 @@ def test_compiled_blocks_generate_what_eager_blocks_generate(tmp_path):
     path = tiny_model_file(tmp_path / "tiny.safetensors", ["sample.max_frames=48", "sample.window_overlap=8"])
     conds = [np.random.default_rng(0).standard_normal((40, 29)).astype(np.float32)]
     eager = generate_batch(load_inference_model(path, "cpu"), conds)[0]
-    compiled_model = load_inference_model(path, "cpu", compile_blocks=True)
-    assert all(block._compiled_call_impl is not None for block in compiled_model.net.transformer_blocks_v)
+    compiled_model = load_inference_model(path, "cpu", compile_network=True)
     compiled = generate_batch(compiled_model, conds)[0]
+    assert all(runner.loop.velocity.compiled_forward is not None for runner in compiled_model.samplers.values())
     np.testing.assert_allclose(compiled.mel, eager.mel, atol=1e-3)
