@@ -8,10 +8,12 @@ Sampling rows: 3 samples (one batch) and 1 sample of `--frames` frames (default 
 in the row's precision) on random weights:
 - the published way: fp32, eager, the 3 samples one after another, dense T x T masked attention;
 - eager fp32 and eager bf16 (bf16 weights, not autocast), batched;
-- compiled: bf16 with torch.compile (static shapes) of every DiT block (`--compile-scope block`, the
-  default: one compiled graph serves all 16 blocks, so it compiles once per input shape, in a fraction
-  of the whole network's compile time) or of the whole network (`--compile-scope network`);
-- CUDA graph: the compiled bf16 loop captured whole by `GraphSampler` and replayed (CUDA only).
+- prepared bf16: the network as inference runs it (`PreparedVelocity`: time embedding and adaLN modulations
+  precomputed per step time, the attention mask built once per call), eager;
+- compiled: the same, with the whole network compiled (fullgraph, static shapes);
+- CUDA graph: the compiled prepared loop captured whole by `GraphSampler` and replayed (CUDA only): the
+  sampler `avflow generate --compile` and `avflow infer --compile` use.
+Timed calls run with Dynamo's error_on_recompile: a recompilation after warm-up fails the row.
 Every row's output is compared with eager fp32 on the same noise, so a fast but wrong mode shows.
 
 Pipeline row: text -> rule-based token logits -> `generate_batch` (3 samples of one 20 s input, model file
@@ -46,14 +48,13 @@ import torch
 from avflow.config import Config, ModelConfig, load_config
 from avflow.data.text import text_to_token_logits
 from avflow.infer.generate import conditioning, generate_batch, load_inference_model
-from avflow.infer.sampler import GraphSampler, cuda_graphs_wanted
+from avflow.infer.sampler import GraphSampler, PreparedVelocity, cuda_graphs_wanted
 from avflow.infer.vocoder import BigVGAN, BigVGANConfig
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.flow import FixedStepSampler
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.train.checkpoint import model_state_tensors, write_model_file
-from avflow.train.parallel import apply_compile
 from avflow.utils import atomic_path
 
 # The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,
@@ -145,9 +146,10 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     warmup_s = time.perf_counter() - begin
     times: list[float] = []
     next_call_s = last_s  # the last warm-up call at first (pessimistic when it compiled), then the slowest timed one
-    while len(times) < repeats and budget.left() >= next_call_s:
-        times.append(time_call(fn, device, wall_clock))
-        next_call_s = max(times) / 1e3
+    with torch._dynamo.config.patch(error_on_recompile=True):  # warm-up compiled every shape the row uses
+        while len(times) < repeats and budget.left() >= next_call_s:
+            times.append(time_call(fn, device, wall_clock))
+            next_call_s = max(times) / 1e3
     if not times:
         return Timing(None, 0, warmup_s, f"not timed: {budget.left():.0f} s of the budget left after warm-up")
     note = f"{len(times)} of {repeats} repeats (budget)" if len(times) < repeats else ""
@@ -161,14 +163,6 @@ def random_network(cfg: ModelConfig, device: torch.device) -> AVFlowNet:
         for parameter in net.parameters():
             parameter.normal_(0.0, WEIGHT_STD)
     return net.to(device).eval()
-
-
-def compile_network(net: AVFlowNet, scope: str) -> torch.nn.Module:
-    """torch.compile (static shapes) of each DiT block in place, or of the whole network."""
-    if scope == "network":
-        return torch.compile(net, dynamic=False)
-    apply_compile(net, dynamic=False)
-    return net
 
 
 @dataclass
@@ -202,13 +196,14 @@ class SamplingBench:
 
     def __init__(self, settings: Settings, args: argparse.Namespace, device: torch.device):
         self.settings, self.device = settings, device
-        self.baseline_attention, self.compile_scope = args.baseline_attention, args.compile_scope
+        self.baseline_attention = args.baseline_attention
         cfg = ModelConfig(**settings.model, attention=args.attention)
         self.net_fp32 = random_network(cfg, device)
         self.net_dense = AVFlowNet(dataclasses.replace(cfg, attention=args.baseline_attention)).to(device).eval()
         self.net_dense.load_state_dict(self.net_fp32.state_dict())
         self.net_bf16 = copy.deepcopy(self.net_fp32).to(torch.bfloat16)
-        self.net_compiled = compile_network(copy.deepcopy(self.net_bf16), args.compile_scope)
+        self.prepared = PreparedVelocity(self.net_bf16, "euler", settings.nfe)
+        self.compiled = PreparedVelocity(self.net_bf16, "euler", settings.nfe, compile=True)
         generator = torch.Generator().manual_seed(1)
         self.inputs = {n: (torch.randn(n, settings.frames, cfg.state_dim, generator=generator).to(device),
                            torch.randn(n, settings.frames, cfg.cond_dim, generator=generator).to(device),
@@ -216,7 +211,7 @@ class SamplingBench:
         self.references: dict[int, torch.Tensor] = {}
         self.graph_samplers: dict[int, GraphSampler] = {}  # kept, so a fallback to eager can be reported
         print(f"model: {count_parameters(self.net_fp32):,} parameters; attention {cfg.attention} "
-              f"(published-style row: {args.baseline_attention}); {args.compile_scope} compile", flush=True)
+              f"(published-style row: {args.baseline_attention})", flush=True)
 
     def loop(self, net: torch.nn.Module, dtype: torch.dtype) -> FixedStepSampler:
         return FixedStepSampler(net, "euler", self.settings.nfe, dtype).to(self.device)
@@ -226,7 +221,7 @@ class SamplingBench:
                                                   for i in range(x0.shape[0])])
 
     def captured(self, samples: int) -> GraphSampler:
-        self.graph_samplers[samples] = GraphSampler(self.loop(self.net_compiled, torch.bfloat16), self.device,
+        self.graph_samplers[samples] = GraphSampler(self.loop(self.compiled, torch.bfloat16), self.device,
                                                     use_cuda_graph=True)
         return self.graph_samplers[samples]
 
@@ -238,7 +233,7 @@ class SamplingBench:
     def plans(self, samples: int) -> list[tuple[str, str, Callable[[], Callable], str]]:
         """(configuration, kind, sampler factory, reason to skip) of the rows for `samples` samples."""
         plural = "s" * (samples > 1)
-        compiled = f"{self.compile_scope}-compiled bf16"
+        compiled = "compiled prepared bf16"
         if cuda_graphs_wanted(self.device):
             graph_skip = ""
         elif self.device.type != "cuda":
@@ -250,8 +245,8 @@ class SamplingBench:
         return (published if samples == 3 else []) + [
             (f"eager fp32, {samples} sample{plural}", "eager", lambda: self.loop(self.net_fp32, torch.float32), ""),
             (f"eager bf16, {samples} sample{plural}", "eager", lambda: self.loop(self.net_bf16, torch.bfloat16), ""),
-            (f"{compiled}, {samples} sample{plural}", "compiled",
-             lambda: self.loop(self.net_compiled, torch.bfloat16), ""),
+            (f"prepared bf16, {samples} sample{plural}", "eager", lambda: self.loop(self.prepared, torch.bfloat16), ""),
+            (f"{compiled}, {samples} sample{plural}", "compiled", lambda: self.loop(self.compiled, torch.bfloat16), ""),
             (f"CUDA graph of the {compiled} loop, {samples} sample{plural}", "graph",
              lambda: self.captured(samples), graph_skip),
         ]
@@ -338,9 +333,8 @@ def pipeline_row(settings: Settings, args: argparse.Namespace, device: torch.dev
     cfg = load_config(None, overrides)
     with tempfile.TemporaryDirectory() as scratch:
         model_file = random_model_file(cfg, Path(scratch) / "model.safetensors")
-        model = load_inference_model(model_file, device=str(device), dtype="bf16", batch_rows=samples)
-    if args.pipeline_compile:
-        model.net = compile_network(model.net, args.compile_scope)
+        model = load_inference_model(model_file, device=str(device), dtype="bf16", batch_rows=samples,
+                                     compile_network=args.pipeline_compile)
     torch.manual_seed(0)
     vocoder_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.vocoder_dtype]
     vocoder = BigVGAN(settings.vocoder).to(device, vocoder_dtype).eval()
@@ -444,8 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention of every row but the published-style one (auto: flex on CUDA, banded on CPU)")
     parser.add_argument("--baseline-attention", default="dense", choices=("auto", "flex", "banded", "dense"),
                         help="attention of the published-style row (default dense, the published T x T mask)")
-    parser.add_argument("--compile-scope", default="block", choices=("block", "network"),
-                        help="torch.compile each DiT block (default) or the whole network")
     parser.add_argument("--pipeline-compile", action="store_true", help="compile the pipeline's network too")
     parser.add_argument("--vocoder-dtype", choices=("bf16", "fp32"),
                         help="BigVGAN precision (default bf16 on CUDA, fp32 on CPU)")

@@ -151,7 +151,8 @@ def run_steps(trainer, count):
     """Train `count` optimizer steps from the trainer's current step; returns their losses."""
     losses = []
     for _ in range(count):
-        losses.append(trainer.train_step(trainer.step)["loss"])
+        trainer.train_step(trainer.step)
+        losses.append(trainer.flush_metrics()["loss"])
         trainer.step += 1
     return losses
 

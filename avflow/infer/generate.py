@@ -92,6 +92,12 @@ class InferenceModel:
         return self.samplers[key], frames, buckets, rows, counts
 
 
+def default_dtype(device: torch.device) -> str:
+    """The network's precision when none is asked: bf16 on CUDA (tensor cores; the sampler's state stays fp32,
+    within 2e-2 of fp32 sampling, see docs/performance.md), fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
 def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
                          batch_rows: int = 12, compile_network: bool = False) -> InferenceModel:
     """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
@@ -109,7 +115,7 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
         raise ValueError(f"{checkpoint} was exported in {meta['dtype']}; --dtype {dtype} needs another export")
     if target.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-    dtype = meta["dtype"] if exported else (dtype or ("bf16" if target.type == "cuda" else "fp32"))
+    dtype = meta["dtype"] if exported else (dtype or default_dtype(target))
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     cfg, tensors = load_inference_tensors(Path(checkpoint) / WEIGHTS_FILE if exported else checkpoint)

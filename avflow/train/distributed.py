@@ -174,14 +174,18 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
 
 
 def pick_backend(cfg: Config, device: torch.device) -> str:
-    """`parallel.backend`, with auto meaning nccl for CUDA devices and gloo for CPU."""
+    """`parallel.backend`, with auto meaning nccl for CUDA devices and gloo for CPU.
+
+    NCCL only reduces CUDA tensors, so a CUDA group also gets gloo for CPU tensors (`cpu:gloo,cuda:nccl`):
+    a collective on a host tensor (an object gather, a stray CPU metric) works instead of failing the run.
+    """
     backend = cfg.parallel.backend
     if backend == "auto":
-        return "nccl" if device.type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
         raise RuntimeError(f"parallel.backend=nccl needs CUDA, but this process trains on {device}; "
                            "expected parallel.backend=gloo or auto")
-    return backend
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:

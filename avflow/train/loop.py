@@ -24,7 +24,7 @@ from avflow.model.avflow import count_parameters
 from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
                                      require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
-from avflow.train.metrics import gpu_memory_gib, peak_flops
+from avflow.train.metrics import StepMetrics, gpu_memory_gib, peak_flops
 from avflow.train.parallel import bf16_autocast, build_engine
 from avflow.train.tasks import VAL_SEED, build_task, resolved_config
 
@@ -66,10 +66,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, weights: dict[str, torch.Tensor], step: int) -> None:
-        """A short warmup of its own, so early checkpoints are not dominated by the random init."""
+        """A short warmup of its own, so early checkpoints are not dominated by the random init.
+
+        One fused multi-tensor launch for all (local shards of the) parameters, not one per parameter.
+        """
         effective = min(self.decay, (1 + step) / (10 + step))
-        for name, param in weights.items():
-            self.params[name].lerp_(param.detach().float(), 1 - effective)
+        names = list(self.params)
+        torch._foreach_lerp_([self.params[name] for name in names],
+                             [weights[name].detach().float() for name in names], 1 - effective)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded weights (collective under FSDP: every rank must call it)."""
@@ -95,9 +99,13 @@ class Trainer:
         model = self.task.build_model().to(self.device)
         self.parameters = count_parameters(model)
         t = cfg.trainer
+        # One fused kernel for all parameters, with its step counters on the device (the unfused CPU path reads
+        # each parameter's counter back to the host); DeepSpeed brings its own optimizer wrapper.
+        fused = cfg.parallel.strategy != "deepspeed"
         self.engine = build_engine(
             model, cfg, self.info,
-            lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay),
+            lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                             fused=fused or None),
             lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg)))
         self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None
         torch.manual_seed(cfg.trainer.seed + self.info.rank)  # different flow-matching noise per rank
@@ -105,6 +113,7 @@ class Trainer:
         self.task.load_data()
         self.train_batches = self.task.train_batches
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
+        self.metrics = StepMetrics(self.task.loss_parts, self.device, self._sum_over_ranks, self._min_over_ranks)
         if existing is not None:
             self._restore(existing)
         self.train_iter = iter(self.train_batches)
@@ -149,37 +158,42 @@ class Trainer:
             dist.all_reduce(values)
         return values
 
-    def train_step(self, step: int) -> dict[str, float]:
-        """One optimizer step over parallel.grad_accumulation micro-batches; metrics are means over ranks."""
+    def _min_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.info.is_distributed:
+            dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return values
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step over parallel.grad_accumulation micro-batches. Its metrics stay on the device in
+        `self.metrics` until the next `flush_metrics`: a step makes no host sync of its own."""
         self.engine.model.train()
         accumulation = self.cfg.parallel.grad_accumulation
-        parts_count = len(self.task.loss_parts)
-        sums = torch.zeros(parts_count + 3, dtype=torch.float64)  # loss, its parts, frames, data-wait seconds
+        waited = 0.0
         for micro in range(accumulation):
             wait_start = time.perf_counter()
             batch = self.task.prepare(next(self.train_iter))
-            waited = time.perf_counter() - wait_start
+            waited += time.perf_counter() - wait_start
             sync = contextlib.nullcontext() if micro == accumulation - 1 else self.engine.no_sync()
             with sync:
                 with autocast_context(self.cfg.trainer.precision, self.device):
                     loss, parts = self.task.loss(self.engine.model, batch)
                 self.engine.backward(loss)
-            values = torch.tensor([loss.item(), *(parts[part].item() for part in self.task.loss_parts),
-                                   self.task.frames(batch).sum().item(), waited], dtype=torch.float64)
-            sums += values
-        sums = self._sum_over_ranks(sums)
-        frames_index = parts_count + 1
-        scale = accumulation * self.info.world_size
-        if not math.isfinite(sums[0].item()):
-            raise FloatingPointError(f"step {step}: the loss is {sums[0].item() / scale} on at least one rank; "
-                                     f"stopping with the last good checkpoint intact in {self.run_dir / 'checkpoints'}")
+            self.metrics.add_micro_batch(step, loss, [parts[part] for part in self.task.loss_parts],
+                                         self.task.frames(batch))
         grad_norm = self.engine.step()
         if self.ema is not None:
             self.ema.update(self.engine.ema_source(), step)
-        metrics = {"loss": sums[0].item() / scale}
-        metrics.update({f"loss_{name}": sums[1 + i].item() / scale for i, name in enumerate(self.task.loss_parts)})
-        metrics.update(grad_norm=grad_norm, lr=self.engine.scheduler.get_last_lr()[0], frames=sums[frames_index].item(),
-                       data_wait_s=sums[frames_index + 1].item() / scale, bad_samples=self.train_batches.bad_samples)
+        self.metrics.add_step(grad_norm, waited / accumulation)
+
+    def flush_metrics(self) -> dict[str, float]:
+        """The metrics of the steps since the last flush (one all-reduce, one host sync); a non-finite loss among
+        them stops the run here, before anything is saved."""
+        try:
+            metrics = self.metrics.flush(self.info.world_size)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error}; stopping with the last good checkpoint intact in "
+                                     f"{self.run_dir / 'checkpoints'}") from None
+        metrics.update(lr=self.engine.scheduler.get_last_lr()[0], bad_samples=self.train_batches.bad_samples)
         return metrics
 
     @torch.no_grad()
@@ -191,18 +205,19 @@ class Trainer:
             self.task.log_sample(writer, model, self.step)
         generator = torch.Generator(device=self.device).manual_seed(VAL_SEED + self.info.rank)
         names = ["loss", *(f"loss_{part}" for part in self.task.loss_parts)]
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # loss and its parts, each times frames; frames
+        # loss and its parts, each times frames; frames. On the training device: NCCL reduces CUDA tensors only.
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.device)
         for features in self.task.validation_batches():
             batch = self.task.prepare(features)
             with autocast_context(self.cfg.trainer.precision, self.device):
                 loss, parts = self.task.loss(model, batch, generator)
-            count = self.task.frames(batch).sum().item()
-            sums += torch.tensor([loss.item() * count, *(parts[part].item() * count for part in self.task.loss_parts),
-                                  count], dtype=torch.float64)
-        sums = self._sum_over_ranks(sums)
+            count = self.task.frames(batch).sum()
+            values = torch.stack([loss.detach(), *(parts[part].detach() for part in self.task.loss_parts)]).double()
+            sums += torch.cat([values * count, count.double()[None]])
+        sums = self._sum_over_ranks(sums).tolist()
         if sums[-1] == 0:
             return {}
-        return {name: sums[i].item() / sums[-1].item() for i, name in enumerate(names)}
+        return {name: sums[i] / sums[-1] for i, name in enumerate(names)}
 
     def ema_model(self) -> nn.Module:
         """An unsharded network with the EMA weights (the training weights without EMA), in eval mode."""
@@ -230,18 +245,18 @@ class Trainer:
         flops_per_frame = self.task.flops_per_frame(self.parameters)
         peak = peak_flops(self.device)
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0
+        window_start = time.perf_counter()
         try:
             while self.step < t.steps:
-                metrics = self.train_step(self.step)
+                self.train_step(self.step)
                 self.step += 1
-                window_frames += metrics.pop("frames")
-                window_steps += 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                saving = self.step % t.checkpoint_every == 0 or self.step == t.steps
+                if self.step % t.log_every == 0 or saving:
+                    metrics = self.flush_metrics()
                     elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics["frames_per_s"] = window_frames / elapsed
-                    metrics["step_time_s"] = elapsed / window_steps
+                    metrics["frames_per_s"] = metrics.pop("frames") / elapsed
+                    metrics["step_time_s"] = elapsed / metrics.pop("steps")
                     if peak is not None:
                         metrics["mfu"] = metrics["frames_per_s"] * flops_per_frame / (peak * self.info.world_size)
                     memory = gpu_memory_gib(self.device)
@@ -251,12 +266,12 @@ class Trainer:
                         for key, value in metrics.items():
                             writer.add_scalar(f"train/{key}", value, self.step)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
-                    window_start, window_frames, window_steps = time.perf_counter(), 0.0, 0
+                    window_start = time.perf_counter()
                 if self.step % t.val_every == 0 or self.step == t.steps:
                     for key, value in self.validate(writer).items():
                         if writer is not None:
                             writer.add_scalar(f"val/{key}", value, self.step)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                if saving:
                     self.save()
             self.checkpointer.wait()
         finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from avflow.config import ModelConfig
@@ -10,14 +12,25 @@ from avflow.config import ModelConfig
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
+def per_sequence_parameters(cfg: ModelConfig) -> int:
+    """Parameters applied once per sequence, not per frame: the time embedding MLP and every adaLN Linear
+    (they map the time embedding, one vector per sequence). 25.5M of the published 67.9M."""
+    d = cfg.d_model
+    time_embedding = (2 * cfg.time_freqs * d + d) + (d * d + d)
+    ada_ln = 2 * cfg.n_blocks * 2 * (d * 3 * d + 3 * d)  # two streams, two sublayers per block
+    return time_embedding + ada_ln
+
+
 def training_flops_per_frame(cfg: ModelConfig, parameters: int) -> float:
-    """6 x parameters (forward + backward matmuls) plus the banded attention scores and mixing.
+    """Model FLOPs per trained frame: 6 x the per-frame parameters (forward + backward matmuls) plus the banded
+    attention scores and mixing. The per-sequence parameters cost 6 x their count per sequence, a negligible
+    share per frame (1 / 345 of it at the published window), and are left out.
 
     Per block and frame, attention forward is 2 matmuls of d x window multiply-adds (4 d w FLOPs);
     backward doubles it again twice, so 12 d w. Two streams of n_blocks blocks each.
     """
     window = cfg.window_back + cfg.window_ahead + 1
-    return 6 * parameters + 2 * cfg.n_blocks * 12 * cfg.d_model * window
+    return 6 * (parameters - per_sequence_parameters(cfg)) + 2 * cfg.n_blocks * 12 * cfg.d_model * window
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -31,3 +44,53 @@ def gpu_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class StepMetrics:
+    """Loss parts, frames and gradient norms accumulated on the training device between logging steps.
+
+    Adding a step launches device ops only: no host sync. `flush` reduces the window over ranks with one
+    all-reduce (on the training device, as NCCL requires), reads it back once, and resets. A non-finite loss
+    is remembered with its step on the device and raised at the next flush (the loop flushes before every
+    checkpoint, so a checkpoint never holds weights trained on it).
+    """
+
+    def __init__(self, loss_parts: tuple[str, ...], device: torch.device, reduce_sum, reduce_min):
+        self.names = ("loss", *(f"loss_{part}" for part in loss_parts))
+        self.device = device
+        self.reduce_sum, self.reduce_min = reduce_sum, reduce_min
+        self._reset()
+
+    def _reset(self) -> None:
+        # loss and its parts, frames, gradient norm (summed over steps)
+        self.sums = torch.zeros(len(self.names) + 2, dtype=torch.float64, device=self.device)
+        self.first_bad = torch.full((2,), math.inf, dtype=torch.float64, device=self.device)  # step, its loss
+        self.steps = 0
+        self.micro_batches = 0
+        self.data_wait_s = 0.0
+
+    def add_micro_batch(self, step: int, loss: torch.Tensor, parts: list[torch.Tensor], frames: torch.Tensor) -> None:
+        values = torch.stack([loss.detach(), *(part.detach() for part in parts)]).double()
+        self.sums[:len(self.names)] += values
+        self.sums[-2] += frames.sum()
+        bad = ~torch.isfinite(values[0]) & torch.isinf(self.first_bad[0])
+        self.first_bad.copy_(torch.where(bad, torch.stack([values.new_tensor(float(step)), values[0]]), self.first_bad))
+        self.micro_batches += 1
+
+    def add_step(self, grad_norm: torch.Tensor | float, data_wait_s: float) -> None:
+        self.sums[-1] += grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+    def flush(self, world_size: int) -> dict[str, float]:
+        """Means over this window's steps (loss parts also over ranks), its frames summed over ranks."""
+        sums = self.reduce_sum(self.sums.clone()).tolist()
+        first_bad = self.reduce_min(self.first_bad.clone()).tolist()
+        micro, steps, wait = self.micro_batches, self.steps, self.data_wait_s
+        self._reset()
+        if math.isfinite(first_bad[0]):
+            raise FloatingPointError(f"step {int(first_bad[0])}: the loss is {first_bad[1]} on at least one rank")
+        metrics = {name: sums[i] / max(1, micro * world_size) for i, name in enumerate(self.names)}
+        metrics.update(frames=sums[-2], grad_norm=sums[-1] / max(1, steps), data_wait_s=wait / max(1, steps),
+                       steps=steps)
+        return metrics

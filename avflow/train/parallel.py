@@ -77,7 +77,7 @@ def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
     `dynamic=False` (inference) compiles once per input shape, as its length buckets and CUDA graphs expect.
     """
     for block in dit_blocks(model):
-        block.compile(dynamic=dynamic)
+        block.compile(fullgraph=True, dynamic=dynamic)
 
 
 def apply_fsdp(model: AVFlowNet, cfg: Config, info: DistInfo) -> None:
@@ -166,13 +166,14 @@ class TrainEngine:
         """Backward of one micro-batch loss, scaled so accumulated gradients average the micro-batches."""
         (loss / self.cfg.parallel.grad_accumulation).backward()
 
-    def step(self) -> float:
-        """Clip, step optimizer and scheduler, zero the gradients; returns the pre-clip gradient norm."""
+    def step(self) -> torch.Tensor | float:
+        """Clip, step optimizer and scheduler, zero the gradients; returns the pre-clip gradient norm (a device
+        tensor: reading it would be a host sync)."""
         grad_norm = clip_gradients(list(self.module.parameters()), self.cfg.trainer.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.item()
+        return grad_norm.detach()
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -322,6 +323,10 @@ def deepspeed_config(cfg: Config, info: DistInfo) -> dict[str, Any]:
     if stage not in (1, 2, 3):
         raise ValueError(f"parallel.deepspeed_config={path}: zero_optimization.stage is {stage!r}; expected 1, 2 or 3 "
                          "(for plain data parallelism use parallel.strategy=ddp)")
+    if stage == 3 and cfg.parallel.compile:
+        raise ValueError(f"parallel.deepspeed_config={path}: ZeRO-3 gathers parameters through hooks that would run "
+                         "inside every compiled block (a graph break at each Linear); expected parallel.compile=false "
+                         "with ZeRO-3, or ZeRO-1/2, or parallel.strategy=fsdp")
     for key in ("optimizer", "scheduler", *DEEPSPEED_BATCH_KEYS):
         if key in ds_config:
             raise ValueError(f"parallel.deepspeed_config={path}: remove {key!r}; avflow sets the optimizer and "

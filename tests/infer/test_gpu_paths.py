@@ -10,7 +10,7 @@ import torch._dynamo.testing
 from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig
-from avflow.infer.generate import load_inference_model
+from avflow.infer.generate import default_dtype, load_inference_model
 from avflow.infer.sampler import GraphSampler, PreparedVelocity, row_buckets, sample_sequences
 from avflow.model import attention
 from avflow.model.avflow import AVFlowNet
@@ -37,6 +37,12 @@ def test_the_inference_loop_runs_on_the_meta_device(tmp_path, guidance_scale):
     noise = [torch.zeros(2, n, model.cfg.model.state_dim, device="meta") for n in (30, 90)]
     out = sample_sequences(runner, cond, noise, frames, model.cfg.sample.window_overlap, buckets, rows, row_counts)
     assert [tuple(o.shape) for o in out] == [(2, 30, 344), (2, 90, 344)] and out[0].device.type == "meta"
+    assert next(model.head_vae.parameters()).device.type == "meta"  # poses decode where the samples are
+
+
+def test_cuda_inference_defaults_to_bf16_and_elsewhere_to_fp32():
+    assert default_dtype(torch.device("cuda", 0)) == "bf16"
+    assert default_dtype(torch.device("cpu")) == "fp32"
 
 
 @pytest.mark.parametrize("method,nfe", [("euler", 4), ("midpoint", 6)])

@@ -109,3 +109,26 @@ def test_key_errors_name_the_key(tmp_path):
     torch.save({"generator": state}, tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="conv_pre.weight"):
         load_bigvgan(tmp_path / "tiny.pt")
+
+
+def test_anti_aliasing_filters_run_as_one_grouped_convolution_per_resampler(monkeypatch):
+    """Each resampler is one depthwise convolution over all channels (GPU kernels are tuned for that layout),
+    and equals filtering every channel on its own."""
+    import torch.nn.functional as F
+
+    from avflow.infer.vocoder import Downsample2x, Upsample2x
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 40)
+    groups = []
+    for name in ("conv1d", "conv_transpose1d"):
+        real = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _real=real, **k: groups.append(k.get("groups")) or _real(*a, **k))
+    up, down = Upsample2x(), Downsample2x()
+    grouped_up, grouped_down = up(x), down(x)
+    assert groups == [5, 5]
+    monkeypatch.undo()
+    for channel in range(5):
+        alone = x[:, channel:channel + 1]
+        torch.testing.assert_close(grouped_up[:, channel:channel + 1], up(alone))
+        torch.testing.assert_close(grouped_down[:, channel:channel + 1], down(alone))

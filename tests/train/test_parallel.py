@@ -98,7 +98,7 @@ def train(engine, cfg: Config, info: DistInfo, batch: dict[str, torch.Tensor], s
                 loss = flow_loss(engine.model, batch, slice(start, start + micro), cfg.flow.sigma_min)
                 engine.backward(loss)
             total += loss.detach() / accumulation
-        grad_norms.append(engine.step())
+        grad_norms.append(float(engine.step()))
         losses.append(all_reduce_mean(total, info).item())
     return losses, grad_norms
 

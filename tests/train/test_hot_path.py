@@ -1,0 +1,142 @@
+"""CPU guards for the GPU training paths: no host sync in a training step outside logging steps, collectives
+on the training device, fused EMA, the MFU formula by hand, the NCCL group taking CPU tensors too."""
+
+import pytest
+import torch
+
+from avflow.config import ModelConfig, load_config
+from avflow.model.avflow import AVFlowNet
+from avflow.train.distributed import pick_backend
+from avflow.train.loop import EMA, Trainer
+from avflow.train.metrics import StepMetrics, per_sequence_parameters, training_flops_per_frame
+from conftest import packed_tiny_corpus
+
+TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
+        "trainer.batch_size=3", "trainer.steps=8", "trainer.warmup_steps=2", "trainer.checkpoint_every=100",
+        "trainer.val_every=100", "trainer.log_every=4", "head_vae.ffn_hidden=8", "head_vae.steps=2",
+        "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=3", "corpus.val_segments=1",
+        "corpus.words_per_segment=[2, 3]"]
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return packed_tiny_corpus(tmp_path_factory.mktemp("data"), TINY)
+
+
+def test_a_training_step_reads_nothing_back_from_the_device_until_the_logging_step(tmp_path, shards, monkeypatch):
+    """Every read of a tensor's value on the host (item, bool, tolist, ...) is a GPU sync; outside the loader,
+    whose batches are host data, steps between logging steps make none, and a logging step makes one flush."""
+    trainer = Trainer(load_config(None, TINY + shards + [f"trainer.run_dir={tmp_path / 'run'}"]), progress=False)
+    batches = [next(trainer.train_iter) for _ in range(8)]
+    trainer.train_iter = iter(batches)
+    reads = []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    per_step = []
+    for step in range(8):
+        before = len(reads)
+        trainer.train_step(step)
+        per_step.append(len(reads) - before)
+    flush_start = len(reads)
+    metrics = trainer.flush_metrics()
+    monkeypatch.undo()
+    assert per_step == [0] * 8
+    assert reads[flush_start:] == ["tolist", "tolist"]  # the window's sums and its first non-finite step
+    assert metrics["steps"] == 8 and metrics["loss"] > 0
+
+
+def test_step_metrics_build_and_reduce_on_the_training_device():
+    """Everything handed to the collectives lives on the training device (`meta` here: a CPU tensor fails)."""
+    reduced = []
+
+    def reduce(values):
+        reduced.append(values.device.type)
+        raise StopIteration  # meta tensors cannot be read back; the devices are what is checked
+
+    metrics = StepMetrics(("expression", "mel"), torch.device("meta"), reduce, reduce)
+    loss = torch.zeros((), device="meta")
+    metrics.add_micro_batch(0, loss, [loss, loss], torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    metrics.add_step(torch.zeros((), device="meta"), 0.0)
+    with pytest.raises(StopIteration):
+        metrics.flush(1)
+    assert reduced == ["meta"]
+
+
+def test_step_metrics_report_the_first_non_finite_step_and_means():
+    metrics = StepMetrics(("mel",), torch.device("cpu"), lambda v: v, lambda v: v)
+    for step, loss in enumerate([1.0, 3.0]):
+        metrics.add_micro_batch(step, torch.tensor(loss), [torch.tensor(loss / 2)], torch.ones(4, dtype=torch.bool))
+        metrics.add_step(torch.tensor(2.0 * step), 0.5)
+    assert metrics.flush(1) == {"loss": 2.0, "loss_mel": 1.0, "frames": 8.0, "grad_norm": 1.0, "data_wait_s": 0.5,
+                                "steps": 2}
+    for step, loss in [(7, 1.0), (8, float("nan")), (9, float("inf"))]:
+        metrics.add_micro_batch(step, torch.tensor(loss), [torch.tensor(loss)], torch.ones(4, dtype=torch.bool))
+    with pytest.raises(FloatingPointError, match="step 8: the loss is nan"):
+        metrics.flush(1)
+
+
+def test_nccl_process_groups_take_cpu_tensors_too():
+    cfg = load_config(None, [])
+    assert pick_backend(cfg, torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert pick_backend(cfg, torch.device("cpu")) == "gloo"
+
+
+def test_ema_update_is_the_per_parameter_lerp():
+    torch.manual_seed(0)
+    weights = {"a": torch.randn(3, 4), "b": torch.randn(5)}
+    ema = EMA(weights, decay=0.9)
+    new = {name: torch.randn_like(value) for name, value in weights.items()}
+    ema.update(new, step=1000)
+    for name in weights:
+        torch.testing.assert_close(ema.params[name], weights[name] * 0.9 + new[name] * 0.1)
+
+
+def test_mfu_counts_per_frame_parameters_by_hand():
+    """The published network: 67,935,576 parameters, of which the time embedding (128*512 + 512 + 512*512 + 512
+    = 328,704) and 32 adaLN Linears (512*1536 + 1536 = 787,968 each) run once per sequence."""
+    cfg = ModelConfig()
+    net = AVFlowNet(cfg)
+    per_sequence = sum(p.numel() for name, p in net.named_parameters() if "time_embed" in name or "ada_ln" in name)
+    assert per_sequence_parameters(cfg) == per_sequence == 328_704 + 32 * 787_968
+    per_frame = 67_935_576 - 25_543_680
+    attention = 2 * 8 * 12 * 512 * 25  # two streams x 8 blocks x 12 d w, band of 16 + 1 + 8
+    assert training_flops_per_frame(cfg, 67_935_576) == 6 * per_frame + attention == 256_808_976
+
+
+def test_zero3_with_compiled_blocks_is_refused():
+    from avflow.train.distributed import DistInfo
+    from avflow.train.parallel import deepspeed_config
+
+    cfg = load_config(None, ["parallel.strategy=deepspeed", "parallel.deepspeed_config=configs/deepspeed/zero3.json",
+                             "parallel.compile=true"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_distributed=False)
+    with pytest.raises(ValueError, match="ZeRO-3 .* expected parallel.compile=false"):
+        deepspeed_config(cfg, info)
+    cfg.parallel.compile = False
+    assert deepspeed_config(cfg, info)["zero_optimization"]["stage"] == 3
+
+
+def test_a_dit_block_compiles_as_one_graph(monkeypatch):
+    """apply_compile asks for fullgraph=True: a graph break in a block is an error, not a silent slowdown; and a
+    block compiled so computes what the eager block does."""
+    from avflow.model.dit import DiTBlock
+    from avflow.train.parallel import apply_compile
+
+    options = []
+    real_compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **k: options.append(k) or real_compile(self, **k))
+
+    torch.manual_seed(0)
+    block = DiTBlock(32, 2, 64, 0.0, 16, 8, 10000.0, "banded")
+    holder = torch.nn.ModuleList([block])
+    x, time_embedding = torch.randn(2, 40, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+        expected = block(x, time_embedding)
+        apply_compile(holder)
+        torch.testing.assert_close(block(x, time_embedding), expected, atol=1e-5, rtol=1e-5)
+    assert block._compiled_call_impl is not None and options == [{"fullgraph": True, "dynamic": None}]
