@@ -98,19 +98,12 @@ def guided(velocity_fn: VelocityFn, scale: float) -> VelocityFn:
 
 def integrate(velocity_fn: VelocityFn, x0: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor | None,
               method: str, nfe: int) -> torch.Tensor:
-    """Integrate from t=0 to 1 with `nfe` network evaluations (midpoint: nfe / 2 steps of 2)."""
-    x = x0
-    steps = sampler_steps(method, nfe)
-    dt = 1.0 / steps
-    times = torch.linspace(0.0, 1.0, steps + 1, device=x0.device)[:-1]
-    for t in times:
-        t_batch = t.expand(x.shape[0])
-        if method == "euler":
-            x = x + dt * velocity_fn(x, t_batch, cond, valid)
-        else:
-            half = x + 0.5 * dt * velocity_fn(x, t_batch, cond, valid)
-            x = x + dt * velocity_fn(half, t_batch + 0.5 * dt, cond, valid)
-    return x
+    """Integrate from t=0 to 1 with `nfe` network evaluations (midpoint: nfe / 2 steps of 2), in x0's dtype.
+
+    The one fixed-step loop (`FixedStepSampler`) that inference, export, validation samples, evaluation and
+    the text-to-tokens decoder all run, here for any callable velocity.
+    """
+    return FixedStepSampler(velocity_fn, method, nfe, x0.dtype)(x0, cond, valid).to(x0.dtype)
 
 
 @torch.no_grad()

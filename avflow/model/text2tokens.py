@@ -20,6 +20,7 @@ from torch import nn
 
 from avflow.config import Text2TokensConfig
 from avflow.model.dit import DiTBlock, TimestepEmbedding, apply_rope, rope_angles
+from avflow.model.flow import integrate
 
 SPAN_FEATURES = 2  # position within the span in (0, 1), log of the span length
 ROPE_BASE = 10000.0
@@ -175,10 +176,7 @@ def sample_tokens(model: TextToTokensNet, frame_cond: torch.Tensor, valid: torch
     if decoder != "flow":
         raise ValueError(f"decoder: expected flow or regression, got {decoder!r}")
     x = torch.randn(shape, generator=generator, device=frame_cond.device, dtype=frame_cond.dtype) * temperature
-    for step in range(nfe):
-        t = frame_cond.new_full((batch,), step / nfe)
-        x = x + model.decode(x, t, frame_cond, valid) / nfe
-    return x
+    return integrate(model.decode, x, frame_cond, valid, "euler", nfe)
 
 
 @torch.no_grad()

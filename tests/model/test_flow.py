@@ -69,12 +69,15 @@ def test_padding_and_missing_expression_frames_are_masked():
     assert loss(changed)["mel"] > base["mel"] + 1
 
 
+NO_COND = torch.zeros(1, 1, 0)  # the fields below take no conditioning
+
+
 def test_euler_and_midpoint_on_dx_dt_equals_x():
     """dx/dt = x from t=0 to 1: Euler gives (1 + h)^n, midpoint (1 + h + h^2/2)^n."""
     x0 = torch.ones(1, 1, 1)
     linear = lambda x, t, cond, valid: x  # noqa: E731
-    euler = integrate(linear, x0, None, None, "euler", 8)
-    midpoint = integrate(linear, x0, None, None, "midpoint", 8)  # 4 steps of h = 1/4
+    euler = integrate(linear, x0, NO_COND, None, "euler", 8)
+    midpoint = integrate(linear, x0, NO_COND, None, "midpoint", 8)  # 4 steps of h = 1/4
     assert math.isclose(euler.item(), (1 + 1 / 8) ** 8, rel_tol=1e-6)
     assert math.isclose(midpoint.item(), (1 + 0.25 + 0.25 ** 2 / 2) ** 4, rel_tol=1e-6)
     assert abs(midpoint.item() - math.e) < abs(euler.item() - math.e)
@@ -84,8 +87,8 @@ def test_samplers_are_exact_on_time_dependent_velocity_where_expected():
     """v = 2t: exact x1 = x0 + 1. Midpoint is exact for linear-in-t fields, Euler is off by h."""
     x0 = torch.zeros(1, 1, 1)
     field = lambda x, t, cond, valid: 2 * t.view(-1, 1, 1).expand_as(x)  # noqa: E731
-    assert math.isclose(integrate(field, x0, None, None, "midpoint", 16).item(), 1.0, rel_tol=1e-6)
-    assert math.isclose(integrate(field, x0, None, None, "euler", 16).item(), 1.0 - 1 / 16, rel_tol=1e-6)
+    assert math.isclose(integrate(field, x0, NO_COND, None, "midpoint", 16).item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(integrate(field, x0, NO_COND, None, "euler", 16).item(), 1.0 - 1 / 16, rel_tol=1e-6)
 
 
 def test_sample_batches_n_samples_per_input():
