@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from avflow.model.flow import FixedStepSampler
+from avflow.runtime import DTYPES
 
 EXPORT_FORMAT_VERSION = 1
 META_FILE = "export.json"
@@ -33,7 +34,6 @@ VOCODER_FILE = "vocoder.safetensors"
 TEXT2TOKENS_FILE = "text2tokens.safetensors"
 FACE_DECODER_FILE = "face_decoder.ts"
 FORMATS = ("eager", "torchscript", "aoti")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def is_model_directory(path: str | Path) -> bool:

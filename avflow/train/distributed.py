@@ -188,7 +188,7 @@ def pick_backend(cfg: Config, device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
-def pick_device(cfg: Config, local_rank: int) -> torch.device:
+def rank_device(cfg: Config, local_rank: int) -> torch.device:
     """cuda:LOCAL_RANK when CUDA is available and not switched off by trainer.device=cpu, else the CPU."""
     wanted = cfg.trainer.device
     if wanted == "cpu" or not torch.cuda.is_available():
@@ -216,7 +216,7 @@ def init_distributed(cfg: Config) -> DistInfo:
     within parallel.init_timeout_s.
     """
     launch = read_launch_env()
-    device = pick_device(cfg, launch.local_rank)
+    device = rank_device(cfg, launch.local_rank)
     if launch.source == "single":
         return DistInfo(0, 1, 0, device, False)
     if dist.is_initialized():

@@ -31,14 +31,6 @@ from avflow.train.tasks import VAL_SEED, build_task, resolved_config
 log = logging.getLogger(__name__)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("trainer.device=cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast when asked, or by default on CUDA; FSDP and DeepSpeed follow the same rule."""
     if bf16_autocast(precision, device):

@@ -33,12 +33,12 @@ from torch.utils.checkpoint import checkpoint
 from avflow.config import Config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.dit import DiTBlock
+from avflow.runtime import DTYPES
 from avflow.train.distributed import DistInfo
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
