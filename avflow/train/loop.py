@@ -24,7 +24,7 @@ from avflow.model.avflow import count_parameters
 from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
                                      require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
-from avflow.train.metrics import StepMetrics, gpu_memory_gib, peak_flops
+from avflow.train.metrics import MetricsLogger, StepMetrics
 from avflow.train.parallel import bf16_autocast, build_engine
 from avflow.train.tasks import VAL_SEED, build_task, resolved_config
 
@@ -106,6 +106,7 @@ class Trainer:
         self.train_batches = self.task.train_batches
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         self.metrics = StepMetrics(self.task.loss_parts, self.device, self._sum_over_ranks, self._min_over_ranks)
+        self.logger: MetricsLogger | None = None  # opened by fit
         if existing is not None:
             self._restore(existing)
         self.train_iter = iter(self.train_batches)
@@ -178,15 +179,16 @@ class Trainer:
         self.metrics.add_step(grad_norm, waited / accumulation)
 
     def flush_metrics(self) -> dict[str, float]:
-        """The metrics of the steps since the last flush (one all-reduce, one host sync); a non-finite loss among
-        them stops the run here, before anything is saved."""
+        """The metrics of the steps since the last flush (one all-reduce, one host sync), logged when `fit` runs;
+        a non-finite loss among them stops the run here, before anything is saved."""
+        extra = {"lr": self.engine.scheduler.get_last_lr()[0], "bad_samples": self.train_batches.bad_samples}
         try:
-            metrics = self.metrics.flush(self.info.world_size)
+            if self.logger is not None:
+                return self.logger.flush(self.step, **extra)
+            return {**self.metrics.flush(self.info.world_size), **extra}
         except FloatingPointError as error:
             raise FloatingPointError(f"{error}; stopping with the last good checkpoint intact in "
                                      f"{self.run_dir / 'checkpoints'}") from None
-        metrics.update(lr=self.engine.scheduler.get_last_lr()[0], bad_samples=self.train_batches.bad_samples)
-        return metrics
 
     @torch.no_grad()
     def validate(self, writer=None) -> dict[str, float]:
@@ -229,15 +231,9 @@ class Trainer:
         t = self.cfg.trainer
         log.info("model: %.2fM parameters on %s, %d rank(s), strategy %s", self.parameters / 1e6, self.device,
                  self.info.world_size, self.cfg.parallel.strategy)
-        writer = None
-        if self.info.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        flops_per_frame = self.task.flops_per_frame(self.parameters)
-        peak = peak_flops(self.device)
+        self.logger = MetricsLogger(self.metrics, self.run_dir, self.info.is_main,
+                                    self.task.flops_per_frame(self.parameters), self.device, self.info.world_size)
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, desc="train", dynamic_ncols=True)
-        window_start = time.perf_counter()
         try:
             while self.step < t.steps:
                 self.train_step(self.step)
@@ -246,28 +242,14 @@ class Trainer:
                 saving = self.step % t.checkpoint_every == 0 or self.step == t.steps
                 if self.step % t.log_every == 0 or saving:
                     metrics = self.flush_metrics()
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
-                    metrics["frames_per_s"] = metrics.pop("frames") / elapsed
-                    metrics["step_time_s"] = elapsed / metrics.pop("steps")
-                    if peak is not None:
-                        metrics["mfu"] = metrics["frames_per_s"] * flops_per_frame / (peak * self.info.world_size)
-                    memory = gpu_memory_gib(self.device)
-                    if memory is not None:
-                        metrics["gpu_memory_gib"] = memory
-                    if writer is not None:
-                        for key, value in metrics.items():
-                            writer.add_scalar(f"train/{key}", value, self.step)
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
-                    window_start = time.perf_counter()
                 if self.step % t.val_every == 0 or self.step == t.steps:
-                    for key, value in self.validate(writer).items():
-                        if writer is not None:
-                            writer.add_scalar(f"val/{key}", value, self.step)
+                    self.logger.write("val", self.validate(self.logger.writer), self.step)
                 if saving:
                     self.save()
             self.checkpointer.wait()
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
+            self.logger.close()
+            self.logger = None
         return latest_checkpoint(self.run_dir)

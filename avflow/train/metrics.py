@@ -1,8 +1,10 @@
-"""Training throughput metrics: model FLOPs per frame, model FLOPs utilization (MFU), GPU memory."""
+"""Training metrics: model FLOPs per frame, MFU, GPU memory, the device-side step window and its logger."""
 
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import torch
 
@@ -94,3 +96,45 @@ class StepMetrics:
         metrics.update(frames=sums[-2], grad_norm=sums[-1] / max(1, steps), data_wait_s=wait / max(1, steps),
                        steps=steps)
         return metrics
+
+
+class MetricsLogger:
+    """Everything the loop reports: the device-side step window (`StepMetrics`), and at each flush the
+    throughput, step time, MFU and GPU memory derived from it, written to TensorBoard by rank 0."""
+
+    def __init__(self, steps: StepMetrics, run_dir: Path, is_main: bool, flops_per_frame: float,
+                 device: torch.device, world_size: int):
+        self.steps = steps
+        self.flops_per_frame, self.device, self.world_size = flops_per_frame, device, world_size
+        self.peak = peak_flops(device)
+        self.writer = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.window_start = time.perf_counter()
+
+    def flush(self, step: int, **extra: float) -> dict[str, float]:
+        """Read the window back (one all-reduce, one host sync), derive its rates, write them under train/."""
+        metrics = self.steps.flush(self.world_size)
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        metrics["frames_per_s"] = metrics.pop("frames") / elapsed
+        metrics["step_time_s"] = elapsed / max(1, metrics.pop("steps"))
+        if self.peak is not None:
+            metrics["mfu"] = metrics["frames_per_s"] * self.flops_per_frame / (self.peak * self.world_size)
+        memory = gpu_memory_gib(self.device)
+        if memory is not None:
+            metrics["gpu_memory_gib"] = memory
+        metrics.update(extra)
+        self.write("train", metrics, step)
+        self.window_start = time.perf_counter()
+        return metrics
+
+    def write(self, section: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{section}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
