@@ -128,11 +128,11 @@ def _load_model(args: argparse.Namespace):
 
 def _face_decoder(args: argparse.Namespace):
     if args.face_decoder:
-        from avflow.infer.render import load_face_decoder
+        from avflow.render import load_face_decoder
 
         return load_face_decoder(args.face_decoder)
     if args.procedural_face:
-        from avflow.infer.render import ProceduralFaceDecoder
+        from avflow.render import ProceduralFaceDecoder
 
         return ProceduralFaceDecoder()
     return None

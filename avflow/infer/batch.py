@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from avflow.infer.generate import (InferenceModel, conditioning, generate_batch, participant_features_from_file,
                                    tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs)
-from avflow.infer.render import FaceDecoder
+from avflow.render import FaceDecoder
 
 log = logging.getLogger(__name__)
 
