@@ -7,10 +7,12 @@ obj.py          Wavefront OBJ meshes
 video.py        .mp4 writing with the audio muxed in
 """
 
-from avflow.render.obj import load_obj
+from avflow.render.codec_avatar import AvatarError, CodecAvatar
+from avflow.render.obj import TexturedMesh, load_obj, load_textured_obj
 from avflow.render.procedural import FaceDecoder, ProceduralFaceDecoder, load_face_decoder, quaternion_to_matrix
 from avflow.render.raster import Camera, interpolate, rasterize, render_mesh, render_textured
 from avflow.render.video import side_by_side, write_video
 
-__all__ = ["Camera", "FaceDecoder", "ProceduralFaceDecoder", "interpolate", "load_face_decoder", "load_obj",
-           "quaternion_to_matrix", "rasterize", "render_mesh", "render_textured", "side_by_side", "write_video"]
+__all__ = ["AvatarError", "Camera", "CodecAvatar", "FaceDecoder", "ProceduralFaceDecoder", "TexturedMesh", "interpolate",
+           "load_face_decoder", "load_obj", "load_textured_obj", "quaternion_to_matrix", "rasterize", "render_mesh",
+           "render_textured", "side_by_side", "write_video"]

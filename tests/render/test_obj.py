@@ -19,7 +19,7 @@ def test_obj_quads_and_slash_forms_become_triangles(tmp_path):
 def test_obj_errors_name_the_file_and_line(tmp_path):
     path = tmp_path / "broken.obj"
     path.write_text("v 0 0 0\nv 1 0 0\nf 1 2 5\n")
-    with pytest.raises(ValueError, match=r"broken\.obj:3: vertex index 5"):
+    with pytest.raises(ValueError, match=r"broken\.obj:3: vertex index 5 refers"):
         load_obj(path)
     path.write_text("v 0 0 zero\n")
     with pytest.raises(ValueError, match=r"broken\.obj:1: expected 'v x y z'"):
