@@ -185,7 +185,7 @@ class Camera:
         return torch.stack([x, y, depth], dim=-1)
 
 
-def _drtk_module():
+def drtk_module():
     """Meta's DRTK when it is the real package (the PyPI name `drtk` is an unrelated placeholder)."""
     try:
         import drtk
@@ -197,7 +197,7 @@ def _drtk_module():
 def rasterize_any(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int,
                   perspective: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """`rasterize`, done by DRTK (perspective-correct, same conventions) on CUDA tensors when it is installed."""
-    drtk = _drtk_module()
+    drtk = drtk_module()
     if drtk is None or not screen.is_cuda or not perspective:
         return rasterize(screen, faces, height, width, perspective)
     faces_int = faces.int()
