@@ -127,10 +127,11 @@ class CodecAvatarDecoder(nn.Module):
         joint = torch.cat([encoding, self.viewmod(view)], dim=1)
         texture = self.texmod(self.texmod2(joint).view(n, TEXTURE_CHANNELS[0], SEED_SIZE, SEED_SIZE))
         warp = self.warpmod(self.warpmod2(joint).view(n, WARP_CHANNELS[0], SEED_SIZE, SEED_SIZE))
-        warp = F.interpolate(warp, size=(TEXTURE_SIZE, TEXTURE_SIZE), mode="bilinear", align_corners=False)
+        # The sampling grid stays float32 under bf16 autocast: bf16 near 1.0 resolves 1/128, i.e. 4 texels.
+        warp = F.interpolate(warp.float(), size=(TEXTURE_SIZE, TEXTURE_SIZE), mode="bilinear", align_corners=False)
         grid = warp.permute(0, 2, 3, 1) / TEXTURE_SIZE + _identity_grid(TEXTURE_SIZE, TEXTURE_SIZE, warp)
-        texture = F.grid_sample(texture, grid.to(texture.dtype), mode="bilinear", align_corners=False)
-        return geometry, 255.0 * (texture + self.bias + 0.5)
+        texture = F.grid_sample(texture.float(), grid, mode="bilinear", align_corners=False)
+        return geometry, 255.0 * (texture + self.bias.float() + 0.5)
 
 
 def _identity_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
