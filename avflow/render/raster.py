@@ -60,19 +60,16 @@ def rasterize(vertices: torch.Tensor, faces: torch.Tensor, height: int, width: i
                 & (box_width > 0) & (box_height > 0) & (_signed_double_area(corners) != 0))
     candidates = torch.where(drawable, box_width * box_height, torch.zeros_like(box_width)).long()
 
-    # Similar-sized boxes go into the same chunk so padding every box to the chunk's largest wastes little.
-    order = torch.argsort(candidates)
-    order = order[candidates[order] > 0]
+    # Consecutive triangles go into one chunk until their boxes hold CANDIDATES_PER_CHUNK pixels.
+    drawn = candidates.nonzero()[:, 0]
+    ends = candidates[drawn].cumsum(0)
     start = 0
-    while start < order.numel():
-        stop = start + 1
-        while stop < order.numel() and (stop - start + 1) * int(candidates[order[stop]]) <= CANDIDATES_PER_CHUNK:
-            stop += 1
-        chunk = order[start:stop]
-        largest = int(candidates[chunk].max())
-        _rasterize_chunk(corners[chunk], mesh_of[chunk], face_of[chunk], x0[chunk], y0[chunk], box_width[chunk],
-                         candidates[chunk], largest, height, width, perspective, depth_buffer, index_buffer,
-                         bary_buffer)
+    while start < drawn.numel():
+        before = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(torch.searchsorted(ends, before + CANDIDATES_PER_CHUNK, right=True)))
+        chunk = drawn[start:stop]
+        _rasterize_chunk(corners[chunk], mesh_of[chunk], face_of[chunk], x0[chunk], y0[chunk], box_width[chunk].long(),
+                         candidates[chunk], height, width, perspective, depth_buffer, index_buffer, bary_buffer)
         start = stop
     return index_buffer.view(n_meshes, height, width), bary_buffer.view(n_meshes, height, width, 3)
 
@@ -86,29 +83,32 @@ def _cross2(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def _rasterize_chunk(corners, mesh_of, face_of, x0, y0, box_width, candidates, largest, height, width, perspective,
+def _rasterize_chunk(corners, mesh_of, face_of, x0, y0, box_width, candidates, height, width, perspective,
                      depth_buffer, index_buffer, bary_buffer) -> None:
     """Test every pixel centre in each triangle's bounding box and merge the winners into the buffers."""
-    offset = torch.arange(largest, device=corners.device)
-    in_box = offset[None, :] < candidates[:, None]
-    px = x0[:, None] + (offset[None, :] % box_width[:, None])
-    py = y0[:, None] + torch.div(offset[None, :], box_width[:, None], rounding_mode="floor")
-    point = torch.stack([px, py], dim=-1)
-    a, b, c = corners[:, None, 0, :2], corners[:, None, 1, :2], corners[:, None, 2, :2]
-    area = _signed_double_area(corners)[:, None]
+    owner = torch.repeat_interleave(torch.arange(candidates.numel(), device=corners.device), candidates)
+    local = torch.arange(owner.numel(), device=corners.device) - (candidates.cumsum(0) - candidates)[owner]
+    # Positions relative to the box's top-left pixel keep the edge functions' operands small (exact-ish in float32).
+    width_of = box_width.index_select(0, owner)
+    point = torch.stack([local % width_of, torch.div(local, width_of, rounding_mode="floor")], -1).to(corners.dtype)
+    origin = torch.stack([x0, y0], -1)[:, None]
+    a, b, c = (corners[:, :, :2] - origin).index_select(0, owner).unbind(1)
     weights = torch.stack([_cross2(c - b, point - b), _cross2(a - c, point - c), _cross2(b - a, point - a)], -1)
-    weights = weights / area[..., None]
-    inside = in_box & (weights >= 0).all(-1)
+    keep = ((weights * _signed_double_area(corners).index_select(0, owner)[:, None]) >= 0).all(-1).nonzero()[:, 0]
+    owner, point = owner.index_select(0, keep), point.index_select(0, keep)
+    weights = weights.index_select(0, keep) / _signed_double_area(corners).index_select(0, owner)[:, None]
+    px, py = x0.index_select(0, owner) + point[:, 0], y0.index_select(0, owner) + point[:, 1]
+    corner_depth = corners[:, :, 2].index_select(0, owner)
     if perspective:  # 1 / depth is affine in screen space; so is each attribute divided by depth
-        weights = weights / corners[:, None, :, 2]
+        weights = weights / corner_depth
         inverse_depth = weights.sum(-1, keepdim=True)
         weights = weights / inverse_depth
-        depth = 1.0 / inverse_depth[..., 0]
+        depth = 1.0 / inverse_depth[:, 0]
     else:
-        depth = (weights * corners[:, None, :, 2]).sum(-1)
+        depth = (weights * corner_depth).sum(-1)
 
-    pixel = (mesh_of[:, None] * height * width + py.long() * width + px.long())[inside]
-    depth, face, weights = depth[inside], face_of[:, None].expand_as(inside)[inside], weights[inside]
+    pixel = mesh_of.index_select(0, owner) * height * width + py.long() * width + px.long()
+    face = face_of.index_select(0, owner)
     nearest = torch.full_like(depth_buffer, math.inf).scatter_reduce(0, pixel, depth, "amin")
     wins = (depth == nearest[pixel]) & (depth < depth_buffer[pixel])
     winning_face = torch.full_like(index_buffer, -1).scatter_reduce(0, pixel[wins], face[wins], "amax")
@@ -125,11 +125,12 @@ def interpolate(attributes: torch.Tensor, faces: torch.Tensor, index_image: torc
         raise ValueError(f"attributes: expected (N, V, C), got shape {tuple(attributes.shape)}")
     n_meshes, n_vertices, channels = attributes.shape
     covered = index_image >= 0
-    corner_ids = faces[index_image.clamp(min=0)]  # (N, H, W, 3)
-    flat_ids = corner_ids + (torch.arange(n_meshes, device=faces.device) * n_vertices).view(-1, 1, 1, 1)
-    corner_values = attributes.reshape(-1, channels)[flat_ids]  # (N, H, W, 3, C)
-    blended = (barycentrics.to(attributes.dtype)[..., None] * corner_values).sum(-2)
-    return blended * covered[..., None]
+    mesh = torch.arange(n_meshes, device=faces.device).view(-1, 1, 1).expand_as(index_image)[covered]
+    corner_ids = faces[index_image[covered]] + (mesh * n_vertices)[:, None]  # (covered pixels, 3)
+    corner_values = attributes.reshape(-1, channels)[corner_ids]  # (covered pixels, 3, C)
+    blended = attributes.new_zeros(*index_image.shape, channels)
+    blended[covered] = (barycentrics[covered].to(attributes.dtype)[..., None] * corner_values).sum(-2)
+    return blended
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
