@@ -81,3 +81,24 @@ def test_uvs_are_perspective_correct_where_affine_ones_would_differ():
     index_image, affine = rasterize(screen, QUAD, 9, 9, perspective=False)
     corner_u = uv[QUAD[index_image[0, 2, 4]], 0]
     torch.testing.assert_close((affine[0, 2, 4] * corner_u).sum(), torch.tensor(0.5))
+
+
+def test_drtk_is_used_only_when_the_real_package_is_there_and_tensors_are_on_cuda(monkeypatch):
+    """The PyPI `drtk` is an unrelated placeholder without the API: it is ignored. The real one (its three
+    functions) is picked up, but CPU tensors still go through the PyTorch rasterizer."""
+    import sys
+    import types
+
+    from avflow.render.raster import drtk_module, rasterize_any
+
+    monkeypatch.setitem(sys.modules, "drtk", types.ModuleType("drtk"))
+    assert drtk_module() is None
+    calls = []
+    real = types.ModuleType("drtk")
+    for name in ("rasterize", "render", "interpolate"):
+        setattr(real, name, lambda *args, name=name: calls.append(name))
+    monkeypatch.setitem(sys.modules, "drtk", real)
+    assert drtk_module() is real
+    screen = torch.tensor([[[0.0, 0.0, 1.0], [9.0, 0.0, 1.0], [9.0, 9.0, 1.0], [0.0, 9.0, 1.0]]])
+    index_image, _ = rasterize_any(screen, QUAD, 10, 10)
+    assert calls == [] and torch.equal(index_image, rasterize(screen, QUAD, 10, 10)[0])
