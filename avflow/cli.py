@@ -128,9 +128,9 @@ def _load_model(args: argparse.Namespace):
 
 def _face_decoder(args: argparse.Namespace, model):
     """What the videos show: --avatar, --face-decoder or --procedural-face, else the export's own (or None)."""
-    if args.avatar:
-        from avflow.render import CodecAvatar
+    from avflow.render import CodecAvatar
 
+    if args.avatar:
         return CodecAvatar.from_dataset(args.avatar, model.device, args.avatar_pose)
     if args.face_decoder:
         from avflow.render import load_face_decoder
@@ -140,7 +140,7 @@ def _face_decoder(args: argparse.Namespace, model):
         from avflow.render import ProceduralFaceDecoder
 
         return ProceduralFaceDecoder()
-    if getattr(model.face_decoder, "pose_frame", None) is not None:
+    if isinstance(model.face_decoder, CodecAvatar):
         model.face_decoder.pose_frame = args.avatar_pose
     return model.face_decoder
 

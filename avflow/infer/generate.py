@@ -27,8 +27,8 @@ from avflow.model.state import StateCodec
 from avflow.infer.artifacts import (AVATAR_FILE, DTYPES, FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE,
                                     CompiledSampler, is_model_directory, load_compiled_sampler, read_export_meta)
 from avflow.infer.sampler import GraphSampler, length_buckets, sample_sequences
-from avflow.render import Camera, CodecAvatar, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
+from avflow.render import Camera, CodecAvatar, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
 from avflow.train.loop import pick_device
