@@ -21,6 +21,7 @@ setup(
         "matplotlib",
         "safetensors",
         "imageio-ffmpeg",
+        "moviepy<2",  # TensorBoard's add_video encodes with moviepy.editor, which moviepy 2 removed
     ],
     extras_require={
         "asr": ["transformers"],

@@ -126,22 +126,30 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
-def _face_decoder(args: argparse.Namespace):
+def _face_decoder(args: argparse.Namespace, model):
+    """What the videos show: --avatar, --face-decoder or --procedural-face, else the export's own (or None)."""
+    from avflow.render import CodecAvatar
+
+    if args.avatar:
+        return CodecAvatar.from_dataset(args.avatar, model.device, args.avatar_pose)
     if args.face_decoder:
-        from avflow.infer.render import load_face_decoder
+        from avflow.render import load_face_decoder
 
         return load_face_decoder(args.face_decoder)
     if args.procedural_face:
-        from avflow.infer.render import ProceduralFaceDecoder
+        from avflow.render import ProceduralFaceDecoder
 
         return ProceduralFaceDecoder()
-    return None
+    if isinstance(model.face_decoder, CodecAvatar):
+        model.face_decoder.pose_frame = args.avatar_pose
+    return model.face_decoder
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from avflow.infer.generate import generate, tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs
 
     model = _load_model(args)
+    face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
     cfg = model.cfg
     if args.tokens:
         tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
@@ -155,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     generated = generate(model, tokens, cfg.sample)
     elapsed = time.perf_counter() - started
-    written = write_outputs(generated, args.output, name, cfg, model.vocoder, _face_decoder(args))
+    written = write_outputs(generated, args.output, name, cfg, model.vocoder, face)
     seconds = tokens.shape[0] / cfg.mel.frame_rate
     print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
 
@@ -177,10 +185,10 @@ def cmd_infer(args: argparse.Namespace) -> None:
                 source = {"audio": str(Path(args.audio).resolve())} if args.audio else {"tokens": str(Path(args.tokens).resolve())}
             items = Path(scratch) / "items.jsonl"
             items.write_text(json.dumps({"id": args.name, **source}) + "\n")
-        face = None if args.no_video else (_face_decoder(args) or model.face_decoder)
+        face = None if args.no_video else _face_decoder(args, model)
         if not args.no_video and face is None:
-            raise ValueError("videos need a face decoder: pass --face-decoder FILE or --procedural-face, export the "
-                             "model with --face-decoder, or pass --no-video")
+            raise ValueError("videos need a face decoder: pass --avatar DATASET_ROOT, --face-decoder FILE or "
+                             "--procedural-face, export the model with --avatar or --face-decoder, or pass --no-video")
         counts = run_batch(model, items, args.output, shard=shard, face_decoder=face, asr_model=args.asr_model,
                            retry_errors=args.retry_errors, progress=not args.quiet)
     print(f"{counts['ok']} items done, {counts['error']} failed, {counts['skipped']} already recorded; "
@@ -266,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "vertices, with a `faces` tensor: also write .mp4 videos")
         video.add_argument("--procedural-face", action="store_true",
                            help="render the demo's procedural head (driven by the demo corpus's mouth controls)")
+        video.add_argument("--avatar", type=Path, metavar="DATASET_ROOT",
+                           help="render the released 50h subject's Codec Avatar (decoder/ and face_topo_small_neck.obj "
+                                "of the released dataset): 1024 x 1024 .mp4 videos")
+        sub.add_argument("--avatar-pose", choices=("camera", "relative"), default="camera",
+                         help="Codec Avatar head poses: camera = the 50h capture camera's head transforms (mm), as a "
+                              "model trained on the 50h data generates; relative = only their rotation, on the "
+                              "published default pose (models trained on other data, e.g. the demo corpus)")
         sub.add_argument("--num-samples", type=int)
         sub.add_argument("--nfe", type=int)
         sub.add_argument("--method", choices=("euler", "midpoint"))

@@ -140,6 +140,8 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 32  # samples held per worker for shuffling
     max_bad_fraction: float = 0.01  # the loader fails when more than this fraction of samples is unreadable
+    avatar: str = ""  # released 50h dataset root with the Codec Avatar: validation logs a rendered clip
+    avatar_pose: str = "camera"  # camera: head poses are the capture camera's (50h, mm) | relative: rotation only
 
 
 @dataclass
@@ -280,6 +282,9 @@ class Config:
         _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
                  "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
         _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
+        _choice(d.avatar_pose, "data.avatar_pose", ("camera", "relative"))
+        _require(not d.avatar or h.pose_dim == 7, "data.avatar", "empty unless head poses are 7-d (the 50h subject's "
+                 "avatar; Audio2Photoreal subjects need the ca_body renderer)", d.avatar)
         p = self.pack
         _require(p.segments_per_shard >= 1 and p.workers >= 1, "pack.segments_per_shard/workers", "at least 1 each",
                  (p.segments_per_shard, p.workers))

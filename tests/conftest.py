@@ -180,3 +180,76 @@ def check_resume_matches_uninterrupted(make_config, tmp_path, steps: int):
     for name, value in uninterrupted.ema.params.items():
         assert torch.equal(value, resumed.ema.params[name]), name
 
+
+
+# The released Codec Avatar's decoder keys and shapes, stated from the published description (facts,
+# "Renderer"), independently of avflow.render: (key prefix, kind, shapes of v, g, bias).
+AVATAR_VERTICES = 7306
+_TEXTURE_CHANNELS, _WARP_CHANNELS = (256, 256, 128, 128, 64, 64, 32, 8, 3), (256, 256, 128, 128, 64, 64, 2)
+
+
+def published_avatar_layers(vertices=AVATAR_VERTICES):
+    layers = [("encmod.0", (256, 256), (256, 1), (256,)), ("geommod.0", (3 * vertices, 256), (3 * vertices, 1), (3 * vertices,)),
+              ("viewmod.0", (8, 3), (8, 1), (8,)), ("texmod2.0", (4096, 264), (4096, 1), (4096,)),
+              ("warpmod2.0", (4096, 264), (4096, 1), (4096,))]
+    for prefix, channels, untied in (("texmod", _TEXTURE_CHANNELS, True), ("warpmod", _WARP_CHANNELS, False)):
+        for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
+            size = 4 * 2 ** (i + 1)
+            layers.append((f"{prefix}.{2 * i}", (c_in, c_out, 4, 4), (1, c_out, 1, 1), (c_out, size, size) if untied else (c_out,)))
+    return layers
+
+
+def random_avatar_state(seed=0, spelling="weight_v", vertices=AVATAR_VERTICES):
+    """Every parameter of the published decoder random; spelling "weight_v" (weight_v, weight_g) or "weight"
+    (the older weight and flat g)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, v_shape, g_shape, bias_shape in published_avatar_layers(vertices):
+        v = torch.randn(v_shape, generator=generator)
+        g = 0.5 + torch.rand(g_shape, generator=generator)
+        if spelling == "weight_v":
+            state[f"{prefix}.weight_v"], state[f"{prefix}.weight_g"] = v, g
+        else:
+            state[f"{prefix}.weight"], state[f"{prefix}.g"] = v, g.flatten()
+        state[f"{prefix}.bias"] = 0.1 * torch.randn(bias_shape, generator=generator)
+    state["bias"] = 0.1 * torch.randn(3, 1024, 1024, generator=generator)
+    return state
+
+
+def head_topology(rings=83, columns=88, radii=(80.0, 110.0, 95.0)):
+    """An ellipsoid head in mm (x right, y up, z towards the face), 2 + rings * columns vertices (7306 by
+    default), UVs in a longitude/latitude chart whose wrap-around column is a seam (its own UVs), as OBJ text."""
+    polar = np.linspace(0, np.pi, rings + 2)[1:-1]
+    azimuth = np.linspace(0, 2 * np.pi, columns, endpoint=False)
+    p, a = np.meshgrid(polar, azimuth, indexing="ij")
+    unit = np.stack([np.sin(p) * np.sin(a), np.cos(p), np.sin(p) * np.cos(a)], -1).reshape(-1, 3)
+    vertices = np.concatenate([[[0, 1, 0]], unit, [[0, -1, 0]]]) * np.array(radii)
+    uv = [[(j + 0.5) / columns, 1.0] for j in range(columns)]  # one per top cap triangle
+    uv += [[j / columns, 1 - (i + 1) / (rings + 1)] for i in range(rings) for j in range(columns + 1)]
+    uv += [[(j + 0.5) / columns, 0.0] for j in range(columns)]
+    vid = lambda i, j: 1 + i * columns + j % columns  # noqa: E731
+    tid = lambda i, j: 1 + columns + i * (columns + 1) + j  # noqa: E731 - 1-based obj uv index
+    bottom_v, bottom_t = len(vertices), columns + rings * (columns + 1)
+    faces = [((1, j + 1), (vid(0, j) + 1, tid(0, j)), (vid(0, j + 1) + 1, tid(0, j + 1))) for j in range(columns)]
+    for i in range(rings - 1):
+        for j in range(columns):
+            quad = [(vid(i, j) + 1, tid(i, j)), (vid(i + 1, j) + 1, tid(i + 1, j)),
+                    (vid(i + 1, j + 1) + 1, tid(i + 1, j + 1)), (vid(i, j + 1) + 1, tid(i, j + 1))]
+            faces += [(quad[0], quad[1], quad[2]), (quad[0], quad[2], quad[3])]
+    faces += [((bottom_v, bottom_t + j + 1), (vid(rings - 1, j + 1) + 1, tid(rings - 1, j + 1)),
+               (vid(rings - 1, j) + 1, tid(rings - 1, j))) for j in range(columns)]
+    lines = [f"v {x:.4f} {y:.4f} {z:.4f}" for x, y, z in vertices] + [f"vt {u:.6f} {v:.6f}" for u, v in uv]
+    lines += ["f " + " ".join(f"{a}/{b}" for a, b in face) for face in faces]
+    return vertices.astype(np.float32), "\n".join(lines) + "\n"
+
+
+def write_synthetic_avatar(root, seed=0, spelling="weight_v", obj_under_decoder=False):
+    """A dataset root holding a random Codec Avatar with the released file names and shapes."""
+    decoder = root / "decoder"
+    decoder.mkdir(parents=True, exist_ok=True)
+    torch.save(random_avatar_state(seed, spelling), decoder / "dec_params.pt")
+    vertices, obj = head_topology()
+    vertices.astype("<f4").tofile(decoder / "vert_mean.bin")
+    (decoder / "vert_var.txt").write_text("4.0\n")
+    (decoder if obj_under_decoder else root).joinpath("face_topo_small_neck.obj").write_text(obj)
+    return root

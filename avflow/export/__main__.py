@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocoder", help="a BigVGAN {'generator': ...} checkpoint to include")
     parser.add_argument("--text2tokens", help="a consolidated text-to-tokens .safetensors to include, for --text")
     parser.add_argument("--face-decoder", help="a TorchScript face decoder to include, for videos")
+    parser.add_argument("--avatar", metavar="DATASET_ROOT",
+                        help="the released 50h dataset root: include its Codec Avatar, for videos without the dataset")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = ExportOptions(args.format, args.dtype, args.nfe, args.method, args.max_seconds, args.batch, args.device,
-                            args.vocoder, args.text2tokens, args.face_decoder, args.force)
+                            args.vocoder, args.text2tokens, args.face_decoder, args.avatar, args.force)
     try:
         meta = export(args.checkpoint, args.output, options)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:

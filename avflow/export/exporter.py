@@ -22,13 +22,13 @@ import torch
 
 import avflow
 from avflow.data.tokens import TOKEN_LABELS
-from avflow.infer.artifacts import (AOTI_FILE, CONFIG_FILE, EXPORT_FORMAT_VERSION, FACE_DECODER_FILE,
+from avflow.infer.artifacts import (AOTI_FILE, AVATAR_FILE, CONFIG_FILE, EXPORT_FORMAT_VERSION, FACE_DECODER_FILE,
                                     FORMATS, META_FILE, TEXT2TOKENS_FILE, TORCHSCRIPT_FILE, VOCODER_FILE,
                                     WEIGHTS_FILE, load_compiled_sampler)
-from avflow.infer.render import load_face_decoder
 from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
+from avflow.render import CodecAvatar, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
 from avflow.train.checkpoint import load_inference_tensors, write_model_file
 
@@ -57,6 +57,7 @@ class ExportOptions:
     vocoder: str | None = None
     text2tokens: str | None = None
     face_decoder: str | None = None
+    avatar: str | None = None  # the released 50h dataset root whose Codec Avatar the directory carries
     force: bool = False
 
     def validate(self) -> None:
@@ -99,6 +100,7 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
     if output.exists() and not options.force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
     cfg, tensors = load_inference_tensors(checkpoint)
+    avatar = CodecAvatar.from_dataset(options.avatar) if options.avatar else None  # bad assets fail first
     device = pick_device(options.device)
     sample = cfg.sample
     sample.nfe = options.nfe or sample.nfe
@@ -166,6 +168,8 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
         if options.face_decoder:
             load_face_decoder(options.face_decoder)
             shutil.copyfile(options.face_decoder, staging / FACE_DECODER_FILE)
+        if avatar is not None:
+            avatar.save(staging / AVATAR_FILE)
         meta["files"] = sorted(path.name for path in staging.iterdir()) + [META_FILE]
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         _replace_directory(staging, output)

@@ -11,6 +11,8 @@ original config file.
     vocoder.safetensors    optional BigVGAN generator (weight norm folded), its sizes in the metadata
     text2tokens.safetensors  optional text-to-tokens model, so --text needs no other file
     face_decoder.ts        optional TorchScript face decoder, so videos need no other file
+    avatar.safetensors     optional Codec Avatar (decoder weights, mean geometry, std, UV mesh), so videos of
+                           the released subject need no dataset
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ AOTI_FILE = "velocity.pt2"
 VOCODER_FILE = "vocoder.safetensors"
 TEXT2TOKENS_FILE = "text2tokens.safetensors"
 FACE_DECODER_FILE = "face_decoder.ts"
+AVATAR_FILE = "avatar.safetensors"
 FORMATS = ("eager", "torchscript", "aoti")
 
 

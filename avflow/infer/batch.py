@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from avflow.infer.generate import (InferenceModel, conditioning, generate_batch, participant_features_from_file,
                                    tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs)
-from avflow.infer.render import FaceDecoder
+from avflow.render import CodecAvatar, FaceDecoder
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class ResultsLog:
 
 
 def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *, shard: tuple[int, int] | None = None,
-              face_decoder: FaceDecoder | None = None, asr_model: str | None = None, retry_errors: bool = False,
+              face_decoder: FaceDecoder | CodecAvatar | None = None, asr_model: str | None = None, retry_errors: bool = False,
               progress: bool = True) -> dict[str, int]:
     """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items."""
     out_dir = Path(out_dir)

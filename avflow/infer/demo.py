@@ -22,7 +22,7 @@ from avflow.data.loader import iter_split_arrays, validation_batches
 from avflow.data.shards import pack
 from avflow.infer.evaluate import evaluate
 from avflow.infer.generate import generate, load_inference_model, write_outputs
-from avflow.infer.render import ProceduralFaceDecoder
+from avflow.render import ProceduralFaceDecoder
 from avflow.infer.text2tokens import evaluate_text2tokens, load_text2tokens
 from avflow.model.avflow import AVFlowNet
 from avflow.train.loop import Trainer

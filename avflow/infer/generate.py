@@ -24,11 +24,11 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
-from avflow.infer.artifacts import (FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE, CompiledSampler,
-                                    is_model_directory, load_compiled_sampler, read_export_meta)
+from avflow.infer.artifacts import (AVATAR_FILE, FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE,
+                                    CompiledSampler, is_model_directory, load_compiled_sampler, read_export_meta)
 from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets, sample_sequences
-from avflow.infer.render import Camera, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
+from avflow.render import Camera, CodecAvatar, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.runtime import DTYPES, pick_device
 from avflow.train.checkpoint import load_inference_tensors
 from avflow.train.head_vae import decode_latents, head_vae_from_payload
@@ -54,7 +54,7 @@ class InferenceModel:
     compiled: CompiledSampler | None = None  # fixed-shape loop of a torchscript/aoti export
     vocoder: BigVGAN | None = None
     text2tokens: Any = None  # TextToTokens of the export directory, when it has one
-    face_decoder: FaceDecoder | None = None  # the export directory's, when it has one
+    face_decoder: FaceDecoder | CodecAvatar | None = None  # the export directory's, when it has one
     batch_rows: int = 12  # sequences (windows x samples) per sampler call
     length_bucket_count: int = 4
     compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
@@ -138,6 +138,8 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
             model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
         if (directory / FACE_DECODER_FILE).is_file():
             model.face_decoder = load_face_decoder(directory / FACE_DECODER_FILE)
+        if (directory / AVATAR_FILE).is_file():
+            model.face_decoder = CodecAvatar.load(directory / AVATAR_FILE, target)
         if (directory / TEXT2TOKENS_FILE).is_file():
             from avflow.infer.text2tokens import load_text2tokens
 
@@ -278,17 +280,21 @@ def plot_sample(path: Path, mel: np.ndarray, expression: np.ndarray, head_pose: 
 VIDEO_SIZE = 256
 
 
-def render_frames(decoder: FaceDecoder, expression: np.ndarray, head_pose: np.ndarray) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of the decoder's mesh for 30 fps expression codes and head poses."""
+def render_frames(decoder: FaceDecoder | CodecAvatar, expression: np.ndarray, head_pose: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames for 30 fps expression codes and 7-d head poses: the Codec Avatar by its
+    published camera (1024 x 1024), a mesh decoder Lambert-shaded (VIDEO_SIZE)."""
+    if isinstance(decoder, CodecAvatar):
+        return decoder.render_pose7(expression, head_pose)
     vertices = decoder(torch.from_numpy(expression).float(), torch.from_numpy(head_pose).float())
     colors = getattr(decoder, "vertex_colors", torch.full((vertices.shape[1], 3), 0.8))
     return render_mesh(vertices, decoder.faces, colors, VIDEO_SIZE, VIDEO_SIZE, Camera()).cpu().numpy()
 
 
 def write_outputs(generated: Generated, out_dir: str | Path, name: str, cfg: Config,
-                  vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | None = None, plot: bool = True) -> list[Path]:
+                  vocoder: BigVGAN | None = None, face_decoder: FaceDecoder | CodecAvatar | None = None,
+                  plot: bool = True) -> list[Path]:
     """Per sample: {name}_s{i}.wav, .npz (30 fps expression, head pose 7-d and 4x4) and with `plot` a .png;
-    with a face decoder also {name}_s{i}.mp4 and {name}_samples.mp4, all samples side by side."""
+    with a face decoder or Codec Avatar also {name}_s{i}.mp4 and {name}_samples.mp4, all samples side by side."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame_rate = cfg.mel.frame_rate

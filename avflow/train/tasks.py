@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from avflow.config import Config
+from avflow.data.features import interpolate_frames
 from avflow.data.griffin_lim import mel_to_audio
 from avflow.data.loader import training_batches, validation_batches
 from avflow.data.phonemes import resolve_front_end
 from avflow.data.plots import sample_figure
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss, sample
+from avflow.render import CodecAvatar
 from avflow.train.batches import Batch, build_batch_encoder
 from avflow.train.checkpoint import model_state_tensors
 from avflow.train.distributed import DistInfo
@@ -31,6 +33,8 @@ from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
 
 VAL_SEED = 1234  # fixed noise and times, so validation losses are comparable across steps and runs
+VAL_VIDEO_FPS = 30  # the avatar's capture rate
+VAL_VIDEO_SIZE = 256  # TensorBoard stores the clip as a GIF: the published camera scaled down from 1024
 
 
 class AVFlowTask:
@@ -50,6 +54,9 @@ class AVFlowTask:
         """The batch encoder (training the head VAE first if needed) and this rank's training stream."""
         self.encoder = build_batch_encoder(self.cfg, self.device, self.progress, self.info.is_main)
         self.train_batches = training_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
+        self.avatar = None  # only the main rank logs samples
+        if self.cfg.data.avatar and self.info.is_main:
+            self.avatar = CodecAvatar.from_dataset(self.cfg.data.avatar, self.device, self.cfg.data.avatar_pose)
 
     def prepare(self, features: dict[str, Any]) -> Batch:
         return self.encoder(features)
@@ -73,7 +80,8 @@ class AVFlowTask:
         return training_flops_per_frame(self.cfg.model, parameters)
 
     def log_sample(self, writer, model: AVFlowNet, step: int) -> None:
-        """Generate the first validation window from its tokens: audio (Griffin-Lim) and a plot vs. the recording."""
+        """Generate the first validation window from its tokens: audio (Griffin-Lim), a plot vs. the recording
+        and, with data.avatar, the Codec Avatar rendering the generated motion."""
         features = next(iter(validation_batches(self.cfg.data.shards, self.cfg)), None)
         if features is None:
             return
@@ -90,6 +98,14 @@ class AVFlowTask:
         writer.add_audio("val/sample_audio", audio[None], step, sample_rate=self.cfg.mel.sample_rate)
         writer.add_figure("val/sample", sample_figure(generated["mel"].numpy(), generated["expression"].numpy(), pose,
                                                       self.cfg.mel.frame_rate, recorded["mel"].numpy()), step)
+        if self.avatar is not None:
+            frame_rate = self.cfg.mel.frame_rate
+            clip_frames = max(1, round(frames / frame_rate * VAL_VIDEO_FPS))
+            expression = interpolate_frames(generated["expression"].numpy(), frame_rate, clip_frames, VAL_VIDEO_FPS)
+            pose_30 = interpolate_frames(pose, frame_rate, clip_frames, VAL_VIDEO_FPS)
+            video = self.avatar.render_pose7(expression, pose_30, VAL_VIDEO_SIZE, VAL_VIDEO_SIZE)
+            writer.add_video("val/sample_video", torch.from_numpy(video).permute(0, 3, 1, 2)[None], step,
+                             fps=VAL_VIDEO_FPS)
 
 
 def resolved_config(cfg: Config) -> Config:
