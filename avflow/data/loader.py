@@ -50,7 +50,7 @@ SHARD_ORDER, SAMPLE_ORDER, SHARD_DRAW = 0, 1, 2  # tags that keep the random str
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-class BadDataError(RuntimeError):
+class BadDataError(ValueError):
     """More unreadable samples than data.max_bad_fraction allows, or no readable sample left to train on."""
 
 
