@@ -74,6 +74,11 @@ def cmd_pack(args: argparse.Namespace) -> None:
         cfg.data.root = str(args.input)
     if args.subject:
         cfg.data.subject = args.subject
+    elif cfg.data.layout == "a2p" and args.input:
+        from avflow.data.layouts.a2p import is_subject_folder
+
+        if is_subject_folder(args.input):  # -i .../PXB184: the subject is the folder itself
+            cfg.data.root, cfg.data.subject = str(args.input.resolve().parent), args.input.resolve().name
     if args.workers:
         cfg.pack.workers = args.workers
     if args.skip_bad:
@@ -240,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
     sub.add_argument("-i", "--input", type=Path, help="dataset root (default: data.root)")
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
-    sub.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
+    sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
+                                       "-i is the subject's own folder)")
     sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")
     sub.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
     sub.add_argument("--verify", action="store_true", help="re-read every shard and check counts and checksums")
