@@ -107,7 +107,7 @@ def cmd_extract_asr(args: argparse.Namespace) -> None:
 
 
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
-    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale"):
+    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_seconds"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg.sample, key, value)
@@ -144,7 +144,8 @@ def _face_decoder(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from avflow.infer.generate import generate, tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs
+    from avflow.infer.generate import (check_duration, check_text_length, generate, tokens_for_text, tokens_from_audio,
+                                       tokens_from_file, write_outputs)
 
     model = _load_model(args)
     cfg = model.cfg
@@ -152,11 +153,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
         name = Path(args.tokens).stem
     elif args.text is not None:
+        check_text_length(args.text, args.rate, cfg)
         tokens = tokens_for_text(model, args.text, args.rate, args.pause_scale, cfg.sample.seed)
         name = args.name
     else:
-        tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
+        tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate,
+                                   max_seconds=cfg.sample.max_seconds)
         name = Path(args.audio).stem
+    check_duration(tokens.shape[0], cfg, "input")
     started = time.perf_counter()
     generated = generate(model, tokens, cfg.sample)
     elapsed = time.perf_counter() - started
@@ -278,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=float)
         sub.add_argument("--guidance-scale", type=float)
         sub.add_argument("--seed", type=int)
+        sub.add_argument("--max-seconds", type=float,
+                         help="longest input accepted, in seconds of speech (default: sample.max_seconds, 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (an export fixes its own)")
         sub.add_argument("--compile", action="store_true",
