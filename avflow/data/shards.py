@@ -58,6 +58,9 @@ STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 # DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
 LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
 HASH_BLOCK_BYTES = 1 << 20
+# Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
+# bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
+SAMPLE_CHECKSUM = "sha256"
 # What reading one segment's files can raise: a bad segment, counted under pack.skip_bad, not a failed pack
 # (the layout readers turn what they anticipate into ValueError naming the file; OSError and EOFError
 # cover unreadable and empty files they did not anticipate).
@@ -84,7 +87,8 @@ class ShardJob:
         """
         data = {key: value for key, value in dataclasses.asdict(self.data_cfg).items() if key not in LOADER_ONLY_FIELDS}
         return {"format": FORMAT, "split": self.split, "segments": list(self.segments), "data": data,
-                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames}
+                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames,
+                "sample_checksums": SAMPLE_CHECKSUM}
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:
@@ -375,14 +379,17 @@ def _add_sample(tar: tarfile.TarFile, job: ShardJob, segment: str, chunk: int, c
     """Append one sample's members in sorted order with fixed metadata, so equal input gives equal bytes."""
     key = sample_key(segment, chunk, chunks)
     frames = arrays["mel"].shape[0]
-    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
-              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
-              "streams": sorted(arrays)}
-    members = {f"{key}.json": json.dumps(header, sort_keys=True).encode()}
+    members = {}
     for stream, values in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, values, allow_pickle=False)
         members[f"{key}.{stream}.npy"] = buffer.getvalue()
+    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
+              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
+              "streams": sorted(arrays),
+              SAMPLE_CHECKSUM: {stream: hashlib.sha256(members[f"{key}.{stream}.npy"]).hexdigest()
+                                for stream in sorted(arrays)}}
+    members[f"{key}.json"] = json.dumps(header, sort_keys=True).encode()
     for member in sorted(members):
         info = tarfile.TarInfo(member)
         info.size = len(members[member])
@@ -522,7 +529,10 @@ def _verify_sample(key: str, members: dict[str, bytes], dims: dict[str, int]) ->
     missing += [stream for stream in streams if f"{stream}.npy" not in members]
     if missing:
         raise ValueError(f"sample {key}: missing {', '.join(sorted(set(missing)))}")
+    digests = header.get(SAMPLE_CHECKSUM, {})
     for stream in sorted(streams):
+        if stream in digests and hashlib.sha256(members[f"{stream}.npy"]).hexdigest() != digests[stream]:
+            raise ValueError(f"sample {key}: {stream} bytes differ from their {SAMPLE_CHECKSUM} recorded at pack time")
         values = np.load(io.BytesIO(members[f"{stream}.npy"]), allow_pickle=False)
         expected_shape = (frames,) if stream == "expression_valid" else (frames, dims.get(stream))
         expected_dtype = np.dtype(STORED_DTYPES.get(stream, values.dtype))
