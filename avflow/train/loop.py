@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from avflow.config import Config
 from avflow.model.avflow import count_parameters
-from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
-                                     require_same_model)
+from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, newest_verified_checkpoint,
+                                     read_meta, require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.metrics import gpu_memory_gib, peak_flops
 from avflow.train.parallel import bf16_autocast, build_engine
@@ -106,7 +106,7 @@ class Trainer:
         self.train_batches = self.task.train_batches
         self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
         if existing is not None:
-            self._restore(existing)
+            self._restore(newest_verified_checkpoint(self.run_dir))
         self.train_iter = iter(self.train_batches)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,10 @@ CASES = [  # (name, command line with {place} fields, what the one line must say
     ("NaN learning rate", "train trainer.lr=.nan", "trainer.lr: expected a finite number, got nan"),
     ("too many bad samples", "train-head-vae data.shards={truncated_shards} -o {root}/vae.pt",
      "more than data.max_bad_fraction=0.01"),
+    ("truncated checkpoint metadata (generate)", "generate --checkpoint {truncated_step} --text hi -o {root}/g",
+     "{truncated_step}/.metadata: 10 bytes"),
+    ("truncated checkpoint metadata (consolidate)", "checkpoint consolidate {truncated_step} -o {root}/m.safetensors",
+     "{truncated_step}/.metadata: 10 bytes"),
 ]
 
 
