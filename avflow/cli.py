@@ -107,7 +107,7 @@ def cmd_extract_asr(args: argparse.Namespace) -> None:
 
 
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
-    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_seconds"):
+    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg.sample, key, value)
@@ -158,7 +158,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         name = args.name
     else:
         tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate,
-                                   max_seconds=cfg.sample.max_seconds)
+                                   max_seconds=cfg.sample.max_input_seconds)
         name = Path(args.audio).stem
     check_duration(tokens.shape[0], cfg, "input")
     started = time.perf_counter()
@@ -282,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=float)
         sub.add_argument("--guidance-scale", type=float)
         sub.add_argument("--seed", type=int)
-        sub.add_argument("--max-seconds", type=float,
-                         help="longest input accepted, in seconds of speech (default: sample.max_seconds, 600)")
+        sub.add_argument("--max-input-seconds", type=float,
+                         help="longest input accepted, in seconds of speech (default sample.max_input_seconds: 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (an export fixes its own)")
         sub.add_argument("--compile", action="store_true",

@@ -104,7 +104,7 @@ class SampleConfig:
     seed: int = 0
     max_frames: int = 1725  # reference: one pass covers up to ~20 s
     window_overlap: int = 86  # longer inputs: windows of max_frames overlapping by ~1 s, cross-faded
-    max_seconds: float = 600.0  # longer inputs fail with a reason, so one item cannot hold up a whole batch
+    max_input_seconds: float = 600.0  # longer inputs fail with a reason, so one item cannot hold up a whole batch
 
 
 @dataclass
@@ -286,7 +286,7 @@ class Config:
         _require(s.guidance_scale >= 0, "sample.guidance_scale", "non-negative", s.guidance_scale)
         _require(s.seed >= 0, "sample.seed", "a non-negative integer", s.seed)
         _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
-        _require(s.max_seconds > 0, "sample.max_seconds", "positive", s.max_seconds)
+        _require(s.max_input_seconds > 0, "sample.max_input_seconds", "positive", s.max_input_seconds)
         _require(0 <= s.window_overlap < s.max_frames // 2, "sample.window_overlap",
                  f"in [0, sample.max_frames / 2 = {s.max_frames // 2})", s.window_overlap)
         _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)

@@ -9,9 +9,9 @@ Relative paths are relative to the manifest. Each item's outputs are written int
 folder and renamed to RESULTS/<id>/ only when complete, then one line is appended to the results file,
 so an interrupted job leaves no partial output under a final name and a re-run skips every item
 already recorded (ok or failed; `retry_errors` retries the failed ones). Bad items (missing, empty or
-unreadable file, empty text, wrong shapes, longer than sample.max_seconds) are recorded with their reason
-and never stop the job; a repeated id is recorded once, under its line (line-N), never over the first item's
-result. With a shard I/N the
+unreadable file, empty text, wrong shapes, longer than sample.max_input_seconds) are recorded with their
+reason and never stop the job; a repeated id is recorded once, under its line (line-N), never over the
+first item's result. With a shard I/N the
 job takes the items whose line index % N == I and writes results.shard-I-of-N.jsonl, so SLURM array
 tasks never write the same file.
 """
@@ -119,7 +119,7 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
                                      seed=item.seed)
         elif "audio" in spec:
             tokens = tokens_from_audio(_resolve(base, spec["audio"]), asr_model, cfg.data.token_fps, cfg.mel.frame_rate,
-                                       max_seconds=cfg.sample.max_seconds)
+                                       max_seconds=cfg.sample.max_input_seconds)
         else:
             tokens = tokens_from_file(_resolve(base, spec["tokens"]), cfg.data.token_fps, cfg.mel.frame_rate)
         check_duration(tokens.shape[0], cfg, next(key for key in SOURCES if key in spec))

@@ -128,7 +128,7 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
 
 
 # Speech rarely exceeds ~20 characters per second; text longer than this many characters per second of
-# sample.max_seconds is refused before its timing is computed.
+# sample.max_input_seconds is refused before its timing is computed.
 TEXT_CHARACTERS_PER_SECOND = 40.0
 
 
@@ -147,19 +147,20 @@ def load_numeric_array(path: Path, what: str) -> np.ndarray:
 
 
 def check_duration(frames: int, cfg: Config, what: str) -> None:
-    """Refuse inputs longer than sample.max_seconds, so one item cannot hold up a whole batch."""
+    """Refuse inputs longer than sample.max_input_seconds, so one item cannot hold up a whole batch."""
     seconds = frames / cfg.mel.frame_rate
-    if seconds > cfg.sample.max_seconds:
-        raise ValueError(f"{what}: {seconds:.1f} s long; sample.max_seconds={cfg.sample.max_seconds:g} "
-                         f"(--max-seconds) is the limit (split the input, or raise the limit)")
+    if seconds > cfg.sample.max_input_seconds:
+        raise ValueError(f"{what}: {seconds:.1f} s long; sample.max_input_seconds="
+                         f"{cfg.sample.max_input_seconds:g} (--max-input-seconds) is the limit (split the input, or "
+                         f"raise the limit)")
 
 
 def check_text_length(text: str, rate: float, cfg: Config) -> None:
-    """A cheap early refusal of text far longer than sample.max_seconds allows, before its timing is computed."""
-    limit = int(cfg.sample.max_seconds * TEXT_CHARACTERS_PER_SECOND * max(rate, 1.0))
+    """Refuse text far longer than sample.max_input_seconds allows early, before its timing is computed."""
+    limit = int(cfg.sample.max_input_seconds * TEXT_CHARACTERS_PER_SECOND * max(rate, 1.0))
     if len(text) > limit:
-        raise ValueError(f"text: {len(text)} characters, far more than sample.max_seconds="
-                         f"{cfg.sample.max_seconds:g} (--max-seconds) of speech holds (at most {limit}); "
+        raise ValueError(f"text: {len(text)} characters, far more than sample.max_input_seconds="
+                         f"{cfg.sample.max_input_seconds:g} (--max-input-seconds) of speech holds (at most {limit}); "
                          f"split the text, or raise the limit")
 
 
@@ -218,8 +219,8 @@ def tokens_from_audio(path: str | Path, asr_model: str | Path | None, token_fps:
     if max_seconds is not None and Path(path).is_file():
         seconds = audio_seconds(path)
         if seconds > max_seconds:
-            raise ValueError(f"{path}: {seconds:.1f} s long; sample.max_seconds={max_seconds:g} (--max-seconds) "
-                             f"is the limit (split the input, or raise the limit)")
+            raise ValueError(f"{path}: {seconds:.1f} s long; sample.max_input_seconds={max_seconds:g} "
+                             f"(--max-input-seconds) is the limit (split the input, or raise the limit)")
     audio, sample_rate = load_wav(path)
     speech = resample(audio[0], sample_rate, ASR_SAMPLE_RATE)
     tokens = CTCTokenizer(asr_model).logits(speech)

@@ -83,19 +83,19 @@ def test_inputs_beyond_the_length_limit_fail_with_a_reason(tiny_model, tmp_path,
     (tmp_path / "items.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "out"
     # --asr-model is never opened: the audio is refused from its header first
-    assert run(tiny_model, tmp_path / "items.jsonl", out, "--max-seconds", "2", "--asr-model", str(tmp_path)) == 0
+    assert run(tiny_model, tmp_path / "items.jsonl", out, "--max-input-seconds", "2", "--asr-model", str(tmp_path)) == 0
     by_id, _ = results(out)
     assert by_id["short"]["status"] == "ok"
-    assert "3.0 s long; sample.max_seconds=2" in by_id["long_tokens"]["error"]
-    assert "sample.max_seconds=2" in by_id["long_text"]["error"]
-    assert "4.0 s long; sample.max_seconds=2" in by_id["long_audio"]["error"]
+    assert "3.0 s long; sample.max_input_seconds=2" in by_id["long_tokens"]["error"]
+    assert "sample.max_input_seconds=2" in by_id["long_text"]["error"]
+    assert "4.0 s long; sample.max_input_seconds=2" in by_id["long_audio"]["error"]
 
 
 def test_the_default_limit_refuses_hours_of_text_at_once(tiny_model, tmp_path, capsys):  # noqa: F811
     text = "word " * 40000  # 200,000 characters: hours of speech
     assert main(["generate", "--model", str(tiny_model), "--text", text, "-o", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "200000 characters" in error and "sample.max_seconds=600" in error
+    assert "200000 characters" in error and "sample.max_input_seconds=600" in error
     assert not list(tmp_path.iterdir())
 
 
