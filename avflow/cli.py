@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
     with_config(sub)
     sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
-    sub.add_argument("-i", "--input", type=Path, help="dataset root (default: data.root)")
+    sub.add_argument("-i", "--input", type=Path, help="dataset root, or an a2p subject folder (default: data.root)")
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
