@@ -14,8 +14,8 @@ Training is an infinite stream per rank, a pure function of (seed, rank, worker,
 - Position. Every random choice is made from tar, JSON and .npy headers only, never from array values, so
   resuming at batch n replays the plan of the batches before n without decoding a single array. A bad sample
   visible in its headers (missing member, wrong shape or dtype) is skipped; one that fails only when its arrays
-  are read (non-finite values, read error) keeps its windows in the batch as padding (valid all False), so the
-  batch layout never depends on array values.
+  are read (bytes that differ from the sha256 its header recorded at pack time, non-finite values, read error)
+  keeps its windows in the batch as padding (valid all False), so the batch layout never depends on array values.
 
 Validation is finite: shard i belongs to rank i % world_size, a rank's shards are split across its workers,
 and each sample is tiled into consecutive windows, so every validation sample is read exactly once.
