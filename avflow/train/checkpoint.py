@@ -149,9 +149,13 @@ def _dcp_load(tensors: dict[str, Any], path: Path) -> None:
         with _quiet_single_process():
             dcp.load(tensors, checkpoint_id=path)
     except (Exception, CheckpointException) as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # the last one names the cause
-        cause = lines[-1] if lines else type(error).__name__
-        raise CheckpointError(f"{path}: cannot load the checkpoint's tensors ({cause})") from error
+        raise CheckpointError(f"{path}: cannot load the checkpoint's tensors ({_last_line(error)})") from error
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's message: where DCP's per-rank reports name the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -198,8 +202,11 @@ class Checkpointer:
             future = dcp.async_save(tensors, checkpoint_id=staging, process_group=self._async_group)
             self._pending = (future, staging, final, meta)
             return final
-        with _quiet_single_process():
-            dcp.save(tensors, checkpoint_id=staging)
+        try:
+            with _quiet_single_process():
+                dcp.save(tensors, checkpoint_id=staging)
+        except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
+            raise CheckpointError(f"{staging}: writing the checkpoint failed ({_last_line(error)})") from error
         self._finalize(staging, final, meta)
         return final
 
