@@ -128,3 +128,21 @@ def test_training_resumes_from_the_newest_good_step_and_reproduces_the_run(tmp_p
     _, got = load_inference_tensors(redone)
     for key, value in expected["ema"].items():  # the redone steps equal the lost ones
         assert torch.equal(got["ema"][key], value), key
+
+
+def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypatch):
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from avflow.train import checkpoint as checkpoint_module
+
+    def disk_full(state, checkpoint_id):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as error:  # DCP reports each rank's failure wrapped, as a BaseException
+            raise CheckpointException("save", {0: _wrap_exception(error)}) from error
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", disk_full)
+    _, tensors = load_inference_tensors(steps[1])
+    with pytest.raises(CheckpointError, match=r"step-00000003.tmp: writing the checkpoint failed \(OSError: \[Errno 28\]"):
+        checkpoint_module.Checkpointer(steps[0].parent.parent, keep=2).save(3, tensors, {})
+    assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
