@@ -27,7 +27,7 @@ setup(
         "asr": ["transformers"],
         "deepspeed": ["deepspeed"],
         "slurm": ["submitit"],
-        "test": ["pytest", "librosa", "transformers", "deepspeed", "submitit"],
+        "test": ["pytest", "librosa", "transformers", "deepspeed", "submitit", "psutil"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from avflow.config import Config, ConfigError, load_config
+from avflow.config import Config, load_config
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -74,6 +74,11 @@ def cmd_pack(args: argparse.Namespace) -> None:
         cfg.data.root = str(args.input)
     if args.subject:
         cfg.data.subject = args.subject
+    elif cfg.data.layout == "a2p" and args.input:
+        from avflow.data.layouts.a2p import is_subject_folder
+
+        if is_subject_folder(args.input):  # -i .../PXB184: the subject is the folder itself
+            cfg.data.root, cfg.data.subject = str(args.input.resolve().parent), args.input.resolve().name
     if args.workers:
         cfg.pack.workers = args.workers
     if args.skip_bad:
@@ -102,7 +107,7 @@ def cmd_extract_asr(args: argparse.Namespace) -> None:
 
 
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
-    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale"):
+    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds"):
         value = getattr(args, key)
         if value is not None:
             setattr(cfg.sample, key, value)
@@ -146,7 +151,8 @@ def _face_decoder(args: argparse.Namespace, model):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from avflow.infer.generate import generate, tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs
+    from avflow.infer.generate import (check_duration, check_text_length, generate, tokens_for_text, tokens_from_audio,
+                                       tokens_from_file, write_outputs)
 
     model = _load_model(args)
     face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
@@ -155,11 +161,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
         name = Path(args.tokens).stem
     elif args.text is not None:
+        check_text_length(args.text, args.rate, cfg)
         tokens = tokens_for_text(model, args.text, args.rate, args.pause_scale, cfg.sample.seed)
         name = args.name
     else:
-        tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
+        tokens = tokens_from_audio(args.audio, args.asr_model, cfg.data.token_fps, cfg.mel.frame_rate,
+                                   max_seconds=cfg.sample.max_input_seconds)
         name = Path(args.audio).stem
+    check_duration(tokens.shape[0], cfg, "input")
     started = time.perf_counter()
     generated = generate(model, tokens, cfg.sample)
     elapsed = time.perf_counter() - started
@@ -246,9 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
     with_config(sub)
     sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
-    sub.add_argument("-i", "--input", type=Path, help="dataset root (default: data.root)")
+    sub.add_argument("-i", "--input", type=Path, help="dataset root, or an a2p subject folder (default: data.root)")
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
-    sub.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
+    sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
+                                       "-i is the subject's own folder)")
     sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")
     sub.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
     sub.add_argument("--verify", action="store_true", help="re-read every shard and check counts and checksums")
@@ -287,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--temperature", type=float)
         sub.add_argument("--guidance-scale", type=float)
         sub.add_argument("--seed", type=int)
+        sub.add_argument("--max-input-seconds", type=float,
+                         help="longest input accepted, in seconds of speech (default sample.max_input_seconds: 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (default: bf16 on CUDA, fp32 elsewhere; an export fixes its own)")
         sub.add_argument("--compile", action="store_true",
@@ -329,14 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What bad input, bad files and the file system raise: reported as one line with exit status 2.
+# ValueError covers ConfigError and BadDataError (a dataset with too many unreadable samples); OSError
+# covers missing, misplaced (an output path under a file) and unreadable files; EOFError a truncated file.
+USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Any error ends it with one line on stderr and a non-zero exit: status 2 for bad
+    input (USER_ERRORS), 1 for anything else; -v shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.run(args)
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
-        print(f"avflow {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except Exception as error:
+        if args.verbose:
+            raise
+        user_error = isinstance(error, USER_ERRORS)
+        detail = str(error) or type(error).__name__
+        if not user_error:
+            detail = f"{type(error).__name__}: {detail} (an avflow bug or an environment problem; -v shows where)"
+        print(f"avflow {args.command}: error: {detail}", file=sys.stderr)
+        return 2 if user_error else 1
     return 0
 
 

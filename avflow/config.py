@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -103,6 +104,7 @@ class SampleConfig:
     seed: int = 0
     max_frames: int = 1725  # reference: one pass covers up to ~20 s
     window_overlap: int = 86  # longer inputs: windows of max_frames overlapping by ~1 s, cross-faded
+    max_input_seconds: float = 600.0  # longer inputs fail with a reason, so one item cannot hold up a whole batch
 
 
 @dataclass
@@ -253,12 +255,23 @@ class Config:
     def validate(self) -> "Config":
         """Check every value once; raise ConfigError naming the field and what was expected."""
         m, f, s, t, d, h = self.model, self.flow, self.sample, self.trainer, self.data, self.head_vae
+        self._require_finite()
+        mel = self.mel
+        for name in ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels"):
+            _require(getattr(mel, name) >= 1, f"mel.{name}", "a positive integer", getattr(mel, name))
+        _require(mel.win_length <= mel.n_fft, "mel.win_length", f"at most mel.n_fft={mel.n_fft}", mel.win_length)
+        _require(0 <= mel.fmin < mel.fmax <= mel.sample_rate / 2, "mel.fmin/fmax",
+                 f"0 <= fmin < fmax <= sample_rate / 2 = {mel.sample_rate / 2}", (mel.fmin, mel.fmax))
+        _require(mel.norm_std > 0, "mel.norm_std", "positive", mel.norm_std)
         _require(m.d_model % m.n_heads == 0, "model.d_model", f"divisible by model.n_heads={m.n_heads}", m.d_model)
         _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "a per-head size that is even (RoPE pairs)", m.d_model)
         for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim", "token_dim"):
             _require(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
         _require(m.head_latent_dim == h.latent_dim, "model.head_latent_dim", f"equal to head_vae.latent_dim={h.latent_dim}", m.head_latent_dim)
         _require(m.mel_dim == self.mel.n_mels, "model.mel_dim", f"equal to mel.n_mels={self.mel.n_mels}", m.mel_dim)
+        for name in ("head_latent_dim", "participant_feature_dim"):
+            _require(getattr(m, name) >= 1, f"model.{name}", "a positive integer", getattr(m, name))
+        _require(m.rope_base > 1, "model.rope_base", "greater than 1", m.rope_base)
         _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative", (m.window_back, m.window_ahead))
         _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
         _choice(m.attention, "model.attention", ("auto", "flex", "banded", "dense"))
@@ -272,10 +285,18 @@ class Config:
         _require(s.num_samples >= 1, "sample.num_samples", "at least 1", s.num_samples)
         _require(s.guidance_scale == 1.0 or f.cond_dropout > 0, "sample.guidance_scale",
                  "1.0 unless the model was trained with flow.cond_dropout > 0", s.guidance_scale)
+        _require(s.guidance_scale >= 0, "sample.guidance_scale", "non-negative", s.guidance_scale)
+        _require(s.seed >= 0, "sample.seed", "a non-negative integer", s.seed)
         _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
+        _require(s.max_input_seconds > 0, "sample.max_input_seconds", "positive", s.max_input_seconds)
         _require(0 <= s.window_overlap < s.max_frames // 2, "sample.window_overlap",
                  f"in [0, sample.max_frames / 2 = {s.max_frames // 2})", s.window_overlap)
         _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
+        for name in ("hidden", "latent_dim", "n_layers", "n_heads", "ffn_hidden", "steps", "batch_size", "segment_length"):
+            _require(getattr(h, name) >= 1, f"head_vae.{name}", "at least 1", getattr(h, name))
+        _require(0.0 <= h.dropout < 1.0, "head_vae.dropout", "in [0, 1)", h.dropout)
+        _require(h.kl_weight >= 0, "head_vae.kl_weight", "non-negative", h.kl_weight)
+        _require(h.lr > 0, "head_vae.lr", "positive", h.lr)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
         _choice(d.layout, "data.layout", ("50h", "a2p"))
         _require(d.layout != "a2p" or bool(d.subject), "data.subject", "an Audio2Photoreal subject for data.layout=a2p", d.subject)
@@ -304,6 +325,11 @@ class Config:
         _require(t.steps >= 1, "trainer.steps", "at least 1", t.steps)
         _require(t.batch_size >= 1, "trainer.batch_size", "at least 1", t.batch_size)
         _require(t.lr > 0, "trainer.lr", "positive", t.lr)
+        _require(t.weight_decay >= 0, "trainer.weight_decay", "non-negative", t.weight_decay)
+        _require(t.warmup_steps >= 0, "trainer.warmup_steps", "non-negative", t.warmup_steps)
+        _require(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
+        _require(t.grad_clip > 0, "trainer.grad_clip", "positive (the largest gradient norm kept)", t.grad_clip)
+        _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)", t.betas)
         _choice(t.schedule, "trainer.schedule", ("cosine", "constant"))
         _choice(t.precision, "trainer.precision", ("auto", "bf16", "fp32"))
@@ -312,6 +338,7 @@ class Config:
         for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(t, name) >= 1, f"trainer.{name}", "at least 1", getattr(t, name))
         c = self.corpus
+        _require(c.seed >= 0, "corpus.seed", "a non-negative integer", c.seed)
         _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments", "at least 1 each", (c.train_segments, c.val_segments))
         _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
                  "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
@@ -325,7 +352,7 @@ class Config:
             _require(getattr(x, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(x, name))
         _require(x.d_model % x.n_heads == 0 and (x.d_model // x.n_heads) % 2 == 0, "text2tokens.d_model",
                  f"divisible by text2tokens.n_heads={x.n_heads} into even per-head sizes (RoPE pairs)", x.d_model)
-        _require(x.duration_kernel % 2 == 1, "text2tokens.duration_kernel", "an odd kernel size", x.duration_kernel)
+        _require(x.duration_kernel >= 1 and x.duration_kernel % 2 == 1, "text2tokens.duration_kernel", "an odd kernel size", x.duration_kernel)
         _require(0.0 <= x.dropout < 1.0, "text2tokens.dropout", "in [0, 1)", x.dropout)
         _require(x.decoder_window >= 1, "text2tokens.decoder_window", "at least 1", x.decoder_window)
         _require(x.temperature >= 0, "text2tokens.temperature", "non-negative", x.temperature)
@@ -333,6 +360,18 @@ class Config:
         _require(min(x.short_pause_s, x.long_pause_s) >= 0, "text2tokens.short_pause_s/long_pause_s", "non-negative",
                  (x.short_pause_s, x.long_pause_s))
         return self
+
+    def _require_finite(self) -> None:
+        """No key takes inf or NaN: each would pass a range check and fail later, far from its cause."""
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            if not dataclasses.is_dataclass(values):
+                continue
+            for item in dataclasses.fields(values):
+                value = getattr(values, item.name)
+                numbers = value if isinstance(value, list) else [value]
+                if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+                    raise ConfigError(f"{section.name}.{item.name}: expected a finite number, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -437,7 +476,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected section.key=value")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            problem = str(error).splitlines()[0]
+            raise ConfigError(f"override '{item}': the value is not valid YAML ({problem})") from error
+        parsed.append((key.strip(), value))
     return parsed
 
 

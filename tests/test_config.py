@@ -55,3 +55,51 @@ def test_save_round_trip(tmp_path):
     cfg.save(tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
     assert isinstance(Config().validate(), Config)
+
+
+def _numeric_fields():
+    """(dotted key, type) of every int and float key of every section."""
+    import dataclasses
+
+    defaults = Config()
+    for section in dataclasses.fields(defaults):
+        values = getattr(defaults, section.name)
+        if not dataclasses.is_dataclass(values):
+            continue
+        for item in dataclasses.fields(values):
+            value = getattr(values, item.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                yield f"{section.name}.{item.name}", type(value)
+
+
+# Keys where a huge negative value is meaningful (a normalization offset); every other numeric key has a
+# lower bound, and every float key must be finite.
+UNBOUNDED_BELOW = {"mel.norm_mean"}
+
+
+@pytest.mark.parametrize("key, kind", list(_numeric_fields()), ids=[key for key, _ in _numeric_fields()])
+def test_every_numeric_key_is_range_checked(key, kind):
+    if key not in UNBOUNDED_BELOW:
+        with pytest.raises(ConfigError):
+            load_config(None, [f"{key}=-1000000"])
+    if kind is float:
+        for value in (".inf", "-.inf", ".nan"):
+            with pytest.raises(ConfigError, match=f"{key}: expected a finite number"):
+                load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.min_lr_ratio=-3", "trainer.min_lr_ratio: expected in [0, 1], got -3.0"),
+    ("trainer.warmup_steps=-10", "trainer.warmup_steps: expected non-negative, got -10"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip: expected positive"),
+    ("mel.hop_length=0", "mel.hop_length: expected a positive integer, got 0"),
+    ("head_vae.batch_size=0", "head_vae.batch_size: expected at least 1, got 0"),
+    ("pack.max_chunk_seconds=.inf", "pack.max_chunk_seconds: expected a finite number, got inf"),
+    ("mel.fmax=20000", "mel.fmin/fmax: expected 0 <= fmin < fmax <= sample_rate / 2"),
+    ("text2tokens.duration_kernel=-1", "text2tokens.duration_kernel: expected an odd kernel size"),
+    ("trainer.betas=[0.9,", "override 'trainer.betas=[0.9,': the value is not valid YAML"),
+])
+def test_audit_overrides_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)

@@ -136,6 +136,14 @@ def load_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(audio.T), int(sample_rate)
 
 
+def audio_seconds(path: str | os.PathLike) -> float:
+    """An audio file's duration from its header, without reading the samples."""
+    try:
+        return float(soundfile.info(str(path)).duration)
+    except (soundfile.LibsndfileError, RuntimeError) as error:
+        raise ValueError(f"{path}: not a readable audio file ({error})") from error
+
+
 def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
     """Write (samples,) or (channels, samples) audio in [-1, 1] as 16-bit PCM wav, atomically.
 

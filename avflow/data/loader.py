@@ -14,8 +14,8 @@ Training is an infinite stream per rank, a pure function of (seed, rank, worker,
 - Position. Every random choice is made from tar, JSON and .npy headers only, never from array values, so
   resuming at batch n replays the plan of the batches before n without decoding a single array. A bad sample
   visible in its headers (missing member, wrong shape or dtype) is skipped; one that fails only when its arrays
-  are read (non-finite values, read error) keeps its windows in the batch as padding (valid all False), so the
-  batch layout never depends on array values.
+  are read (bytes that differ from the sha256 its header recorded at pack time, non-finite values, read error)
+  keeps its windows in the batch as padding (valid all False), so the batch layout never depends on array values.
 
 Validation is finite: shard i belongs to rank i % world_size, a rank's shards are split across its workers,
 and each sample is tiled into consecutive windows, so every validation sample is read exactly once.
@@ -23,6 +23,7 @@ and each sample is tiled into consecutive windows, so every validation sample is
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -38,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avflow.config import Config, DataConfig
-from avflow.data.shards import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, load_manifest
+from avflow.data.shards import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ SHARD_ORDER, SAMPLE_ORDER, SHARD_DRAW = 0, 1, 2  # tags that keep the random str
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-class BadDataError(RuntimeError):
+class BadDataError(ValueError):
     """More unreadable samples than data.max_bad_fraction allows, or no readable sample left to train on."""
 
 
@@ -62,6 +63,8 @@ class StoredArray:
     dtype: str
     shape: tuple[int, ...]
     fortran_order: bool
+    member: tuple[int, int]  # [start, end) of the whole .npy member in the shard
+    sha256: str | None  # of the member's bytes, as recorded at pack time (None in shards packed without it)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,6 +117,7 @@ class BadSampleCounter:
         self.seen = 0
         self.bad = 0
         self.last_problem = ""
+        self.bad_per_shard: dict[str, int] = {}
 
     def record_good(self) -> None:
         self.seen += 1
@@ -125,12 +129,20 @@ class BadSampleCounter:
         self.bad += count
         self.seen += 0 if already_seen else count
         self.last_problem = f"{shard}: {key}: {reason}"
+        self.bad_per_shard[shard] = self.bad_per_shard.get(shard, 0) + count
         self._check()
 
     def _check(self) -> None:
         if self.seen >= MIN_SAMPLES_FOR_BAD_FRACTION and self.bad > self.max_fraction * self.seen:
             raise BadDataError(f"{self.source}: {self.bad} of {self.seen} samples read are bad, more than "
-                               f"data.max_bad_fraction={self.max_fraction}; last: {self.last_problem}")
+                               f"data.max_bad_fraction={self.max_fraction}; {self.shard_summary()}; "
+                               f"last: {self.last_problem}")
+
+    def shard_summary(self) -> str:
+        """Which shards the bad samples came from (what to repack or replace)."""
+        if not self.bad_per_shard:
+            return "no shard named"
+        return "bad samples in " + ", ".join(f"{shard} ({count})" for shard, count in sorted(self.bad_per_shard.items()))
 
 
 def open_split(shard_dir: str | os.PathLike, split: str, cfg: Config | None = None) -> ShardList:
@@ -225,17 +237,21 @@ def _locate_sample(path: str, key: str, members: dict[str, tarfile.TarInfo], tar
     wanted = {stream: (frames, width) for stream, width in dims.items() if stream in ARRAY_STREAMS}
     if f"{EXPRESSION_MASK}.npy" in members:
         wanted[EXPRESSION_MASK] = (frames,)
+    digests = header.get(SAMPLE_CHECKSUM, {})
+    if not isinstance(digests, dict):
+        raise ValueError(f"{key}.json: expected '{SAMPLE_CHECKSUM}' to map streams to digests, got {digests!r}")
     arrays, spans = {}, []
     for stream, shape in wanted.items():
         info = members.get(f"{stream}.npy")
         if info is None:
             raise ValueError(f"no {key}.{stream}.npy member")
-        arrays[stream] = _locate_array(handle, info, shape, stream)
+        arrays[stream] = _locate_array(handle, info, shape, stream, digests.get(stream))
         spans.append((info.offset_data, info.offset_data + info.size))
     return SampleRef(path, key, frames, min(start for start, _ in spans), max(end for _, end in spans), arrays)
 
 
-def _locate_array(handle, info: tarfile.TarInfo, shape: tuple[int, ...], stream: str) -> StoredArray:
+def _locate_array(handle, info: tarfile.TarInfo, shape: tuple[int, ...], stream: str,
+                  sha256: str | None) -> StoredArray:
     """Read one .npy member's header and check its shape, dtype and size against what the sample needs."""
     handle.seek(info.offset_data)
     version = np.lib.format.read_magic(handle)
@@ -250,11 +266,12 @@ def _locate_array(handle, info: tarfile.TarInfo, shape: tuple[int, ...], stream:
     if offset + math.prod(shape) * dtype.itemsize != info.offset_data + info.size:
         raise ValueError(f"{info.name}: member holds {info.size} bytes, its header implies "
                          f"{offset - info.offset_data + math.prod(shape) * dtype.itemsize}")
-    return StoredArray(offset, dtype.str, shape, fortran_order)
+    return StoredArray(offset, dtype.str, shape, fortran_order, (info.offset_data, info.offset_data + info.size), sha256)
 
 
 def read_arrays(sample: SampleRef) -> dict[str, np.ndarray]:
-    """Decode a located sample's arrays; ValueError or OSError when they cannot be read or are not finite."""
+    """Decode a located sample's arrays; ValueError or OSError when they cannot be read, differ from their
+    recorded checksum or are not finite."""
     with open(sample.shard, "rb") as handle:
         handle.seek(sample.start)
         data = handle.read(sample.end - sample.start)
@@ -263,6 +280,11 @@ def read_arrays(sample: SampleRef) -> dict[str, np.ndarray]:
         raise ValueError(f"read {len(data)} of {expected} bytes (the shard was shortened after it was scanned)")
     arrays = {}
     for stream, stored in sample.arrays.items():
+        if stored.sha256 is not None:
+            member = memoryview(data)[stored.member[0] - sample.start:stored.member[1] - sample.start]
+            if hashlib.sha256(member).hexdigest() != stored.sha256:
+                raise ValueError(f"{stream} bytes differ from their {SAMPLE_CHECKSUM} recorded at pack time "
+                                 f"(the shard is corrupted)")
         values = np.frombuffer(data, dtype=stored.dtype, count=math.prod(stored.shape),
                                offset=stored.offset - sample.start)
         values = values.reshape(stored.shape[::-1]).T if stored.fortran_order else values.reshape(stored.shape)
@@ -328,6 +350,25 @@ def _worker_id_and_count(num_workers: int) -> tuple[int, int]:
     return info.id, workers
 
 
+BAD_DATA_KEY = "bad_data_error"
+
+
+def _passing_bad_data(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Yield the batches; a BadDataError ends them as one last {BAD_DATA_KEY: message} item instead, so that
+    it crosses from a DataLoader worker as its plain message (a raised one would carry the worker's
+    traceback text) and `_raising_bad_data` raises it again in the consuming process."""
+    try:
+        yield from batches
+    except BadDataError as error:
+        yield {BAD_DATA_KEY: str(error)}
+
+
+def _raising_bad_data(batch: dict[str, Any]) -> dict[str, Any]:
+    if BAD_DATA_KEY in batch:
+        raise BadDataError(batch[BAD_DATA_KEY])
+    return batch
+
+
 class TrainingShards(IterableDataset):
     """The infinite window-batch stream of one rank, from `resume_batches` on (see the module docstring)."""
 
@@ -355,7 +396,7 @@ class TrainingShards(IterableDataset):
         worker_id, workers = _worker_id_and_count(self.num_workers)
         # The DataLoader starts every iteration at worker 0, while batch n of the stream belongs to worker n % W:
         # rotating roles makes worker 0 continue the stream at batch resume_batches.
-        return self._role_batches((worker_id + self.resume_batches) % workers)
+        return _passing_bad_data(self._role_batches((worker_id + self.resume_batches) % workers))
 
     def _role_batches(self, role: int) -> Iterator[dict[str, torch.Tensor]]:
         consumer = self.rank * self.consumers_per_rank + role
@@ -407,7 +448,7 @@ class TrainingShards(IterableDataset):
                 barren = 0 if refs else barren + 1
                 if barren >= barren_limit:
                     raise BadDataError(f"{self.shards.directory}: no readable sample in {barren} consecutive train "
-                                       f"shard reads; last problem: {counter.last_problem}")
+                                       f"shard reads; {counter.shard_summary()}; last problem: {counter.last_problem}")
                 yield from refs
 
     def epoch_shards(self, epoch: int, consumer: int, consumers: int) -> list[int]:
@@ -440,7 +481,7 @@ class TrainingBatches:
                 self.dataset.resume_bad = list(self._bad_per_worker)
                 self._loader = _data_loader(self.dataset, self.dataset.num_workers)
                 self._iterator = iter(self._loader)
-            batch = next(self._iterator)
+            batch = _raising_bad_data(next(self._iterator))
             self._bad_per_worker[self._delivered % self.dataset.consumers_per_rank] = int(batch["bad_samples"])
             self._delivered += 1
             yield batch
@@ -502,6 +543,9 @@ class ValidationShards(IterableDataset):
         self.world_size = world_size
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _passing_bad_data(self._batches())
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         worker_id, workers = _worker_id_and_count(self.num_workers)
         mine = list(range(self.rank, len(self.shards.paths), self.world_size))[worker_id::workers]
         counter = BadSampleCounter(self.max_bad_fraction, f"{self.shards.directory} validation, rank {self.rank} "
@@ -536,7 +580,7 @@ class ValidationBatches:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._loader is None:
             self._loader = _data_loader(self.dataset, self.dataset.num_workers)
-        return iter(self._loader)
+        return map(_raising_bad_data, self._loader)
 
 
 def validation_batches(shard_dir: str | os.PathLike, cfg: Config, rank: int = 0,

@@ -20,6 +20,8 @@ import multiprocessing
 import os
 import re
 import tarfile
+import threading
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,6 +58,14 @@ STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 # DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
 LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
 HASH_BLOCK_BYTES = 1 << 20
+# Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
+# bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
+SAMPLE_CHECKSUM = "sha256"
+# What reading one segment's files can raise: a bad segment, counted under pack.skip_bad, not a failed pack
+# (the layout readers turn what they anticipate into ValueError naming the file; OSError and EOFError
+# cover unreadable and empty files they did not anticipate).
+SEGMENT_READ_ERRORS = (ValueError, OSError, EOFError)
+PARENT_CHECK_SECONDS = 0.5  # how often a pack worker checks that the packing process still exists
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,8 @@ class ShardJob:
         """
         data = {key: value for key, value in dataclasses.asdict(self.data_cfg).items() if key not in LOADER_ONLY_FIELDS}
         return {"format": FORMAT, "split": self.split, "segments": list(self.segments), "data": data,
-                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames}
+                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames,
+                "sample_checksums": SAMPLE_CHECKSUM}
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:
@@ -120,7 +131,7 @@ def pack(cfg: Config, output_dir: str | os.PathLike, *, workers: int | None = No
     if not names:
         raise ValueError(f"data.root={cfg.data.root}: no segments found for data.layout={cfg.data.layout}")
     executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=_init_worker) if workers > 1 else None)
+                                    initializer=_init_worker, initargs=(os.getpid(),)) if workers > 1 else None)
     try:
         splits, bad = _plan_splits(cfg.data, names, executor, workers, progress)
         if bad and not skip_bad:
@@ -217,9 +228,17 @@ def iter_shard_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str,
         yield key, members
 
 
-def _init_worker() -> None:
-    """One torch thread per worker process: the pool already uses every core it was given."""
+def _init_worker(parent_pid: int) -> None:
+    """One torch thread per worker process (the pool already uses every core it was given), and a watch on
+    the packing process: a worker whose parent is gone (killed) exits instead of packing on for nobody."""
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(1)  # its unfinished temporary shard is removed by the next pack
 
 
 def _map(function: Callable, items: list, executor: Executor | None, chunksize: int = 1) -> Iterable:
@@ -250,8 +269,8 @@ def _segment_split(data_cfg: DataConfig, name: str) -> tuple[str, str | None, st
         return name, None, f"segment name {name!r} contains '.' or '/'; WebDataset sample keys cannot"
     try:
         record = read_segment_record(data_cfg, name)
-    except (ValueError, FileNotFoundError) as error:
-        return name, None, str(error)
+    except SEGMENT_READ_ERRORS as error:
+        return name, None, str(error) or type(error).__name__
     return name, "val" if record.is_val else "train", None
 
 
@@ -313,8 +332,8 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
                     segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg,
                                             job.data_cfg.participant_mel)
                     stored = _stored_streams(segment)
-                except (ValueError, FileNotFoundError) as error:
-                    bad.append({"segment": name, "reason": str(error)})
+                except SEGMENT_READ_ERRORS as error:
+                    bad.append({"segment": name, "reason": str(error) or type(error).__name__})
                     continue
                 if bad and not job.skip_bad:
                     continue  # this shard will not be kept; keep reading only to report every bad segment
@@ -360,14 +379,17 @@ def _add_sample(tar: tarfile.TarFile, job: ShardJob, segment: str, chunk: int, c
     """Append one sample's members in sorted order with fixed metadata, so equal input gives equal bytes."""
     key = sample_key(segment, chunk, chunks)
     frames = arrays["mel"].shape[0]
-    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
-              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
-              "streams": sorted(arrays)}
-    members = {f"{key}.json": json.dumps(header, sort_keys=True).encode()}
+    members = {}
     for stream, values in arrays.items():
         buffer = io.BytesIO()
         np.save(buffer, values, allow_pickle=False)
         members[f"{key}.{stream}.npy"] = buffer.getvalue()
+    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
+              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
+              "streams": sorted(arrays),
+              SAMPLE_CHECKSUM: {stream: hashlib.sha256(members[f"{key}.{stream}.npy"]).hexdigest()
+                                for stream in sorted(arrays)}}
+    members[f"{key}.json"] = json.dumps(header, sort_keys=True).encode()
     for member in sorted(members):
         info = tarfile.TarInfo(member)
         info.size = len(members[member])
@@ -507,7 +529,10 @@ def _verify_sample(key: str, members: dict[str, bytes], dims: dict[str, int]) ->
     missing += [stream for stream in streams if f"{stream}.npy" not in members]
     if missing:
         raise ValueError(f"sample {key}: missing {', '.join(sorted(set(missing)))}")
+    digests = header.get(SAMPLE_CHECKSUM, {})
     for stream in sorted(streams):
+        if stream in digests and hashlib.sha256(members[f"{stream}.npy"]).hexdigest() != digests[stream]:
+            raise ValueError(f"sample {key}: {stream} bytes differ from their {SAMPLE_CHECKSUM} recorded at pack time")
         values = np.load(io.BytesIO(members[f"{stream}.npy"]), allow_pickle=False)
         expected_shape = (frames,) if stream == "expression_valid" else (frames, dims.get(stream))
         expected_dtype = np.dtype(STORED_DTYPES.get(stream, values.dtype))

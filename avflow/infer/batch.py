@@ -8,8 +8,10 @@
 Relative paths are relative to the manifest. Each item's outputs are written into a hidden staging
 folder and renamed to RESULTS/<id>/ only when complete, then one line is appended to the results file,
 so an interrupted job leaves no partial output under a final name and a re-run skips every item
-already recorded (ok or failed; `retry_errors` retries the failed ones). Bad items (missing file,
-empty text, wrong shapes) are recorded with their reason and never stop the job. With a shard I/N the
+already recorded (ok or failed; `retry_errors` retries the failed ones). Bad items (missing, empty or
+unreadable file, empty text, wrong shapes, longer than sample.max_input_seconds) are recorded with their
+reason and never stop the job; a repeated id is recorded once, under its line (line-N), never over the
+first item's result. With a shard I/N the
 job takes the items whose line index % N == I and writes results.shard-I-of-N.jsonl, so SLURM array
 tasks never write the same file.
 """
@@ -28,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from avflow.infer.generate import (InferenceModel, conditioning, generate_batch, participant_features_from_file,
-                                   tokens_for_text, tokens_from_audio, tokens_from_file, write_outputs)
+from avflow.infer.generate import (InferenceModel, check_duration, check_text_length, conditioning, generate_batch,
+                                   participant_features_from_file, tokens_for_text, tokens_from_audio, tokens_from_file,
+                                   write_outputs)
 from avflow.render import CodecAvatar, FaceDecoder
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,8 @@ def read_items(path: str | Path, shard: tuple[int, int] | None = None) -> list[I
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such items file (expected JSON lines with an id and text/audio/tokens)")
-    items, seen = [], set()
+    items: list[Item] = []
+    seen: dict[str, int] = {}  # id -> line index of its first item
     for index, line in enumerate(path.read_text().splitlines()):
         if not line.strip() or (shard is not None and index % shard[1] != shard[0]):
             continue
@@ -82,13 +86,15 @@ def read_items(path: str | Path, shard: tuple[int, int] | None = None) -> list[I
             items.append(Item(index, f"line-{index + 1}", {}, f"{where}: expected an \"id\" of letters, digits, "
                                                               f"'.', '_' or '-' (max 128), got {item_id!r}"))
             continue
+        if item_id in seen:  # recorded under its line, so the first item's result stays the one under the id
+            items.append(Item(index, f"line-{index + 1}", {}, f"{where}: duplicate id {item_id!r} (first on line "
+                                                              f"{seen[item_id] + 1}); this line is not processed"))
+            continue
+        seen[item_id] = index
         item = Item(index, item_id, spec)
         given = [key for key in SOURCES if key in spec]
-        if item_id in seen:
-            item.error = f"{where}: duplicate id {item_id!r}"
-        elif len(given) != 1:
+        if len(given) != 1:
             item.error = f"{where}: expected exactly one of {', '.join(SOURCES)}, got {given or 'none'}"
-        seen.add(item_id)
         items.append(item)
     return items
 
@@ -107,12 +113,16 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
         if "text" in spec:
             if not isinstance(spec["text"], str):
                 raise ValueError(f"text: expected a string, got {type(spec['text']).__name__}")
-            tokens = tokens_for_text(model, spec["text"], rate=float(spec.get("rate", 1.0)),
-                                     pause_scale=float(spec.get("pause_scale", 1.0)), seed=item.seed)
+            rate = float(spec.get("rate", 1.0))
+            check_text_length(spec["text"], rate, cfg)
+            tokens = tokens_for_text(model, spec["text"], rate=rate, pause_scale=float(spec.get("pause_scale", 1.0)),
+                                     seed=item.seed)
         elif "audio" in spec:
-            tokens = tokens_from_audio(_resolve(base, spec["audio"]), asr_model, cfg.data.token_fps, cfg.mel.frame_rate)
+            tokens = tokens_from_audio(_resolve(base, spec["audio"]), asr_model, cfg.data.token_fps, cfg.mel.frame_rate,
+                                       max_seconds=cfg.sample.max_input_seconds)
         else:
             tokens = tokens_from_file(_resolve(base, spec["tokens"]), cfg.data.token_fps, cfg.mel.frame_rate)
+        check_duration(tokens.shape[0], cfg, next(key for key in SOURCES if key in spec))
         participant = {}
         if "participant_tokens" in spec:
             participant["participant_tokens"] = tokens_from_file(_resolve(base, spec["participant_tokens"]),
@@ -121,8 +131,8 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
             participant["participant_features"] = participant_features_from_file(
                 _resolve(base, spec["participant_features"]), cfg)
         item.cond = conditioning(model, tokens, **participant)
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as error:
-        item.error = str(error)
+    except (ValueError, TypeError, OSError, EOFError, RuntimeError) as error:  # TypeError: e.g. "seed": [1]
+        item.error = str(error) or type(error).__name__
     item.timings["prepare_s"] = round(time.perf_counter() - started, 4)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from avflow.config import Config, SampleConfig
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
-from avflow.data.features import interpolate_frames, load_wav, pose7_to_rigid, resample, save_wav
+from avflow.data.features import audio_seconds, interpolate_frames, load_wav, pose7_to_rigid, resample, save_wav
 from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
@@ -147,12 +147,49 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     return model
 
 
+# Speech rarely exceeds ~20 characters per second; text longer than this many characters per second of
+# sample.max_input_seconds is refused before its timing is computed.
+TEXT_CHARACTERS_PER_SECOND = 40.0
+
+
+def load_numeric_array(path: Path, what: str) -> np.ndarray:
+    """A plain numeric .npy, or ValueError naming the file and what it should have held."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except EOFError as error:
+        raise ValueError(f"{path}: empty file; expected a .npy of {what}") from error
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not a readable .npy of {what} ({error})") from error
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"{path}: expected numeric {what}, got {found}")
+    return array
+
+
+def check_duration(frames: int, cfg: Config, what: str) -> None:
+    """Refuse inputs longer than sample.max_input_seconds, so one item cannot hold up a whole batch."""
+    seconds = frames / cfg.mel.frame_rate
+    if seconds > cfg.sample.max_input_seconds:
+        raise ValueError(f"{what}: {seconds:.1f} s long; sample.max_input_seconds="
+                         f"{cfg.sample.max_input_seconds:g} (--max-input-seconds) is the limit (split the input, or "
+                         f"raise the limit)")
+
+
+def check_text_length(text: str, rate: float, cfg: Config) -> None:
+    """Refuse text far longer than sample.max_input_seconds allows early, before its timing is computed."""
+    limit = int(cfg.sample.max_input_seconds * TEXT_CHARACTERS_PER_SECOND * max(rate, 1.0))
+    if len(text) > limit:
+        raise ValueError(f"text: {len(text)} characters, far more than sample.max_input_seconds="
+                         f"{cfg.sample.max_input_seconds:g} (--max-input-seconds) of speech holds (at most {limit}); "
+                         f"split the text, or raise the limit")
+
+
 def tokens_from_file(path: str | Path, token_fps: float, frame_rate: float) -> np.ndarray:
     """Token logits .npy, (M, 29) or (channels, M, 29) with the actor first, at token_fps -> mel frames."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such token file")
-    tokens = np.load(path, allow_pickle=False)
+    tokens = load_numeric_array(path, f"token logits (M, {len(TOKEN_LABELS)})")
     if tokens.ndim == 3:
         tokens = tokens[0]
     if tokens.ndim != 2 or tokens.shape[1] != len(TOKEN_LABELS):
@@ -184,8 +221,8 @@ def participant_features_from_file(path: str | Path, cfg: Config) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such participant feature file")
-    features = np.load(path, allow_pickle=False)
     width = cfg.model.participant_feature_dim
+    features = load_numeric_array(path, f"participant features (frames, {width})")
     if features.ndim != 2 or features.shape[1] != width or not np.isfinite(features).all():
         raise ValueError(f"{path}: expected finite participant features of shape (frames, {width}), got "
                          f"{features.shape}")
@@ -193,10 +230,17 @@ def participant_features_from_file(path: str | Path, cfg: Config) -> np.ndarray:
     return interpolate_frames(features.astype(np.float32), cfg.data.visual_fps, frames, cfg.mel.frame_rate)
 
 
-def tokens_from_audio(path: str | Path, asr_model: str | Path | None, token_fps: float, frame_rate: float) -> np.ndarray:
-    """Speech -> CTC token logits with a local wav2vec2 model -> mel frames. Any sample rate is resampled."""
+def tokens_from_audio(path: str | Path, asr_model: str | Path | None, token_fps: float, frame_rate: float,
+                      max_seconds: float | None = None) -> np.ndarray:
+    """Speech -> CTC token logits with a local wav2vec2 model -> mel frames. Any sample rate is resampled.
+    Audio longer than `max_seconds` is refused from its header, before it is read."""
     if asr_model is None:
         raise ValueError("--audio needs --asr-model: a local wav2vec2 CTC model directory (Wav2Vec2ForCTC)")
+    if max_seconds is not None and Path(path).is_file():
+        seconds = audio_seconds(path)
+        if seconds > max_seconds:
+            raise ValueError(f"{path}: {seconds:.1f} s long; sample.max_input_seconds={max_seconds:g} "
+                             f"(--max-input-seconds) is the limit (split the input, or raise the limit)")
     audio, sample_rate = load_wav(path)
     speech = resample(audio[0], sample_rate, ASR_SAMPLE_RATE)
     tokens = CTCTokenizer(asr_model).logits(speech)

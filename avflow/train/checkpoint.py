@@ -6,14 +6,23 @@ scheduler and loader positions). It is written under a hidden temporary name and
 when every rank has finished, so a crash never leaves a directory that looks complete and never harms
 an earlier one. `latest_checkpoint` therefore only ever returns complete checkpoints.
 
-The DCP metadata file is a pickle written by PyTorch; share models as consolidated single files
-(`avflow checkpoint consolidate`), which are safetensors and load without unpickling anything.
+When the directory is complete, rank 0 records the size and sha256 of every file in `meta.json` before the
+rename. Resuming verifies the newest step and falls back to the newest one that verifies (logging what it
+skipped and why); loading a step directory for inference or consolidation verifies it too, so a truncated
+or bit-flipped file is reported by name instead of failing deep inside PyTorch or loading silently.
+Steps written before checksums were recorded load with a warning.
+
+The DCP metadata file is a pickle written by PyTorch, unpickled when the directory is loaded: load step
+directories only from trusted sources, and share models as consolidated single files (`avflow checkpoint
+consolidate`), which are safetensors and load without unpickling anything.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import re
 import shutil
 import warnings
@@ -24,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from avflow.config import Config, config_from_dict
 from avflow.data.phonemes import front_end_symbols
@@ -33,8 +43,12 @@ from avflow.model.state import StateCodec
 from avflow.model.text2tokens import TextToTokensNet
 from avflow.utils import atomic_path
 
+log = logging.getLogger(__name__)
+
 FORMAT = "avflow-checkpoint-v2"
 META = "meta.json"
+FILES_KEY = "files"  # meta.json: {file name: {"bytes": size, "sha256": hex digest}} of every other file
+HASH_BLOCK_BYTES = 1 << 20
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RUNTIME_MODEL_KEYS = {"attention", "dropout"}  # do not change the weights' shapes or meaning
 # text2tokens keys that only steer training or inference; the rest fix the network and its input symbols
@@ -57,6 +71,91 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used: incomplete, corrupted or unreadable."""
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in a step directory except meta.json, which records them."""
+    return {path.name: {"bytes": path.stat().st_size, "sha256": _file_digest(path)}
+            for path in sorted(folder.iterdir()) if path.is_file() and path.name != META}
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The meta of a complete step directory whose files all match the checksums recorded when it was written;
+    CheckpointError naming the first file that is missing, of another size or of another sha256."""
+    path = Path(path)
+    meta = read_meta(path)
+    recorded = meta.get(FILES_KEY)
+    if recorded is None:
+        log.warning("%s: written before checkpoints recorded checksums; loading it unverified", path)
+        return meta
+    for name, expected in sorted(recorded.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the checkpoint lists it)")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} when written (truncated or replaced)")
+        if _file_digest(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: sha256 differs from the one recorded when it was written (corrupted)")
+    return meta
+
+
+def newest_verified_checkpoint(run_dir: str | Path) -> Path:
+    """The newest step directory of a run that verifies; the newer ones that do not are logged with the reason.
+    Collective under a process group: rank 0 verifies, every rank gets its answer (or the same error)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        answer = [_newest_verified(run_dir) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(answer, src=0)
+        found = answer[0]
+    else:
+        found = _newest_verified(run_dir)
+    if isinstance(found, str):
+        raise CheckpointError(found)
+    return found
+
+
+def _newest_verified(run_dir: str | Path) -> Path | str:
+    """The path, or the error message when no checkpoint verifies."""
+    problems = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+        except (ValueError, OSError) as error:
+            log.warning("skipping checkpoint %s: %s", path.name, error)
+            problems.append(f"{path.name}: {error}")
+            continue
+        if problems:
+            log.warning("resuming from %s, the newest checkpoint that verifies", path.name)
+        return path
+    return (f"{checkpoint_dir(run_dir)}: no checkpoint verifies ({'; '.join(problems) or 'none complete'}); "
+            f"start a new trainer.run_dir or restore a checkpoint")
+
+
+def _dcp_load(tensors: dict[str, Any], path: Path) -> None:
+    """dcp.load, with its failures (a BaseException among them) reported as one CheckpointError naming the path."""
+    try:
+        with _quiet_single_process():
+            dcp.load(tensors, checkpoint_id=path)
+    except (Exception, CheckpointException) as error:
+        raise CheckpointError(f"{path}: cannot load the checkpoint's tensors ({_last_line(error)})") from error
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an error's message: where DCP's per-rank reports name the cause."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -103,8 +202,11 @@ class Checkpointer:
             future = dcp.async_save(tensors, checkpoint_id=staging, process_group=self._async_group)
             self._pending = (future, staging, final, meta)
             return final
-        with _quiet_single_process():
-            dcp.save(tensors, checkpoint_id=staging)
+        try:
+            with _quiet_single_process():
+                dcp.save(tensors, checkpoint_id=staging)
+        except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
+            raise CheckpointError(f"{staging}: writing the checkpoint failed ({_last_line(error)})") from error
         self._finalize(staging, final, meta)
         return final
 
@@ -118,6 +220,7 @@ class Checkpointer:
     def _finalize(self, staging: Path, final: Path, meta: dict) -> None:
         _barrier()  # every rank's shards are on disk
         if _is_main():
+            meta = {**meta, FILES_KEY: file_checksums(staging)}
             with atomic_path(staging / META) as tmp:
                 tmp.write_text(json.dumps(meta, indent=1))
             if final.exists():
@@ -131,8 +234,7 @@ class Checkpointer:
     def load(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
         """Fill `tensors` (a state-dict template, possibly sharded) in place; return the meta."""
         meta = read_meta(path)
-        with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=Path(path))
+        _dcp_load(tensors, Path(path))
         return meta
 
 
@@ -225,11 +327,10 @@ def load_inference_tensors(path: str | Path, task: str | None = None) -> tuple[C
     refused."""
     path = Path(path)
     if path.is_dir():
-        meta = read_meta(path)
+        meta = verify_checkpoint(path)
         cfg = _require_task(checkpoint_config(meta, path), task, path)
         tensors = inference_template(cfg)
-        with _quiet_single_process():
-            dcp.load(tensors, checkpoint_id=path)
+        _dcp_load(tensors, path)
         return cfg, tensors
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (expected a step directory or a .safetensors model)")

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from avflow.config import Config
 from avflow.model.avflow import count_parameters
-from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, read_meta,
-                                     require_same_model)
+from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, newest_verified_checkpoint,
+                                     read_meta, require_same_model)
 from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.metrics import MetricsLogger, StepMetrics
 from avflow.train.parallel import bf16_autocast, build_engine
@@ -108,7 +108,7 @@ class Trainer:
         self.metrics = StepMetrics(self.task.loss_parts, self.device, self._sum_over_ranks, self._min_over_ranks)
         self.logger: MetricsLogger | None = None  # opened by fit
         if existing is not None:
-            self._restore(existing)
+            self._restore(newest_verified_checkpoint(self.run_dir))
         self.train_iter = iter(self.train_batches)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

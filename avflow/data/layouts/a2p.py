@@ -116,6 +116,11 @@ def wrap_pose(pose: np.ndarray, subject: str) -> np.ndarray:
     return wrapped.astype(np.float32)
 
 
+def is_subject_folder(path: str | Path) -> bool:
+    """True for a folder that holds a subject's scenes itself (rather than subject folders below it)."""
+    return Path(path).is_dir() and any(Path(path).glob(f"*{POSE_SUFFIX}"))
+
+
 def subject_name(subject_root: str | Path) -> str:
     """The subject is the name of its folder, as in the published dataset (dataset/PXB184/...)."""
     return Path(os.path.abspath(subject_root)).name
@@ -141,6 +146,8 @@ def read_missing_face_frames(path: Path, frames: int) -> np.ndarray:
             raise ValueError(f"{path}: needs pickle to load (an object array); expected a plain 1-D integer "
                              f"array of frame indices, which loads with allow_pickle=False") from error
         raise ValueError(f"{path}: not a readable .npy array of frame indices ({error})") from error
+    except EOFError as error:
+        raise ValueError(f"{path}: empty file; expected a .npy array of frame indices") from error
     except OSError as error:
         raise ValueError(f"{path}: not a readable .npy array of frame indices ({error})") from error
     indices = indices.reshape(-1) if indices.ndim == 0 else indices

@@ -81,6 +81,8 @@ def _load_array(path: Path, what: str) -> np.ndarray:
         raise FileNotFoundError(f"{path}: missing {what}")
     try:
         array = np.load(path, allow_pickle=False)
+    except EOFError as error:
+        raise ValueError(f"{path}: empty file; expected a .npy array of {what}") from error
     except (ValueError, OSError) as error:
         raise ValueError(f"{path}: not a readable .npy array of {what} ({error})") from error
     if not np.issubdtype(array.dtype, np.number):

@@ -1,0 +1,41 @@
+"""Shared inputs of the fault-injection tests (imported by them): a small packed corpus and a tiny model."""
+
+import pytest
+
+from avflow.config import load_config
+
+# 20 training segments in shards of 4: enough samples for data.max_bad_fraction to apply (the loader
+# judges the fraction only after 20 samples).
+CORPUS = ["corpus.train_segments=20", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]",
+          "pack.segments_per_shard=4"]
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """(corpus root, shard folder) of a small demo corpus, packed; tests copy it before damaging anything."""
+    from avflow.data.corpus import write_corpus
+    from avflow.data.shards import pack
+
+    root = tmp_path_factory.mktemp("packed")
+    cfg = load_config(None, CORPUS + [f"data.root={root / 'corpus'}"])
+    write_corpus(cfg.data.root, cfg.corpus)
+    pack(cfg, root / "shards", progress=False)
+    return root / "corpus", root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A consolidated .safetensors model of a tiny random network."""
+    from conftest import tiny_model_file
+
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def step_directories(run_dir, model_file, steps=(1, 2)) -> list:
+    """Training-checkpoint step directories holding a model file's inference tensors, written by the
+    Checkpointer as training writes them (oldest first)."""
+    from avflow.train.checkpoint import Checkpointer, load_inference_tensors
+
+    cfg, tensors = load_inference_tensors(model_file)
+    checkpointer = Checkpointer(run_dir, keep=len(steps))
+    return [checkpointer.save(step, tensors, {"config": cfg.to_dict()}) for step in steps]
