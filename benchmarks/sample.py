@@ -53,8 +53,8 @@ from avflow.infer.vocoder import BigVGAN, BigVGANConfig
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.flow import FixedStepSampler
 from avflow.model.head_vae import HeadVAE
+from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.state import StateCodec
-from avflow.train.checkpoint import model_state_tensors, write_model_file
 from avflow.utils import atomic_path
 
 # The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,

@@ -28,9 +28,9 @@ from avflow.infer.artifacts import (AOTI_FILE, AVATAR_FILE, CONFIG_FILE, EXPORT_
 from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
+from avflow.model.io import load_inference_tensors, write_model_file
 from avflow.render import CodecAvatar, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
-from avflow.train.checkpoint import load_inference_tensors, write_model_file
 
 log = logging.getLogger(__name__)
 

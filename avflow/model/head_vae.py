@@ -8,6 +8,10 @@ caller (see avflow.train.head_vae).
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -98,3 +102,39 @@ class HeadVAE(nn.Module):
 def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """PyTorch's key-padding mask is True where a frame is padding: the inverse of ours."""
     return None if mask is None else ~mask
+
+
+def encode_poses(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, pose: np.ndarray) -> np.ndarray:
+    """Raw pose (T, pose_dim) -> latent mu (T, latent_dim): the flow model's head target."""
+    _check_frames(pose, vae.cfg.pose_dim, "pose")
+    device = next(vae.parameters()).device
+    normalized = (torch.as_tensor(pose, dtype=torch.float32, device=device) - mean.to(device)) / std.to(device)
+    with _eval_mode(vae), torch.no_grad():
+        mu, _ = vae.encode(normalized.unsqueeze(0))
+    return mu.squeeze(0).cpu().numpy()
+
+
+def decode_latents(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, latent: np.ndarray) -> np.ndarray:
+    """Latent (T, latent_dim) -> raw, denormalized pose (T, pose_dim)."""
+    _check_frames(latent, vae.cfg.latent_dim, "latent")
+    device = next(vae.parameters()).device
+    with _eval_mode(vae), torch.no_grad():
+        normalized = vae.decode(torch.as_tensor(latent, dtype=torch.float32, device=device).unsqueeze(0))
+    return (normalized.squeeze(0) * std.to(device) + mean.to(device)).cpu().numpy()
+
+
+def _check_frames(values: np.ndarray, width: int, name: str) -> None:
+    shape = np.shape(values)
+    if len(shape) != 2 or shape[1] != width:
+        raise ValueError(f"head-VAE {name}: expected shape (frames, {width}), got {shape}")
+
+
+@contextlib.contextmanager
+def _eval_mode(vae: HeadVAE) -> Iterator[None]:
+    """Encode/decode deterministically (no dropout), then restore the caller's train/eval mode."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        yield
+    finally:
+        vae.train(was_training)

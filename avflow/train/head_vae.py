@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from avflow.config import HeadVAEConfig
 from avflow.model.head_vae import HeadVAE
-from avflow.utils import load_torch, save_torch_atomic
+from avflow.utils import save_torch_atomic
 
 STD_FLOOR = 1e-6  # a pose channel that never moves must not divide by zero
 SUMMARY_WINDOW = 50  # steps averaged for the reported final losses, smoothing sampling noise
@@ -90,62 +90,6 @@ def train_head_vae(
     }
 
 
-def load_head_vae(
-    path: str | os.PathLike, cfg: HeadVAEConfig | None = None
-) -> tuple[HeadVAE, torch.Tensor, torch.Tensor]:
-    """Load (vae in eval mode, pose_mean, pose_std) from an avflow head-VAE checkpoint.
-
-    The architecture comes from the file's 'config' when present, else from `cfg` (default
-    HeadVAEConfig). Raises ValueError naming every missing, unexpected or mis-shaped weight, and when
-    the file has no pose statistics (as published files do not).
-    """
-    return head_vae_from_payload(load_torch(path), cfg, path)
-
-
-def head_vae_from_payload(
-    checkpoint: dict, cfg: HeadVAEConfig | None, path: str | os.PathLike
-) -> tuple[HeadVAE, torch.Tensor, torch.Tensor]:
-    """`load_head_vae` for a checkpoint dict already in memory (e.g. embedded in a model checkpoint)."""
-    if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
-        raise ValueError(f"{path}: expected a head-VAE checkpoint dict with 'model_state_dict'")
-    cfg = _config_from_checkpoint(checkpoint, cfg, path)
-    vae = HeadVAE(cfg)
-    state = checkpoint["model_state_dict"]
-    _check_state_dict(state, vae.state_dict(), cfg, path)
-    if "pose_mean" not in checkpoint or "pose_std" not in checkpoint:
-        raise ValueError(
-            f"{path}: no pose_mean/pose_std in this head-VAE checkpoint; a published head-VAE file carries "
-            "only model_state_dict, so its head-pose normalization statistics must be given with --headpose-stats"
-        )
-    mean, std = checkpoint["pose_mean"], checkpoint["pose_std"]
-    for name, stat in (("pose_mean", mean), ("pose_std", std)):
-        if not isinstance(stat, torch.Tensor) or tuple(stat.shape) != (cfg.pose_dim,):
-            got = tuple(stat.shape) if isinstance(stat, torch.Tensor) else type(stat).__name__
-            raise ValueError(f"{path}: {name} expected a tensor of shape ({cfg.pose_dim},), got {got}")
-    vae.load_state_dict(state, strict=True)
-    vae.eval()
-    return vae, mean.float(), std.float()
-
-
-def encode_poses(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, pose: np.ndarray) -> np.ndarray:
-    """Raw pose (T, pose_dim) -> latent mu (T, latent_dim): the flow model's head target."""
-    _check_frames(pose, vae.cfg.pose_dim, "pose")
-    device = next(vae.parameters()).device
-    normalized = (torch.as_tensor(pose, dtype=torch.float32, device=device) - mean.to(device)) / std.to(device)
-    with _eval_mode(vae), torch.no_grad():
-        mu, _ = vae.encode(normalized.unsqueeze(0))
-    return mu.squeeze(0).cpu().numpy()
-
-
-def decode_latents(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, latent: np.ndarray) -> np.ndarray:
-    """Latent (T, latent_dim) -> raw, denormalized pose (T, pose_dim)."""
-    _check_frames(latent, vae.cfg.latent_dim, "latent")
-    device = next(vae.parameters()).device
-    with _eval_mode(vae), torch.no_grad():
-        normalized = vae.decode(torch.as_tensor(latent, dtype=torch.float32, device=device).unsqueeze(0))
-    return (normalized.squeeze(0) * std.to(device) + mean.to(device)).cpu().numpy()
-
-
 def _check_poses(poses: list[np.ndarray], pose_dim: int) -> list[np.ndarray]:
     if len(poses) == 0:
         raise ValueError("train_head_vae poses: expected at least one (frames, pose_dim) segment, got none")
@@ -158,12 +102,6 @@ def _check_poses(poses: list[np.ndarray], pose_dim: int) -> list[np.ndarray]:
             raise ValueError(f"train_head_vae poses[{index}]: expected finite values, found NaN or inf")
         checked.append(pose)
     return checked
-
-
-def _check_frames(values: np.ndarray, width: int, name: str) -> None:
-    shape = np.shape(values)
-    if len(shape) != 2 or shape[1] != width:
-        raise ValueError(f"head-VAE {name}: expected shape (frames, {width}), got {shape}")
 
 
 def _sample_batch(
@@ -183,41 +121,6 @@ def _sample_batch(
     return pose, mask
 
 
-def _config_from_checkpoint(checkpoint: dict, cfg: HeadVAEConfig | None, path: str | os.PathLike) -> HeadVAEConfig:
-    stored = checkpoint.get("config")
-    if stored is None:
-        return cfg if cfg is not None else HeadVAEConfig()
-    if not isinstance(stored, dict):
-        raise ValueError(f"{path}: 'config' expected a dict of HeadVAEConfig fields, got {type(stored).__name__}")
-    unknown = sorted(set(stored) - {field.name for field in dataclasses.fields(HeadVAEConfig)})
-    if unknown:
-        raise ValueError(f"{path}: 'config' expected HeadVAEConfig fields only, got unknown keys {unknown}")
-    return HeadVAEConfig(**stored)
-
-
-def _check_state_dict(
-    state: dict, expected: dict[str, torch.Tensor], cfg: HeadVAEConfig, path: str | os.PathLike
-) -> None:
-    """Raise one ValueError listing every difference, so a wrong file or config is diagnosed at once."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: model_state_dict expected a dict of tensors, got {type(state).__name__}")
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    misshaped = [
-        f"{name} {tuple(state[name].shape) if isinstance(state[name], torch.Tensor) else type(state[name]).__name__}"
-        f" (expected {tuple(tensor.shape)})"
-        for name, tensor in expected.items()
-        if name in state and not (isinstance(state[name], torch.Tensor) and state[name].shape == tensor.shape)
-    ]
-    if missing or unexpected or misshaped:
-        problems = [
-            f"{label}: {', '.join(names)}"
-            for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-            if names
-        ]
-        raise ValueError(f"{path}: head-VAE weights do not match {cfg}; " + "; ".join(problems))
-
-
 @contextlib.contextmanager
 def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
     """Seed initialization and latent sampling without disturbing the caller's global RNG state."""
@@ -225,17 +128,6 @@ def _seeded_torch(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def _eval_mode(vae: HeadVAE) -> Iterator[None]:
-    """Encode/decode deterministically (no dropout), then restore the caller's train/eval mode."""
-    was_training = vae.training
-    vae.eval()
-    try:
-        yield
-    finally:
-        vae.train(was_training)
 
 
 def _summary_writer(log_dir: str | os.PathLike | None):

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from avflow.config import Config
 from avflow.model.avflow import count_parameters
-from avflow.train.checkpoint import (Checkpointer, checkpoint_config, latest_checkpoint, newest_verified_checkpoint,
-                                     read_meta, require_same_model)
+from avflow.model.io import checkpoint_config, read_meta
+from avflow.train.checkpoint import Checkpointer, latest_checkpoint, newest_verified_checkpoint, require_same_model
 from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.metrics import MetricsLogger, StepMetrics
 from avflow.train.parallel import bf16_autocast, build_engine

@@ -24,11 +24,11 @@ from avflow.data.phonemes import resolve_front_end
 from avflow.data.plots import sample_figure
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss, sample
+from avflow.model.head_vae import decode_latents
+from avflow.model.io import model_state_tensors
 from avflow.render import CodecAvatar
 from avflow.train.batches import Batch, build_batch_encoder
-from avflow.train.checkpoint import model_state_tensors
 from avflow.train.distributed import DistInfo
-from avflow.train.head_vae import decode_latents
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
 

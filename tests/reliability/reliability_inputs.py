@@ -34,7 +34,8 @@ def tiny_model(tmp_path_factory):
 def step_directories(run_dir, model_file, steps=(1, 2)) -> list:
     """Training-checkpoint step directories holding a model file's inference tensors, written by the
     Checkpointer as training writes them (oldest first)."""
-    from avflow.train.checkpoint import Checkpointer, load_inference_tensors
+    from avflow.model.io import load_inference_tensors
+    from avflow.train.checkpoint import Checkpointer
 
     cfg, tensors = load_inference_tensors(model_file)
     checkpointer = Checkpointer(run_dir, keep=len(steps))

@@ -8,7 +8,9 @@ import torch
 
 from avflow.config import HeadVAEConfig
 from avflow.model.head_vae import HeadVAE
-from avflow.train.head_vae import decode_latents, encode_poses, load_head_vae, train_head_vae
+from avflow.model.head_vae import decode_latents, encode_poses
+from avflow.model.io import load_head_vae
+from avflow.train.head_vae import train_head_vae
 from avflow.utils import load_torch, save_torch_atomic
 
 TINY = HeadVAEConfig(ffn_hidden=64, dropout=0.0, steps=300, batch_size=16, segment_length=32, lr=3e-3)
