@@ -21,12 +21,13 @@ setup(
         "matplotlib",
         "safetensors",
         "imageio-ffmpeg",
+        "librosa",  # pYIN pitch of avflow evaluate (and the demo's report)
     ],
     extras_require={
         "asr": ["transformers"],
         "deepspeed": ["deepspeed"],
         "slurm": ["submitit"],
-        "test": ["pytest", "librosa", "transformers", "deepspeed", "submitit"],
+        "test": ["pytest", "transformers", "deepspeed", "submitit"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )
