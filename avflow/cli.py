@@ -197,7 +197,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         vocoder = load_bigvgan(args.vocoder)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
     report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split,
-                                  num_samples=args.num_samples, nfe=args.nfe, seed=args.seed, max_items=args.max_items,
+                                  num_samples=args.num_samples, nfe=args.nfe, seed=args.seed, method=args.method,
+                                  temperature=args.temperature, max_items=args.max_items,
                                   metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
                                   progress=not args.quiet)
     print(markdown_table(report))
@@ -330,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--split", default="val", help="the shard split to evaluate on (default val)")
     sub.add_argument("--num-samples", type=int, default=3, help="samples per segment (default 3)")
     sub.add_argument("--nfe", type=int, default=16, help="network evaluations per sample (default 16)")
+    sub.add_argument("--method", choices=("euler", "midpoint"), default="euler", help="ODE sampler (default euler)")
+    sub.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (default 1.0)")
     sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
     sub.add_argument("--vocoder", type=Path, help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")

@@ -63,12 +63,15 @@ class Settings:
     num_samples: int
     nfe: int
     seed: int
+    method: str
+    temperature: float
     max_items: int | None
     metrics: list[str]
     asr_model: str | None
 
     def sample_config(self, base: SampleConfig) -> SampleConfig:
-        return dataclasses.replace(base, num_samples=self.num_samples, nfe=self.nfe, seed=self.seed)
+        return dataclasses.replace(base, num_samples=self.num_samples, nfe=self.nfe, seed=self.seed, method=self.method,
+                                   temperature=self.temperature)
 
 
 def held_out_segments(shards: str | Path, split: str = "val", max_items: int | None = None) -> list[HeldOut]:
@@ -319,7 +322,8 @@ def _write_tensorboard(out_dir: Path, report: dict, steps: dict[str, int]) -> No
 
 
 def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_dir: str | Path, *, split: str = "val",
-                         num_samples: int = 3, nfe: int = 16, seed: int = 0, max_items: int | None = None,
+                         num_samples: int = 3, nfe: int = 16, seed: int = 0, method: str = "euler",
+                         temperature: float = 1.0, max_items: int | None = None,
                          metrics: list[str] | None = None, asr_model: str | Path | None = None,
                          vocoder: BigVGAN | None = None, device: str = "auto", progress: bool = True) -> dict:
     """`avflow evaluate`: load each model, score it on the held-out segments, write the report."""
@@ -328,6 +332,10 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     for name, value in (("--num-samples", num_samples), ("--nfe", nfe)):
         if value < 1:
             raise ValueError(f"{name}: expected at least 1, got {value}")
+    if method == "midpoint" and nfe % 2:
+        raise ValueError(f"--nfe {nfe}: expected an even number for the midpoint method (2 evaluations per step)")
+    if temperature < 0:
+        raise ValueError(f"--temperature: expected a non-negative value, got {temperature}")
     if max_items is not None and max_items < 1:
         raise ValueError(f"--max-items: expected at least 1, got {max_items}")
     configs = [model_config(path) for path in checkpoints]
@@ -340,7 +348,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
     segments = held_out_segments(shards, split, max_items)
-    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, max_items, names,
+    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, method, temperature, max_items, names,
                         str(Path(asr_model).resolve()) if asr_model else None)
     labels = column_labels(checkpoints)
     models = {label: load_inference_model(path, device) for label, path in zip(labels, checkpoints)}
