@@ -23,6 +23,7 @@ PITCH_FMIN_HZ = 60.0  # pyin search range: covers adult speech
 PITCH_FMAX_HZ = 500.0
 PITCH_FRAME_LENGTH = 1024  # samples at 22.05 kHz: ~46 ms, two periods of the lowest pitch searched
 SYNC_MAX_LAG_SECONDS = 0.5  # cross-correlation lags searched, both ways
+MOTION_RATE = 30.0  # fps jitter is measured at: the capture rate of the published data and of every motion output
 SPEECH_MOUTH_CONTROLS = (0, 1, 2)  # demo corpus: jaw_open, lip_round, lip_close (blink, index 3, is random)
 
 
@@ -122,8 +123,22 @@ def mean_squared(generated: np.ndarray, truth: np.ndarray, frames: np.ndarray | 
     return float((difference if frames is None else difference[..., frames, :]).mean())
 
 
+def resample(sequence: np.ndarray, rate: float, target_rate: float) -> np.ndarray:
+    """(..., T, D) sampled at times t / rate -> linearly interpolated at times j / target_rate within the same span."""
+    frames = int(round(sequence.shape[-2] / rate * target_rate))
+    position = np.minimum(np.arange(frames) * (rate / target_rate), sequence.shape[-2] - 1)
+    before = np.floor(position).astype(np.int64)
+    after = np.minimum(before + 1, sequence.shape[-2] - 1)
+    weight = (position - before)[:, None]
+    return (1 - weight) * sequence[..., before, :] + weight * sequence[..., after, :]
+
+
 def jitter(sequence: np.ndarray) -> float:
-    """Mean over frames and dimensions of the squared second difference x[t+1] - 2 x[t] + x[t-1]."""
+    """Mean over frames and dimensions of the squared second difference x[t+1] - 2 x[t] + x[t-1].
+
+    Callers measure it at MOTION_RATE: motion is captured at 30 fps and stored upsampled (linearly) to the
+    mel rate, where its second differences vanish between capture frames while a generated sequence's do not.
+    """
     acceleration = np.diff(sequence, n=2, axis=-2)
     return float((acceleration ** 2).mean()) if acceleration.size else float("nan")
 
@@ -271,8 +286,8 @@ def segment_scores(generated: Segment, truth: Segment, names: list[str], frame_r
             "expression_l2": lambda: mean_squared(expression, truth.expression, valid),
             "head_pose_l1": lambda: mean_abs(pose, truth.head_pose),
             "head_pose_l2": lambda: mean_squared(pose, truth.head_pose),
-            "expression_jitter": lambda: jitter(expression),
-            "head_pose_jitter": lambda: jitter(pose),
+            "expression_jitter": lambda: jitter(resample(expression, frame_rate, MOTION_RATE)),
+            "head_pose_jitter": lambda: jitter(resample(pose, frame_rate, MOTION_RATE)),
             "sync_lag_ms": lambda: sync()[0],
             "sync_peak_correlation": lambda: sync()[1],
             "mouth_correlation": lambda: mouth_correlation(expression, truth.expression),
@@ -292,8 +307,8 @@ def ground_truth_scores(truth: Segment, names: list[str], frame_rate: float) -> 
     """The metrics among `names` that describe the ground truth on its own (jitter, synchrony)."""
     sync = functools.cache(lambda: synchrony(truth.mel, truth.expression, frame_rate))
     values = {
-        "expression_jitter": lambda: jitter(truth.expression),
-        "head_pose_jitter": lambda: jitter(truth.head_pose),
+        "expression_jitter": lambda: jitter(resample(truth.expression, frame_rate, MOTION_RATE)),
+        "head_pose_jitter": lambda: jitter(resample(truth.head_pose, frame_rate, MOTION_RATE)),
         "sync_lag_ms": lambda: sync()[0],
         "sync_peak_correlation": lambda: sync()[1],
     }

@@ -70,6 +70,16 @@ def test_jitter_of_a_known_sequence():
     assert m.jitter(alternating) == pytest.approx(4.0)
 
 
+def test_resampling_to_the_motion_rate_interpolates_at_its_frame_times():
+    """A stream that moves linearly in time is reproduced exactly at j / 30 s; a 1 s stream gives 30 frames."""
+    mel_rate = 86.1328125
+    offset, velocity = RNG.standard_normal(3), RNG.standard_normal(3)
+    stream = offset + velocity * (np.arange(86) / mel_rate)[:, None]
+    back = m.resample(stream, mel_rate, 30.0)
+    assert back.shape == (30, 3)
+    assert np.allclose(back, offset + velocity * (np.arange(30) / 30.0)[:, None])
+
+
 def test_diversity_is_the_mean_pairwise_frame_distance():
     samples = np.zeros((3, 5, 2))
     samples[1, :, 0] = 3.0  # distance 3 from sample 0
@@ -124,6 +134,10 @@ def test_segment_scores_average_over_samples():
                               86.13)
     assert scores == pytest.approx({"mel_l1": 2.0, "head_pose_l1": 1.0, "head_pose_diversity": 2 * math.sqrt(7),
                                     "expression_jitter": 0.0})
+    generated.expression[:, ::2] += 1.0  # alternating at the mel rate; at 30 fps: every ~2.9th frame
+    expected = m.jitter(m.resample(generated.expression[0], 86.13, 30.0))
+    assert expected > 0
+    assert m.segment_scores(generated, truth, ["expression_jitter"], 86.13)["expression_jitter"] == pytest.approx(expected)
 
 
 def test_mean_scores_skip_undefined_values():
