@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import logging
 from typing import Any, Iterable
 
 import numpy as np
@@ -33,6 +34,8 @@ from avflow.train.head_vae import decode_latents
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
 
+log = logging.getLogger(__name__)
+
 VAL_SEED = 1234  # fixed noise and times, so validation losses are comparable across steps and runs
 
 
@@ -45,6 +48,12 @@ class AVFlowTask:
     def __init__(self, cfg: Config, info: DistInfo, progress: bool):
         self.cfg, self.info, self.progress = cfg, info, progress
         self.device = info.device
+        m = cfg.model
+        for stream, width in (("visual", m.visual_dim), ("audio", m.mel_dim)):
+            if m.d_model < width and info.is_main:
+                log.warning("model.d_model=%d is narrower than the %s state (%d dims): the output layer's velocity "
+                            "spans at most %d of them, so the sampling noise in the other %d passes to the output "
+                            "untouched (docs/evaluation.md)", m.d_model, stream, width, m.d_model, width - m.d_model)
 
     def build_model(self) -> AVFlowNet:
         return AVFlowNet(self.cfg.model)
