@@ -275,12 +275,11 @@ def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], 
         for column, model in models.items():
             _score_model(model, segments, settings, stores[column], vocoder, asr, bar)
     truth, truth_stats = _summary(truth_store, segments)
-    truth_mean, truth_covariance = truth_stats.mean_covariance()
     columns = {}
     for column, store in stores.items():
         summary, stats = _summary(store, segments)
         if "expression_frechet" in settings.metrics:
-            summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(), truth_mean, truth_covariance)
+            summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(), *truth_stats.mean_covariance())
         columns[column] = {name: summary[name] for name in settings.metrics if name in summary}
     report = {"settings": dataclasses.asdict(settings), "segments": [segment.key for segment in segments],
               "columns": columns, GROUND_TRUTH: {name: truth[name] for name in settings.metrics if name in truth},
