@@ -57,6 +57,7 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     print(f"[4/6] evaluating on held-out segments ({cfg.sample.num_samples} samples each) against the untrained "
           f"initialization")
     model = load_inference_model(checkpoint, cfg.trainer.device)
+    model.cfg.sample = cfg.sample  # this demo's sampler settings, also for a run resumed from older checkpoints
     torch.manual_seed(cfg.trainer.seed)
     untrained = dataclasses.replace(model, net=AVFlowNet(cfg.model).to(model.device).eval(), samplers={})
     names = DEFAULT_METRICS + (["mouth_correlation"] if cfg.evaluate.mouth_controls else [])
