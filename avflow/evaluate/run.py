@@ -29,7 +29,7 @@ from avflow.data.shards import SPLITS
 from avflow.data.loader import BadSampleCounter, open_split, read_or_record_bad, scan_shard
 from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
-from avflow.infer.generate import InferenceModel, generate_batch, load_inference_model
+from avflow.infer.generate import InferenceModel, conditioning, generate_batch, load_inference_model
 from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.train.checkpoint import checkpoint_config, read_meta
 from avflow.utils import atomic_path
@@ -45,12 +45,15 @@ class HeldOut:
 
     key: str
     arrays: dict[str, np.ndarray]
+    pitch: tuple[np.ndarray, np.ndarray] | None = None  # of the vocoded recording, tracked once for every column
 
-    def truth(self, with_pitch: bool, cfg: Config) -> m.Segment:
+    def truth(self, with_pitch: bool, cfg: Config, vocoder: BigVGAN | None) -> m.Segment:
         segment = m.Segment(self.arrays["mel"], self.arrays["expression"], self.arrays["pose"],
                             self.arrays.get("expression_valid"))
         if with_pitch:
-            segment.pitch = [pitch_of(self.arrays["mel"], None, cfg)]
+            if self.pitch is None:
+                self.pitch = pitch_of(self.arrays["mel"], vocoder, cfg)
+            segment.pitch = [self.pitch]
         return segment
 
 
@@ -145,17 +148,6 @@ def transcript_of(mel: np.ndarray, vocoder: BigVGAN | None, cfg: Config, asr: CT
     return greedy_transcript(asr.logits(resample(audio, cfg.mel.sample_rate, ASR_SAMPLE_RATE)))
 
 
-def conditioning_of(segment: HeldOut, cfg: Config) -> np.ndarray:
-    parts = [segment.arrays["tokens"]]
-    if cfg.model.dyadic:
-        missing = [name for name in ("participant_tokens", "participant_features") if name not in segment.arrays]
-        if missing:
-            raise ValueError(f"segment {segment.key}: a dyadic model needs {' and '.join(missing)}, which these shards "
-                             "lack (pack them from dyadic data)")
-        parts += [segment.arrays["participant_tokens"], segment.arrays["participant_features"]]
-    return np.concatenate(parts, axis=1).astype(np.float32)
-
-
 class ItemStore:
     """items/<column>/<key>.json (scores, plus CER counts) and <key>.npz (expression statistics), written
     atomically, the .npz first: a .json marks a finished segment."""
@@ -202,7 +194,7 @@ def _score_ground_truth(segments: list[HeldOut], settings: Settings, cfg: Config
     for segment in segments:
         if store.done(segment.key):
             continue
-        truth = segment.truth(False, cfg)
+        truth = segment.truth(False, cfg, vocoder)
         scores = m.ground_truth_scores(truth, settings.metrics, cfg.mel.frame_rate)
         counts = {}
         if asr is not None:
@@ -224,10 +216,13 @@ def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Setti
     pending = [(index, segment) for index, segment in enumerate(segments) if not store.done(segment.key)]
     for first in range(0, len(pending), SEGMENTS_PER_ROUND):
         chunk = pending[first:first + SEGMENTS_PER_ROUND]
-        samples = generate_batch(model, [conditioning_of(segment, cfg) for _, segment in chunk], sample_cfg,
+        participant = ("participant_tokens", "participant_features") if cfg.model.dyadic else ()
+        conds = [conditioning(model, segment.arrays["tokens"], **{name: segment.arrays.get(name) for name in participant})
+                 for _, segment in chunk]
+        samples = generate_batch(model, conds, sample_cfg,
                                  [settings.seed + index for index, _ in chunk])
         for (_, segment), generated in zip(chunk, samples):
-            truth = segment.truth(with_pitch, cfg)
+            truth = segment.truth(with_pitch, cfg, vocoder)
             candidate = m.Segment(generated.mel, generated.expression, generated.head_pose)
             if with_pitch:
                 candidate.pitch = [pitch_of(mel, vocoder, cfg) for mel in generated.mel]
