@@ -204,8 +204,26 @@ def cmd_infer(args: argparse.Namespace) -> None:
           f"results in {Path(args.output) / 'results*.jsonl'}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from avflow.evaluate.run import evaluate_checkpoints, markdown_table
+
+    vocoder = None
+    if args.vocoder:
+        from avflow.infer.vocoder import load_bigvgan
+
+        vocoder = load_bigvgan(args.vocoder)
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
+    report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split,
+                                  num_samples=args.num_samples, nfe=args.nfe, seed=args.seed, method=args.method,
+                                  temperature=args.temperature, max_items=args.max_items,
+                                  metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
+                                  progress=not args.quiet)
+    print(markdown_table(report))
+    print(f"{len(report['segments'])} held-out segments; report.json, report.md and TensorBoard scalars in {args.output}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    from avflow.infer.demo import run_demo
+    from avflow.demo import run_demo
 
     run_demo(_config(args), Path(args.output))
 
@@ -333,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--retry-errors", action="store_true", help="retry items recorded as failed")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=cmd_infer)
+
+    sub = commands.add_parser("evaluate", help="held-out metrics (speech, motion, synchrony) of models side by side")
+    sub.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True, type=Path,
+                     help="a training step directory, .safetensors model or export directory; repeat to compare")
+    sub.add_argument("--shards", required=True, type=Path, help="packed shards (avflow pack) with held-out segments")
+    sub.add_argument("--split", default="val", help="the shard split to evaluate on (default val)")
+    sub.add_argument("--num-samples", type=int, default=3, help="samples per segment (default 3)")
+    sub.add_argument("--nfe", type=int, default=16, help="network evaluations per sample (default 16)")
+    sub.add_argument("--method", choices=("euler", "midpoint"), default="euler", help="ODE sampler (default euler)")
+    sub.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (default 1.0)")
+    sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
+    sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
+    sub.add_argument("--vocoder", type=Path, help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")
+    sub.add_argument("--metrics", help="comma-separated subset (default: every metric that applies)")
+    sub.add_argument("--seed", type=int, default=0, help="segment i is sampled with seed + i")
+    sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    sub.add_argument("-o", "--output", type=Path, required=True, help="report folder (resumable)")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar")
+    sub.set_defaults(run=cmd_evaluate)
 
     sub = commands.add_parser("demo", help="corpus -> train a small model on CPU -> generate -> evaluate")
     with_config(sub, DEMO_CONFIG)

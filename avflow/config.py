@@ -238,6 +238,17 @@ class Text2TokensConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Held-out metrics (avflow.evaluate.metrics, docs/evaluation.md) logged by training validation."""
+
+    val_metrics: list[str] = field(default_factory=lambda: [
+        "mel_l1", "mel_cepstral_distortion", "expression_l1", "head_pose_l1", "expression_jitter",
+        "sync_lag_ms", "sync_peak_correlation"])  # cheap ones: no vocoding or pitch tracking at every validation
+    val_items: int = 2  # held-out segments generated whole (one sample each) at every trainer.val_every
+    mouth_controls: bool = False  # the demo corpus: expression components 0-2 are its mouth controls
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
@@ -250,6 +261,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     text2tokens: Text2TokensConfig = field(default_factory=Text2TokensConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     task: str = "avflow"  # what `avflow train` trains: avflow (the AV-Flow network) | text2tokens
 
     def validate(self) -> "Config":
@@ -359,6 +371,12 @@ class Config:
         _require(x.duration_weight >= 0, "text2tokens.duration_weight", "non-negative", x.duration_weight)
         _require(min(x.short_pause_s, x.long_pause_s) >= 0, "text2tokens.short_pause_s/long_pause_s", "non-negative",
                  (x.short_pause_s, x.long_pause_s))
+        from avflow.evaluate.metrics import METRICS  # a leaf module (numpy/scipy only): no stage is imported
+
+        unknown = [name for name in self.evaluate.val_metrics if name not in METRICS]
+        _require(not unknown, "evaluate.val_metrics", "names among " + ", ".join(METRICS), unknown)
+        _require(self.evaluate.val_items >= 0, "evaluate.val_items", "non-negative (0: no generated metrics)",
+                 self.evaluate.val_items)
         return self
 
     def _require_finite(self) -> None:

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
+import logging
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
 from avflow.data.griffin_lim import mel_to_audio
-from avflow.data.loader import training_batches, validation_batches
+from avflow.data.loader import iter_split_arrays, training_batches, validation_batches
 from avflow.data.phonemes import resolve_front_end
 from avflow.data.plots import sample_figure
+from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss, sample
 from avflow.model.head_vae import decode_latents
@@ -31,6 +35,8 @@ from avflow.train.batches import Batch, build_batch_encoder
 from avflow.train.distributed import DistInfo
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
+
+log = logging.getLogger(__name__)
 
 VAL_SEED = 1234  # fixed noise and times, so validation losses are comparable across steps and runs
 VAL_VIDEO_FPS = 30  # the avatar's capture rate
@@ -46,6 +52,12 @@ class AVFlowTask:
     def __init__(self, cfg: Config, info: DistInfo, progress: bool):
         self.cfg, self.info, self.progress = cfg, info, progress
         self.device = info.device
+        m = cfg.model
+        for stream, width in (("visual", m.visual_dim), ("audio", m.mel_dim)):
+            if m.d_model < width and info.is_main:
+                log.warning("model.d_model=%d is narrower than the %s state (%d dims): the output layer's velocity "
+                            "spans at most %d of them, so the sampling noise in the other %d passes to the output "
+                            "untouched (docs/evaluation.md)", m.d_model, stream, width, m.d_model, width - m.d_model)
 
     def build_model(self) -> AVFlowNet:
         return AVFlowNet(self.cfg.model)
@@ -106,6 +118,46 @@ class AVFlowTask:
             video = self.avatar.render_pose7(expression, pose_30, VAL_VIDEO_SIZE, VAL_VIDEO_SIZE)
             writer.add_video("val/sample_video", torch.from_numpy(video).permute(0, 3, 1, 2)[None], step,
                              fps=VAL_VIDEO_FPS)
+        for name, value in self.held_out_scores(model).items():
+            writer.add_scalar(name, value, step)
+
+    @torch.no_grad()
+    def held_out_scores(self, model: AVFlowNet) -> dict[str, float]:
+        """evaluate.val_metrics (avflow.evaluate.metrics, as `avflow evaluate` computes them) on the first
+        evaluate.val_items whole validation segments (cut to sample.max_frames), one sample each from fixed
+        noise: val/<metric>, and val_ground_truth/<metric> for the ground truth's own values."""
+        cfg, x = self.cfg, self.cfg.evaluate
+        names = list(x.val_metrics)
+        if x.val_items == 0 or not names:
+            return {}
+        conditioning = ("tokens", "participant_tokens", "participant_features") if cfg.model.dyadic else ("tokens",)
+        streams = ("mel", "expression", "pose", "expression_valid", *conditioning)
+        one = dataclasses.replace(cfg.sample, num_samples=1)
+        generated_scores, truth_scores = [], []
+        for arrays in itertools.islice(iter_split_arrays(cfg.data.shards, "val", streams), x.val_items):
+            frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
+            arrays = {name: value[:frames] for name, value in arrays.items()}
+            cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))
+            generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
+            state = sample(model, cond[None].to(self.device), None, cfg.model.state_dim, one, generator)[0, 0]
+            parts = self.encoder.codec.decode(state.float().cpu())
+            pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
+                                  parts["head_latent"].numpy())
+            generated = metrics.Segment(parts["mel"].numpy()[None], parts["expression"].numpy()[None], pose[None])
+            truth = metrics.Segment(arrays["mel"], arrays["expression"], arrays["pose"], arrays["expression_valid"])
+            if any(name in metrics.NEEDS_AUDIO for name in names):
+                generated.pitch = [self._pitch(generated.mel[0])]
+                truth.pitch = [self._pitch(truth.mel)]
+            generated_scores.append(metrics.segment_scores(generated, truth, names, cfg.mel.frame_rate))
+            truth_scores.append(metrics.ground_truth_scores(truth, names, cfg.mel.frame_rate))
+        scores = {f"val/{name}": value for name, value in metrics.mean_scores(generated_scores).items()}
+        scores.update({f"val_ground_truth/{name}": value for name, value in metrics.mean_scores(truth_scores).items()})
+        return scores
+
+    def _pitch(self, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        audio = mel_to_audio(torch.from_numpy(mel).T.contiguous(), self.cfg.mel).numpy()
+        f0, voiced = metrics.pitch_track(audio, self.cfg.mel.sample_rate, self.cfg.mel.hop_length)
+        return f0[:mel.shape[0]], voiced[:mel.shape[0]]
 
 
 def resolved_config(cfg: Config) -> Config:

@@ -2,14 +2,15 @@
 
 Writes the procedural corpus (50h layout), packs it into shards through the normal ingestion path,
 trains a small model from the shards, compares it with its own untrained initialization against the
-corpus ground truth on held-out segments, trains the text-to-tokens model on the same shards
+corpus ground truth on held-out segments (avflow.evaluate), trains the text-to-tokens model on the same shards
 (configs/text2tokens_demo.yaml), and generates three samples per held-out sentence from its text through it.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,16 +19,16 @@ import torch
 from avflow.config import Config, load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
-from avflow.data.loader import iter_split_arrays, validation_batches
+from avflow.data.loader import iter_split_arrays
 from avflow.data.shards import pack
-from avflow.infer.evaluate import evaluate
+from avflow.evaluate.run import DEFAULT_METRICS, Settings, evaluate_models, held_out_segments, markdown_table
 from avflow.infer.generate import generate, load_inference_model, write_outputs
 from avflow.render import ProceduralFaceDecoder
 from avflow.infer.text2tokens import evaluate_text2tokens, load_text2tokens
 from avflow.model.avflow import AVFlowNet
 from avflow.train.loop import Trainer
 
-TEXT2TOKENS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "text2tokens_demo.yaml"
+TEXT2TOKENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text2tokens_demo.yaml"
 
 
 def text2tokens_config(cfg: Config) -> Config:
@@ -53,20 +54,23 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     trainer = Trainer(cfg, resume=True)
     checkpoint = trainer.fit()
 
-    print("[4/6] evaluating on held-out segments (3 samples each)")
-    whole_segments = copy.deepcopy(cfg)
-    whole_segments.data.segment_length = cfg.sample.max_frames
-    held_out = [trainer.task.encoder(batch) for batch in validation_batches(cfg.data.shards, whole_segments)]
+    print(f"[4/6] evaluating on held-out segments ({cfg.sample.num_samples} samples each) against the untrained "
+          f"initialization")
+    model = load_inference_model(checkpoint, cfg.trainer.device)
+    model.cfg.sample = cfg.sample  # this demo's sampler settings, also for a run resumed from older checkpoints
     torch.manual_seed(cfg.trainer.seed)
-    untrained = AVFlowNet(cfg.model).to(trainer.device)
-    codec = trainer.task.encoder.codec
-    results = {
-        "untrained": evaluate(untrained, codec, held_out, cfg, cfg.sample),
-        "trained": evaluate(trainer.ema_model(), codec, held_out, cfg, cfg.sample),
-    }
-    print(f"{'':>10}  {'mel L1 (lower is better)':>25}  {'mouth correlation (higher is better)':>37}")
-    for name, scores in results.items():
-        print(f"{name:>10}  {scores['mel_l1']:>25.3f}  {scores['mouth_correlation']:>37.3f}")
+    untrained = dataclasses.replace(model, net=AVFlowNet(cfg.model).to(model.device).eval(), samplers={})
+    names = DEFAULT_METRICS + (["mouth_correlation"] if cfg.evaluate.mouth_controls else [])
+    sample = cfg.sample
+    settings = Settings(str(Path(cfg.data.shards).resolve()), "val", sample.num_samples, sample.nfe, sample.seed,
+                        sample.method, sample.temperature, None, names, None)
+    report_dir = output / "evaluation"
+    shutil.rmtree(report_dir, ignore_errors=True)  # the models may differ from a previous run's
+    report = evaluate_models({"untrained": untrained, "trained": model}, held_out_segments(cfg.data.shards), settings,
+                             report_dir, sources={"untrained": f"initialization of seed {cfg.trainer.seed}",
+                                                  "trained": str(checkpoint)})
+    print(markdown_table(report))
+    results: dict[str, dict[str, float]] = {**report["columns"], "ground_truth": report["ground_truth"]}
 
     t2t_cfg = text2tokens_config(cfg)
     print(f"[5/6] training the text-to-tokens model ({t2t_cfg.text2tokens.front_end} front end, "
@@ -81,7 +85,6 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     results["text2tokens"] = t2t_scores
 
     print(f"[6/6] generating from the held-out sentences' text into {output}")
-    model = load_inference_model(checkpoint, cfg.trainer.device)
     face = ProceduralFaceDecoder()
     for index, name in enumerate(held_out_names):
         sentence = transcripts[name]

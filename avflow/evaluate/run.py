@@ -1,0 +1,352 @@
+"""`avflow evaluate`: held-out metrics of one or more models on packed shards, side by side.
+
+Every held-out segment is generated from its own ground-truth tokens (and, for a dyadic model, its
+participant inputs), so the samples are frame-aligned with the recording and compare frame by frame
+(avflow.evaluate.metrics). Results go to REPORT_DIR: items/<column>/<segment>.json (+ .npz of the
+segment's expression statistics) written atomically as each segment finishes, so an interrupted run
+resumes where it stopped; then report.json, report.md (one column per model plus the ground truth) and
+TensorBoard scalars under tensorboard/<column>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from avflow.config import Config, SampleConfig
+from avflow.data.alignment import edit_distance, greedy_transcript
+from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
+from avflow.data.features import resample
+from avflow.data.shards import SPLITS
+from avflow.data.loader import BadSampleCounter, open_split, read_or_record_bad, scan_shard
+from avflow.evaluate import metrics as m
+from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
+from avflow.infer.generate import InferenceModel, conditioning, generate_batch, load_inference_model
+from avflow.infer.vocoder import BigVGAN, vocode
+from avflow.train.checkpoint import checkpoint_config, read_meta
+from avflow.utils import atomic_path
+
+GROUND_TRUTH = "ground_truth"
+SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory
+DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_correlation")]
+
+
+@dataclass
+class HeldOut:
+    """One held-out sample of the shards: its key and whole streams at the mel frame rate."""
+
+    key: str
+    arrays: dict[str, np.ndarray]
+    pitch: tuple[np.ndarray, np.ndarray] | None = None  # of the vocoded recording, tracked once for every column
+
+    def truth(self, with_pitch: bool, cfg: Config, vocoder: BigVGAN | None) -> m.Segment:
+        segment = m.Segment(self.arrays["mel"], self.arrays["expression"], self.arrays["pose"],
+                            self.arrays.get("expression_valid"))
+        if with_pitch:
+            if self.pitch is None:
+                self.pitch = pitch_of(self.arrays["mel"], vocoder, cfg)
+            segment.pitch = [self.pitch]
+        return segment
+
+
+@dataclass
+class Settings:
+    """What a report's numbers depend on besides the models; a resumed run must use the same."""
+
+    shards: str
+    split: str
+    num_samples: int
+    nfe: int
+    seed: int
+    method: str
+    temperature: float
+    max_items: int | None
+    metrics: list[str]
+    asr_model: str | None
+
+    def sample_config(self, base: SampleConfig) -> SampleConfig:
+        return dataclasses.replace(base, num_samples=self.num_samples, nfe=self.nfe, seed=self.seed, method=self.method,
+                                   temperature=self.temperature)
+
+
+def held_out_segments(shards: str | Path, split: str = "val", max_items: int | None = None) -> list[HeldOut]:
+    """The readable samples of `split`, in shard order (at most max_items)."""
+    if split not in SPLITS:
+        raise ValueError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    shard_list = open_split(shards, split)
+    counter = BadSampleCounter(1.0, f"{shards} {split} split")
+    segments = []
+    for path, count in zip(shard_list.paths, shard_list.samples):
+        for sample in scan_shard(path, count, shard_list.dims, counter):
+            arrays = read_or_record_bad(sample, counter)
+            if arrays is not None:
+                segments.append(HeldOut(sample.key, {name: np.array(value) for name, value in arrays.items()}))
+            if max_items is not None and len(segments) >= max_items:
+                return segments
+    if not segments:
+        raise ValueError(f"{shards}: no held-out segments in its {split!r} split (pack data whose names match "
+                         "data.val_patterns, or pass --split)")
+    return segments
+
+
+def model_config(path: str | Path) -> Config:
+    """The config a checkpoint, model file or export directory was trained with, read without its weights."""
+    path = Path(path)
+    source = path / WEIGHTS_FILE if is_model_directory(path) else path
+    if source.is_dir():
+        return checkpoint_config(read_meta(source), source)
+    if not source.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected a step directory, a .safetensors model or an "
+                                "export directory)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: not an avflow model ({error})") from error
+    if "config" not in metadata:
+        raise ValueError(f"{path}: not an avflow model file (its metadata has no config)")
+    return checkpoint_config({"config": json.loads(metadata["config"])}, path)
+
+
+def column_labels(paths: list[str | Path]) -> list[str]:
+    """One column name per model: its file or folder name, numbered when two share one."""
+    labels: list[str] = []
+    for path in paths:
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).name) or "model"
+        label, count = name, 1
+        while label in labels or label == GROUND_TRUTH:
+            count += 1
+            label = f"{name}-{count}"
+        labels.append(label)
+    return labels
+
+
+def training_step(path: str | Path) -> int:
+    """The checkpoint's training step when its name says it (step-N), for TensorBoard; else 0."""
+    match = re.search(r"step-(\d+)", str(path))
+    return int(match[1]) if match else 0
+
+
+def pitch_of(mel: np.ndarray, vocoder: BigVGAN | None, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    audio = vocode(torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)), vocoder, cfg.mel).numpy()
+    f0, voiced = m.pitch_track(audio, cfg.mel.sample_rate, cfg.mel.hop_length)
+    return f0[:mel.shape[0]], voiced[:mel.shape[0]]
+
+
+def transcript_of(mel: np.ndarray, vocoder: BigVGAN | None, cfg: Config, asr: CTCTokenizer) -> str:
+    audio = vocode(torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32)), vocoder, cfg.mel).numpy()
+    return greedy_transcript(asr.logits(resample(audio, cfg.mel.sample_rate, ASR_SAMPLE_RATE)))
+
+
+class ItemStore:
+    """items/<column>/<key>.json (scores, plus CER counts) and <key>.npz (expression statistics), written
+    atomically, the .npz first: a .json marks a finished segment."""
+
+    def __init__(self, out_dir: Path, column: str):
+        self.folder = out_dir / "items" / column
+
+    def done(self, key: str) -> bool:
+        return (self.folder / f"{key}.json").is_file()
+
+    def write(self, key: str, scores: dict[str, float], counts: dict[str, int], stats: m.GaussianStats) -> None:
+        with atomic_path(self.folder / f"{key}.npz") as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, count=stats.count, total=stats.total, outer=stats.outer)
+        with atomic_path(self.folder / f"{key}.json") as tmp:
+            tmp.write_text(json.dumps({"scores": scores, "counts": counts}))
+
+    def read(self, key: str) -> tuple[dict[str, float], dict[str, int], m.GaussianStats]:
+        entry = json.loads((self.folder / f"{key}.json").read_text())
+        with np.load(self.folder / f"{key}.npz") as stored:
+            stats = m.GaussianStats(int(stored["count"]), stored["total"], stored["outer"])
+        return entry["scores"], entry["counts"], stats
+
+
+def _check_settings(out_dir: Path, settings: Settings, sources: dict[str, str]) -> None:
+    """Record the settings and each column's source; refuse to mix results of other settings into a report."""
+    path = out_dir / "settings.json"
+    current = {"settings": dataclasses.asdict(settings), "sources": sources}
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous["settings"] != current["settings"]:
+            raise ValueError(f"{out_dir}: holds results of other settings ({previous['settings']}); use another -o "
+                             "or the same settings to resume")
+        for column, source in sources.items():
+            if previous["sources"].get(column, source) != source:
+                raise ValueError(f"{out_dir}: column {column} holds results of {previous['sources'][column]}, not "
+                                 f"{source}; use another -o")
+        current["sources"] = {**previous["sources"], **sources}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(current, indent=2))
+
+
+def _score_ground_truth(segments: list[HeldOut], settings: Settings, cfg: Config, store: ItemStore,
+                        vocoder: BigVGAN | None, asr: CTCTokenizer | None) -> None:
+    for segment in segments:
+        if store.done(segment.key):
+            continue
+        truth = segment.truth(False, cfg, vocoder)
+        scores = m.ground_truth_scores(truth, settings.metrics, cfg.mel.frame_rate)
+        counts = {}
+        if asr is not None:
+            reference = greedy_transcript(segment.arrays["tokens"])
+            counts = {"edits": edit_distance(transcript_of(truth.mel, vocoder, cfg, asr), reference),
+                      "characters": len(reference)}
+        store.write(segment.key, scores, counts, m.GaussianStats().add(_valid_expression(truth)))
+
+
+def _valid_expression(truth: m.Segment) -> np.ndarray:
+    return truth.expression if truth.expression_valid is None else truth.expression[truth.expression_valid]
+
+
+def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Settings, store: ItemStore,
+                 vocoder: BigVGAN | None, asr: CTCTokenizer | None, bar: tqdm) -> None:
+    cfg = model.cfg
+    sample_cfg = settings.sample_config(cfg.sample)
+    with_pitch = any(name in settings.metrics for name in m.NEEDS_AUDIO)
+    pending = [(index, segment) for index, segment in enumerate(segments) if not store.done(segment.key)]
+    for first in range(0, len(pending), SEGMENTS_PER_ROUND):
+        chunk = pending[first:first + SEGMENTS_PER_ROUND]
+        participant = ("participant_tokens", "participant_features") if cfg.model.dyadic else ()
+        conds = [conditioning(model, segment.arrays["tokens"], **{name: segment.arrays.get(name) for name in participant})
+                 for _, segment in chunk]
+        samples = generate_batch(model, conds, sample_cfg,
+                                 [settings.seed + index for index, _ in chunk])
+        for (_, segment), generated in zip(chunk, samples):
+            truth = segment.truth(with_pitch, cfg, vocoder)
+            candidate = m.Segment(generated.mel, generated.expression, generated.head_pose)
+            if with_pitch:
+                candidate.pitch = [pitch_of(mel, vocoder, cfg) for mel in generated.mel]
+            scores = m.segment_scores(candidate, truth, settings.metrics, cfg.mel.frame_rate)
+            counts = {}
+            if asr is not None:
+                reference = greedy_transcript(segment.arrays["tokens"])
+                counts = {"edits": sum(edit_distance(transcript_of(mel, vocoder, cfg, asr), reference)
+                                       for mel in generated.mel),
+                          "characters": len(reference) * len(generated.mel)}
+            valid = truth.expression_valid
+            stats = m.GaussianStats().add(generated.expression if valid is None else generated.expression[:, valid])
+            store.write(segment.key, scores, counts, stats)
+            bar.update(1)
+
+
+def _summary(store: ItemStore, segments: list[HeldOut]) -> tuple[dict[str, float], m.GaussianStats]:
+    per_segment, stats, edits, characters = [], m.GaussianStats(), 0, 0
+    for segment in segments:
+        scores, counts, segment_stats = store.read(segment.key)
+        per_segment.append(scores)
+        stats.merge(segment_stats)
+        edits += counts.get("edits", 0)
+        characters += counts.get("characters", 0)
+    summary = m.mean_scores(per_segment)
+    if characters:
+        summary["cer"] = edits / characters
+    return summary, stats
+
+
+def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], settings: Settings, out_dir: str | Path,
+                    vocoder: BigVGAN | None = None, sources: dict[str, str] | None = None, steps: dict[str, int] | None = None,
+                    progress: bool = True) -> dict:
+    """Score every model (column name -> model) and the ground truth on the segments; write and return the report."""
+    out_dir = Path(out_dir)
+    m.check_metric_names(settings.metrics, "metrics")
+    _check_settings(out_dir, settings, sources or {column: "in memory" for column in models})
+    asr = CTCTokenizer(settings.asr_model) if settings.asr_model and "cer" in settings.metrics else None
+    cfg = next(iter(models.values())).cfg
+    truth_store = ItemStore(out_dir, GROUND_TRUTH)
+    _score_ground_truth(segments, settings, cfg, truth_store, vocoder, asr)
+    stores = {column: ItemStore(out_dir, column) for column in models}
+    pending = sum(not store.done(segment.key) for store in stores.values() for segment in segments)
+    with tqdm(total=pending, desc="evaluate", unit="segment", disable=not progress) as bar:
+        for column, model in models.items():
+            _score_model(model, segments, settings, stores[column], vocoder, asr, bar)
+    truth, truth_stats = _summary(truth_store, segments)
+    columns = {}
+    for column, store in stores.items():
+        summary, stats = _summary(store, segments)
+        if "expression_frechet" in settings.metrics:
+            summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(), *truth_stats.mean_covariance())
+        columns[column] = {name: summary[name] for name in settings.metrics if name in summary}
+    report = {"settings": dataclasses.asdict(settings), "segments": [segment.key for segment in segments],
+              "columns": columns, GROUND_TRUTH: {name: truth[name] for name in settings.metrics if name in truth},
+              "metrics": {name: dataclasses.asdict(m.METRICS[name]) for name in settings.metrics}}
+    with atomic_path(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
+    with atomic_path(out_dir / "report.md") as tmp:
+        tmp.write_text(markdown_table(report) + "\n")
+    _write_tensorboard(out_dir, report, steps or {})
+    return report
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def markdown_table(report: dict) -> str:
+    """One row per metric: which way is better, each model's value and the ground truth's where it applies."""
+    columns = list(report["columns"])
+    lines = ["| metric | better | " + " | ".join(columns) + " | ground truth |",
+             "|---|---|" + "---:|" * (len(columns) + 1)]
+    for name, metric in report["metrics"].items():
+        values = [_format(report["columns"][column].get(name)) for column in columns]
+        lines.append(f"| {name} | {metric['better']} | " + " | ".join(values) + f" | {_format(report[GROUND_TRUTH].get(name))} |")
+    return "\n".join(lines)
+
+
+def _write_tensorboard(out_dir: Path, report: dict, steps: dict[str, int]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    for column, values in [*report["columns"].items(), (GROUND_TRUTH, report[GROUND_TRUTH])]:
+        with SummaryWriter(str(out_dir / "tensorboard" / column)) as writer:
+            for name, value in values.items():
+                writer.add_scalar(f"eval/{name}", value, steps.get(column, 0))
+
+
+def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_dir: str | Path, *, split: str = "val",
+                         num_samples: int = 3, nfe: int = 16, seed: int = 0, method: str = "euler",
+                         temperature: float = 1.0, max_items: int | None = None,
+                         metrics: list[str] | None = None, asr_model: str | Path | None = None,
+                         vocoder: BigVGAN | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """`avflow evaluate`: load each model, score it on the held-out segments, write the report."""
+    if asr_model is not None and not Path(asr_model).is_dir():
+        raise FileNotFoundError(f"--asr-model {asr_model}: no such wav2vec2 model directory")
+    for name, value in (("--num-samples", num_samples), ("--nfe", nfe)):
+        if value < 1:
+            raise ValueError(f"{name}: expected at least 1, got {value}")
+    if method == "midpoint" and nfe % 2:
+        raise ValueError(f"--nfe {nfe}: expected an even number for the midpoint method (2 evaluations per step)")
+    if temperature < 0:
+        raise ValueError(f"--temperature: expected a non-negative value, got {temperature}")
+    if max_items is not None and max_items < 1:
+        raise ValueError(f"--max-items: expected at least 1, got {max_items}")
+    configs = [model_config(path) for path in checkpoints]
+    for path, cfg in zip(checkpoints, configs):
+        if cfg.task != "avflow":
+            raise ValueError(f"{path}: a {cfg.task} model; avflow evaluate needs an AV-Flow model (task avflow)")
+    names = list(metrics) if metrics else DEFAULT_METRICS + (["cer"] if asr_model else []) + (
+        ["mouth_correlation"] if any(cfg.evaluate.mouth_controls for cfg in configs) else [])
+    m.check_metric_names(names, "--metrics")
+    if "cer" in names and asr_model is None:
+        raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
+    segments = held_out_segments(shards, split, max_items)
+    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, method, temperature, max_items, names,
+                        str(Path(asr_model).resolve()) if asr_model else None)
+    labels = column_labels(checkpoints)
+    models = {label: load_inference_model(path, device) for label, path in zip(labels, checkpoints)}
+    return evaluate_models(models, segments, settings, out_dir, vocoder,
+                           sources={label: str(Path(path).resolve()) for label, path in zip(labels, checkpoints)},
+                           steps={label: training_step(path) for label, path in zip(labels, checkpoints)},
+                           progress=progress)
