@@ -31,7 +31,7 @@ from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
 from avflow.infer.generate import InferenceModel, conditioning, generate_batch, load_inference_model
 from avflow.infer.vocoder import BigVGAN, vocode
-from avflow.train.checkpoint import checkpoint_config, read_meta
+from avflow.model.io import checkpoint_config, read_meta
 from avflow.utils import atomic_path
 
 GROUND_TRUTH = "ground_truth"
