@@ -151,8 +151,15 @@ def _face_decoder(args: argparse.Namespace, model):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from avflow.infer.generate import (check_duration, check_text_length, generate, tokens_for_text, tokens_from_audio,
-                                       tokens_from_file, write_outputs)
+    from avflow.infer.generate import (
+        check_duration,
+        check_text_length,
+        generate,
+        tokens_for_text,
+        tokens_from_audio,
+        tokens_from_file,
+        write_outputs,
+    )
 
     model = _load_model(args)
     face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written

@@ -23,9 +23,9 @@ from avflow.data.loader import iter_split_arrays
 from avflow.data.shards import pack
 from avflow.evaluate.run import DEFAULT_METRICS, Settings, evaluate_models, held_out_segments, markdown_table
 from avflow.infer.generate import generate, load_inference_model, write_outputs
-from avflow.render import ProceduralFaceDecoder
 from avflow.infer.text2tokens import evaluate_text2tokens, load_text2tokens
 from avflow.model.avflow import AVFlowNet
+from avflow.render import ProceduralFaceDecoder
 from avflow.train.loop import Trainer
 
 TEXT2TOKENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text2tokens_demo.yaml"

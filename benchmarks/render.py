@@ -28,8 +28,13 @@ import time
 import torch
 
 from avflow.render import CodecAvatar, TexturedMesh
-from avflow.render.codec_avatar import (DEFAULT_HEAD_TRANSFORM, PUBLISHED_VERTICES, CodecAvatarDecoder,
-                                        head_relative_camera, project)
+from avflow.render.codec_avatar import (
+    DEFAULT_HEAD_TRANSFORM,
+    PUBLISHED_VERTICES,
+    CodecAvatarDecoder,
+    head_relative_camera,
+    project,
+)
 from avflow.render.raster import drtk_module, render_textured
 
 

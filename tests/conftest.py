@@ -12,8 +12,8 @@ from avflow.config import HeadVAEConfig, ModelConfig, load_config
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
-from avflow.model.state import StateCodec
 from avflow.model.io import model_state_tensors, write_model_file
+from avflow.model.state import StateCodec
 
 # The published wav2vec2 character vocabulary: <pad> (the CTC blank), 3 specials, then the 28 labels in order.
 PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}

@@ -22,9 +22,20 @@ import torch
 
 import avflow
 from avflow.data.tokens import TOKEN_LABELS
-from avflow.infer.artifacts import (AOTI_FILE, AVATAR_FILE, CONFIG_FILE, EXPORT_FORMAT_VERSION, FACE_DECODER_FILE,
-                                    FORMATS, META_FILE, TEXT2TOKENS_FILE, TORCHSCRIPT_FILE, VOCODER_FILE,
-                                    WEIGHTS_FILE, load_compiled_sampler)
+from avflow.infer.artifacts import (
+    AOTI_FILE,
+    AVATAR_FILE,
+    CONFIG_FILE,
+    EXPORT_FORMAT_VERSION,
+    FACE_DECODER_FILE,
+    FORMATS,
+    META_FILE,
+    TEXT2TOKENS_FILE,
+    TORCHSCRIPT_FILE,
+    VOCODER_FILE,
+    WEIGHTS_FILE,
+    load_compiled_sampler,
+)
 from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided

@@ -20,15 +20,24 @@ from avflow.data.features import audio_seconds, interpolate_frames, load_wav, po
 from avflow.data.plots import sample_figure
 from avflow.data.text import text_to_token_logits
 from avflow.data.tokens import TOKEN_LABELS
+from avflow.infer.artifacts import (
+    AVATAR_FILE,
+    FACE_DECODER_FILE,
+    TEXT2TOKENS_FILE,
+    VOCODER_FILE,
+    WEIGHTS_FILE,
+    CompiledSampler,
+    is_model_directory,
+    load_compiled_sampler,
+    read_export_meta,
+)
+from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets, sample_sequences
+from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE, decode_latents
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
 from avflow.model.state import StateCodec
-from avflow.infer.artifacts import (AVATAR_FILE, FACE_DECODER_FILE, TEXT2TOKENS_FILE, VOCODER_FILE, WEIGHTS_FILE,
-                                    CompiledSampler, is_model_directory, load_compiled_sampler, read_export_meta)
-from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets, sample_sequences
-from avflow.infer.vocoder import BigVGAN, load_vocoder_file, vocode
 from avflow.render import Camera, CodecAvatar, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.runtime import DTYPES, pick_device
 from avflow.utils import atomic_path

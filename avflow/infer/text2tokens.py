@@ -21,8 +21,8 @@ from avflow.config import Config
 from avflow.data.alignment import character_error_rate, greedy_transcript
 from avflow.data.phonemes import SILENCE, WORD_GAP, build_front_end, front_end_symbols, sequence_symbols
 from avflow.data.text import LONG_PAUSE, SHORT_PAUSE, normalize_text, speech_words, split_sentences
-from avflow.model.text2tokens import TextToTokensNet, generate_tokens
 from avflow.model.io import load_inference_tensors
+from avflow.model.text2tokens import TextToTokensNet, generate_tokens
 
 
 class TextToTokens:

@@ -18,8 +18,8 @@ from avflow.config import Config
 from avflow.data.loader import iter_split_arrays
 from avflow.data.shards import load_manifest
 from avflow.model.head_vae import HeadVAE
-from avflow.model.state import StateCodec
 from avflow.model.io import load_head_vae
+from avflow.model.state import StateCodec
 from avflow.train.head_vae import train_head_vae
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,20 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from avflow.config import Config
-from avflow.model.io import (FILES_KEY, FORMAT, META, CheckpointError, dcp_load, error_summary, file_checksums,
-                             load_inference_tensors, quiet_single_process, read_meta, verify_checkpoint,
-                             write_model_file)
+from avflow.model.io import (
+    FILES_KEY,
+    FORMAT,
+    META,
+    CheckpointError,
+    dcp_load,
+    error_summary,
+    file_checksums,
+    load_inference_tensors,
+    quiet_single_process,
+    read_meta,
+    verify_checkpoint,
+    write_model_file,
+)
 from avflow.utils import atomic_path
 
 log = logging.getLogger(__name__)

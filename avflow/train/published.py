@@ -16,8 +16,8 @@ import torch
 from avflow.config import Config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
-from avflow.model.state import StateCodec
 from avflow.model.io import model_state_tensors, write_model_file
+from avflow.model.state import StateCodec
 from avflow.utils import load_torch
 
 PUBLISHED_PREFIX = "diffusion_module."

@@ -5,8 +5,16 @@ import itertools
 import numpy as np
 import pytest
 
-from avflow.data.alignment import (CharacterAlignment, align_characters, align_phonemes, character_error_rate,
-                                   ctc_forced_align, edit_distance, greedy_transcript, monotonic_alignment_search)
+from avflow.data.alignment import (
+    CharacterAlignment,
+    align_characters,
+    align_phonemes,
+    character_error_rate,
+    ctc_forced_align,
+    edit_distance,
+    greedy_transcript,
+    monotonic_alignment_search,
+)
 from avflow.data.phonemes import SILENCE, WORD_GAP
 from avflow.data.text import char_durations, token_logits_from_durations
 from avflow.data.tokens import LABEL_INDEX, TOKEN_LABELS

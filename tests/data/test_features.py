@@ -9,9 +9,21 @@ import soundfile
 import torch
 
 from avflow.config import MelConfig
-from avflow.data.features import (complex_stft, denormalize_mel, hz_to_slaney_mel, interpolate_frames, load_wav,
-                                  log_mel, mel_filterbank, normalize_mel, pose7_to_rigid, resample,
-                                  rigid_to_pose7, save_wav, slaney_mel_to_hz)
+from avflow.data.features import (
+    complex_stft,
+    denormalize_mel,
+    hz_to_slaney_mel,
+    interpolate_frames,
+    load_wav,
+    log_mel,
+    mel_filterbank,
+    normalize_mel,
+    pose7_to_rigid,
+    resample,
+    rigid_to_pose7,
+    save_wav,
+    slaney_mel_to_hz,
+)
 
 CFG = MelConfig()
 SR = CFG.sample_rate

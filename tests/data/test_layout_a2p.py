@@ -7,7 +7,7 @@ import torch
 
 from avflow.config import DataConfig
 from avflow.data.layouts import list_segment_names, read_segment_record
-from avflow.data.layouts.a2p import (list_scenes, read_body_pose, read_data_stats, read_record, validation_scenes)
+from avflow.data.layouts.a2p import list_scenes, read_body_pose, read_data_stats, read_record, validation_scenes
 
 TOKEN_DIR = "wav2vec2_fairseq_base_ls960_asr_ls960_vad100"
 SCENE_FRAMES = {"scene01": 30, "scene02": 45, "scene03": 36, "scene04": 60}

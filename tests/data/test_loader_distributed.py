@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import torch.distributed as dist
+from test_loader import WINDOW, row_ids, sample_key, small_config, write_shards
 
 from avflow.data.loader import training_batches, validation_batches
-from test_loader import WINDOW, row_ids, sample_key, small_config, write_shards
 
 WORLD_SIZE = 2
 NUM_WORKERS = 2  # 2 ranks x 2 workers = 4 consumers, one per train shard

@@ -2,8 +2,17 @@
 
 import pytest
 
-from avflow.data.phonemes import (IPA_SYMBOLS, SILENCE, WORD_GAP, CharacterFrontEnd, PhonemeFrontEnd, build_front_end,
-                                  espeak_available, resolve_front_end, sequence_symbols)
+from avflow.data.phonemes import (
+    IPA_SYMBOLS,
+    SILENCE,
+    WORD_GAP,
+    CharacterFrontEnd,
+    PhonemeFrontEnd,
+    build_front_end,
+    espeak_available,
+    resolve_front_end,
+    sequence_symbols,
+)
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 import webdataset
 
 from avflow.config import Config, CorpusConfig, DataConfig

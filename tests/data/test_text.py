@@ -3,9 +3,19 @@
 import numpy as np
 import pytest
 
-from avflow.data.text import (LONG_PAUSE, SHORT_PAUSE, blank_token_logits, char_durations, normalize_text,
-                              number_words, ordinal_words, speech_words, split_sentences, text_to_token_logits,
-                              token_logits_from_durations)
+from avflow.data.text import (
+    LONG_PAUSE,
+    SHORT_PAUSE,
+    blank_token_logits,
+    char_durations,
+    normalize_text,
+    number_words,
+    ordinal_words,
+    speech_words,
+    split_sentences,
+    text_to_token_logits,
+    token_logits_from_durations,
+)
 from avflow.data.tokens import TOKEN_LABELS
 
 # Seconds per symbol at rate 1, as the module documents them.

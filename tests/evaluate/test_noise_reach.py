@@ -4,14 +4,13 @@ outside the span of its output layer, so that noise reaches the output unchanged
 import logging
 
 import torch
+from conftest import randomized
 
 from avflow.config import load_config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import sample
 from avflow.train.distributed import DistInfo
 from avflow.train.tasks import AVFlowTask
-
-from conftest import randomized
 
 
 def test_noise_outside_the_output_layers_span_passes_through_sampling_unchanged():

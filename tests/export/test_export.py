@@ -5,11 +5,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_model_file
 
 from avflow.export.__main__ import main as export_main
 from avflow.export.exporter import ExportError, ExportOptions, export
 from avflow.infer.generate import generate_batch, load_inference_model
-from conftest import tiny_model_file
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,10 @@ def test_bad_options_are_named(model_file, tmp_path, capsys):
 def test_released_weights_run_through_export_and_batch_inference(tmp_path):
     """The imported published network (full size) exported to TorchScript: the sampler loaded from the export
     directory reproduces the imported checkpoint's eager sampler, and `avflow infer` runs on the directory."""
+    from conftest import write_published_release
+
     from avflow.cli import main
     from avflow.train.published import import_published
-    from conftest import write_published_release
 
     write_published_release(tmp_path)
     imported = import_published(tmp_path / "model.pt", tmp_path / "head_vae.pt", tmp_path / "headpose_normstats",

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_model_file
 
 from avflow.cli import main
 from avflow.infer import batch
 from avflow.infer.batch import parse_shard, read_items
-from conftest import tiny_model_file
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo.testing
+from conftest import randomized, tiny_model_file
 from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig
@@ -15,8 +16,6 @@ from avflow.infer.sampler import GraphSampler, PreparedVelocity, row_buckets, sa
 from avflow.model import attention
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, guided
-
-from conftest import randomized, tiny_model_file
 
 TINY = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import randomized
 
 from avflow.config import ModelConfig, SampleConfig
 from avflow.infer.sampler import GraphSampler, bucket_for, length_buckets, sample_sequences
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import FixedStepSampler, sample
-
-from conftest import randomized
 
 TINY = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
 
@@ -94,9 +93,9 @@ def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
 
 def test_compiled_network_generates_what_the_eager_network_generates(tmp_path):
     import numpy as np
+    from conftest import tiny_model_file
 
     from avflow.infer.generate import generate_batch, load_inference_model
-    from conftest import tiny_model_file
 
     path = tiny_model_file(tmp_path / "tiny.safetensors", ["sample.max_frames=48", "sample.window_overlap=8"])
     conds = [np.random.default_rng(0).standard_normal((40, 29)).astype(np.float32)]

@@ -3,11 +3,11 @@
 import math
 
 import torch
+from conftest import published_velocity, randomized
 
 from avflow.config import ModelConfig
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.dit import TimestepEmbedding, apply_rope, rope_angles
-from conftest import published_velocity, randomized
 
 TINY = dict(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=48, time_freqs=8, expression_dim=12, head_latent_dim=3,
             mel_dim=10, token_dim=5, participant_feature_dim=4)

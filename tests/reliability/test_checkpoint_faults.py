@@ -8,12 +8,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import packed_tiny_corpus, run_steps
 from reliability_inputs import step_directories, tiny_model  # noqa: F401 (fixture)
 
 from avflow.config import load_config
-from avflow.train.checkpoint import (CheckpointError, consolidate, load_inference_tensors, newest_verified_checkpoint,
-                                     verify_checkpoint)
-from conftest import packed_tiny_corpus, run_steps
+from avflow.train.checkpoint import (
+    CheckpointError,
+    consolidate,
+    load_inference_tensors,
+    newest_verified_checkpoint,
+    verify_checkpoint,
+)
 
 
 def _truncate(path):

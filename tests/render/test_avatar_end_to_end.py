@@ -7,10 +7,10 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_file, write_synthetic_avatar
 
 from avflow.cli import main
 from avflow.export.__main__ import main as export_main
-from conftest import tiny_model_file, write_synthetic_avatar
 
 imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="videos need imageio-ffmpeg")
 

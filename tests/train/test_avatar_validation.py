@@ -4,11 +4,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import packed_tiny_corpus, write_synthetic_avatar
 from PIL import Image
 
 from avflow.config import load_config
 from avflow.train.loop import Trainer
-from conftest import packed_tiny_corpus, write_synthetic_avatar
 
 TINY = ["model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32", "data.segment_length=24",
         "trainer.batch_size=2", "trainer.steps=1", "trainer.warmup_steps=1", "trainer.checkpoint_every=1",

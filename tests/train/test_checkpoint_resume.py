@@ -4,13 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
 
 from avflow.config import load_config
 from avflow.train import checkpoint as checkpoint_module
-from avflow.train.checkpoint import (consolidate, latest_checkpoint, list_checkpoints, load_inference_tensors,
-                                     read_meta)
+from avflow.train.checkpoint import consolidate, latest_checkpoint, list_checkpoints, load_inference_tensors, read_meta
 from avflow.train.loop import Trainer
-from conftest import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=3", "trainer.steps=6", "trainer.warmup_steps=2", "trainer.checkpoint_every=3",

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import packed_tiny_corpus
 from safetensors.numpy import load_file
 
 from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
-from conftest import packed_tiny_corpus
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.log_every=5",

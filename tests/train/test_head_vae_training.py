@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from avflow.config import HeadVAEConfig
-from avflow.model.head_vae import HeadVAE
-from avflow.model.head_vae import decode_latents, encode_poses
+from avflow.model.head_vae import HeadVAE, decode_latents, encode_poses
 from avflow.model.io import load_head_vae
 from avflow.train.head_vae import train_head_vae
 from avflow.utils import load_torch, save_torch_atomic

@@ -3,13 +3,13 @@ on the training device, fused EMA, the MFU formula by hand, the NCCL group takin
 
 import pytest
 import torch
+from conftest import packed_tiny_corpus
 
 from avflow.config import ModelConfig, load_config
 from avflow.model.avflow import AVFlowNet
 from avflow.train.distributed import pick_backend
 from avflow.train.loop import EMA, Trainer
 from avflow.train.metrics import StepMetrics, per_sequence_parameters, training_flops_per_frame
-from conftest import packed_tiny_corpus
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=3", "trainer.steps=8", "trainer.warmup_steps=2", "trainer.checkpoint_every=100",

@@ -19,8 +19,14 @@ import torch.distributed.checkpoint as dcp
 from avflow.config import Config, config_from_dict
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import ot_path
-from avflow.train.distributed import (DistInfo, all_reduce_mean, expand_nodelist, init_distributed, read_launch_env,
-                                      shutdown)
+from avflow.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    expand_nodelist,
+    init_distributed,
+    read_launch_env,
+    shutdown,
+)
 from avflow.train.parallel import build_engine, parallelize
 
 WORLD_SIZE = 2

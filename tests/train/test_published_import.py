@@ -4,11 +4,12 @@ mismatch is named."""
 import numpy as np
 import pytest
 import torch
+from conftest import published_velocity
+from conftest import write_published_release as write_release
 
 from avflow.cli import main
 from avflow.infer.generate import load_inference_model
 from avflow.train.published import import_published
-from conftest import published_velocity, write_published_release as write_release
 
 
 @pytest.mark.parametrize("dyadic", [False, True])

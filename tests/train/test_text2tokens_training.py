@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import check_resume_matches_uninterrupted
 
 from avflow.config import load_config
 from avflow.data.alignment import greedy_transcript
@@ -16,7 +17,6 @@ from avflow.infer.text2tokens import load_text2tokens
 from avflow.train.checkpoint import consolidate
 from avflow.train.loop import Trainer
 from avflow.train.text2tokens import prepare_examples
-from conftest import check_resume_matches_uninterrupted
 
 TINY = ["task=text2tokens", "text2tokens.front_end=character", "text2tokens.d_model=16", "text2tokens.n_heads=2",
         "text2tokens.encoder_layers=1", "text2tokens.ffn_hidden=16", "text2tokens.duration_hidden=16",
@@ -168,9 +168,10 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
 def test_one_export_directory_serves_text_through_its_text_to_tokens_model(trained, tmp_path):
     """`python -m avflow.export --text2tokens` puts the front end in the model directory, and `avflow infer --text`
     then generates for exactly the frames that model gives the text."""
+    from conftest import tiny_model_file
+
     from avflow.cli import main
     from avflow.export.__main__ import main as export_main
-    from conftest import tiny_model_file
 
     _, t2t_file = trained
     model = tiny_model_file(tmp_path / "main.safetensors")

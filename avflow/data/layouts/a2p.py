@@ -23,8 +23,14 @@ import numpy as np
 import torch
 
 from avflow.config import DataConfig
-from avflow.data.layouts.fifty_h import (DURATION_TOLERANCE_FRAMES, EXPRESSION_DIM, TOKEN_DIR, _check_shape,
-                                         _load_array, _read_audio)
+from avflow.data.layouts.fifty_h import (
+    DURATION_TOLERANCE_FRAMES,
+    EXPRESSION_DIM,
+    TOKEN_DIR,
+    _check_shape,
+    _load_array,
+    _read_audio,
+)
 from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
 
