@@ -181,7 +181,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     elapsed = time.perf_counter() - started
     written = write_outputs(generated, args.output, name, cfg, model.vocoder, face)
     seconds = tokens.shape[0] / cfg.mel.frame_rate
-    print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; wrote {len(written)} files to {args.output}")
+    print(f"{cfg.sample.num_samples} samples of {seconds:.2f} s in {elapsed:.2f} s; "
+          f"wrote {len(written)} files to {args.output}")
 
 
 def cmd_infer(args: argparse.Namespace) -> None:
@@ -198,7 +199,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
             if args.text is not None:
                 source = {"text": args.text, "rate": args.rate, "pause_scale": args.pause_scale}
             else:
-                source = {"audio": str(Path(args.audio).resolve())} if args.audio else {"tokens": str(Path(args.tokens).resolve())}
+                source = ({"audio": str(Path(args.audio).resolve())} if args.audio
+                          else {"tokens": str(Path(args.tokens).resolve())})
             items = Path(scratch) / "items.jsonl"
             items.write_text(json.dumps({"id": args.name, **source}) + "\n")
         face = None if args.no_video else _face_decoder(args, model)
@@ -226,7 +228,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                                   metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
                                   progress=not args.quiet)
     print(markdown_table(report))
-    print(f"{len(report['segments'])} held-out segments; report.json, report.md and TensorBoard scalars in {args.output}")
+    print(f"{len(report['segments'])} held-out segments; "
+          f"report.json, report.md and TensorBoard scalars in {args.output}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(sub: argparse.ArgumentParser, default: Path | None = None) -> None:
-        sub.add_argument("--config", type=Path, default=default, help="YAML config" + (f" (default {default})" if default else ""))
+        sub.add_argument("--config", type=Path, default=default,
+                         help="YAML config" + (f" (default {default})" if default else ""))
         sub.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
 
     sub = commands.add_parser("corpus", help="write the procedural demo corpus in the 50h layout")
@@ -298,12 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_model(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
-                         help="an export directory (python -m avflow.export), a .safetensors model or RUN/checkpoints/step-N")
+                         help="an export directory (python -m avflow.export), a .safetensors model "
+                              "or RUN/checkpoints/step-N")
         sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for audio inputs)")
         sub.add_argument("--text2tokens", type=Path, help="a text-to-tokens .safetensors for text inputs (an export "
                                                           "directory may carry one; without either, rule-based timing)")
-        sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint ({'generator': ...}); "
-                                                      "default: the export's, else Griffin-Lim")
+        sub.add_argument("--vocoder", type=Path, help="BigVGAN 22 kHz 80-band generator checkpoint "
+                                                      "({'generator': ...}); default: the export's, else Griffin-Lim")
         video = sub.add_mutually_exclusive_group()
         video.add_argument("--face-decoder", type=Path, help="TorchScript face decoder (expression, head pose) -> "
                                                              "vertices, with a `faces` tensor: also write .mp4 videos")
@@ -325,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-input-seconds", type=float,
                          help="longest input accepted, in seconds of speech (default sample.max_input_seconds: 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-        sub.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (default: bf16 on CUDA, fp32 elsewhere; an export fixes its own)")
+        sub.add_argument("--dtype", choices=("fp32", "bf16"),
+                         help="network precision (default: bf16 on CUDA, fp32 elsewhere; an export fixes its own)")
         sub.add_argument("--compile", action="store_true",
                          help="torch.compile the whole network (eager exports and checkpoints; once per length bucket "
                               "and row count, at load on CUDA)")
@@ -370,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (default 1.0)")
     sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
-    sub.add_argument("--vocoder", type=Path, help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")
+    sub.add_argument("--vocoder", type=Path,
+                     help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")
     sub.add_argument("--metrics", help="comma-separated subset (default: every metric that applies)")
     sub.add_argument("--seed", type=int, default=0, help="segment i is sampled with seed + i")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -215,7 +215,8 @@ class Text2TokensConfig:
     released; the architecture values below are the ones it documents (see docs/text2tokens.md).
     """
 
-    front_end: str = "auto"  # reference: espeak-ng IPA phonemes; auto = phoneme if espeak-ng is installed, else character
+    # reference: espeak-ng IPA phonemes; auto = phoneme if espeak-ng is installed, else character
+    front_end: str = "auto"
     language: str = "en-us"  # reference espeak voice
     d_model: int = 192  # reference: 192-channel encoder
     encoder_layers: int = 6  # reference: 6-layer RoPE transformer encoder
@@ -276,23 +277,29 @@ class Config:
                  f"0 <= fmin < fmax <= sample_rate / 2 = {mel.sample_rate / 2}", (mel.fmin, mel.fmax))
         _require(mel.norm_std > 0, "mel.norm_std", "positive", mel.norm_std)
         _require(m.d_model % m.n_heads == 0, "model.d_model", f"divisible by model.n_heads={m.n_heads}", m.d_model)
-        _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "a per-head size that is even (RoPE pairs)", m.d_model)
-        for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim", "token_dim"):
+        _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "a per-head size that is even (RoPE pairs)",
+                 m.d_model)
+        for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim",
+                     "token_dim"):
             _require(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
-        _require(m.head_latent_dim == h.latent_dim, "model.head_latent_dim", f"equal to head_vae.latent_dim={h.latent_dim}", m.head_latent_dim)
+        _require(m.head_latent_dim == h.latent_dim, "model.head_latent_dim",
+                 f"equal to head_vae.latent_dim={h.latent_dim}", m.head_latent_dim)
         _require(m.mel_dim == self.mel.n_mels, "model.mel_dim", f"equal to mel.n_mels={self.mel.n_mels}", m.mel_dim)
         for name in ("head_latent_dim", "participant_feature_dim"):
             _require(getattr(m, name) >= 1, f"model.{name}", "a positive integer", getattr(m, name))
         _require(m.rope_base > 1, "model.rope_base", "greater than 1", m.rope_base)
-        _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative", (m.window_back, m.window_ahead))
+        _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative",
+                 (m.window_back, m.window_ahead))
         _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
         _choice(m.attention, "model.attention", ("auto", "flex", "banded", "dense"))
         _require(0.0 <= f.sigma_min < 1.0, "flow.sigma_min", "in [0, 1)", f.sigma_min)
-        _require(min(f.expression_weight, f.head_weight, f.mel_weight) >= 0, "flow.*_weight", "non-negative", (f.expression_weight, f.head_weight, f.mel_weight))
+        _require(min(f.expression_weight, f.head_weight, f.mel_weight) >= 0, "flow.*_weight", "non-negative",
+                 (f.expression_weight, f.head_weight, f.mel_weight))
         _require(0.0 <= f.cond_dropout < 1.0, "flow.cond_dropout", "in [0, 1)", f.cond_dropout)
         _choice(s.method, "sample.method", ("euler", "midpoint"))
         _require(s.nfe >= 1, "sample.nfe", "at least 1", s.nfe)
-        _require(s.method != "midpoint" or s.nfe % 2 == 0, "sample.nfe", "even for the midpoint sampler (2 evaluations per step)", s.nfe)
+        _require(s.method != "midpoint" or s.nfe % 2 == 0, "sample.nfe",
+                 "even for the midpoint sampler (2 evaluations per step)", s.nfe)
         _require(s.temperature >= 0, "sample.temperature", "non-negative", s.temperature)
         _require(s.num_samples >= 1, "sample.num_samples", "at least 1", s.num_samples)
         _require(s.guidance_scale == 1.0 or f.cond_dropout > 0, "sample.guidance_scale",
@@ -303,15 +310,18 @@ class Config:
         _require(s.max_input_seconds > 0, "sample.max_input_seconds", "positive", s.max_input_seconds)
         _require(0 <= s.window_overlap < s.max_frames // 2, "sample.window_overlap",
                  f"in [0, sample.max_frames / 2 = {s.max_frames // 2})", s.window_overlap)
-        _require(h.pose_dim in (4, 7), "head_vae.pose_dim", "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
-        for name in ("hidden", "latent_dim", "n_layers", "n_heads", "ffn_hidden", "steps", "batch_size", "segment_length"):
+        _require(h.pose_dim in (4, 7), "head_vae.pose_dim",
+                 "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
+        for name in ("hidden", "latent_dim", "n_layers", "n_heads", "ffn_hidden", "steps", "batch_size",
+                     "segment_length"):
             _require(getattr(h, name) >= 1, f"head_vae.{name}", "at least 1", getattr(h, name))
         _require(0.0 <= h.dropout < 1.0, "head_vae.dropout", "in [0, 1)", h.dropout)
         _require(h.kl_weight >= 0, "head_vae.kl_weight", "non-negative", h.kl_weight)
         _require(h.lr > 0, "head_vae.lr", "positive", h.lr)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
         _choice(d.layout, "data.layout", ("50h", "a2p"))
-        _require(d.layout != "a2p" or bool(d.subject), "data.subject", "an Audio2Photoreal subject for data.layout=a2p", d.subject)
+        _require(d.layout != "a2p" or bool(d.subject), "data.subject",
+                 "an Audio2Photoreal subject for data.layout=a2p", d.subject)
         _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
                  "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
         _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
@@ -325,7 +335,8 @@ class Config:
         _require(bool(p.name) and "/" not in p.name, "pack.name", "a non-empty file prefix without '/'", p.name)
         _require(d.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", d.val_last_scenes)
         _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
-        _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive", (d.visual_fps, d.token_fps))
+        _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive",
+                 (d.visual_fps, d.token_fps))
         par = self.parallel
         _choice(par.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
         _choice(par.backend, "parallel.backend", ("auto", "nccl", "gloo"))
@@ -342,7 +353,8 @@ class Config:
         _require(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
         _require(t.grad_clip > 0, "trainer.grad_clip", "positive (the largest gradient norm kept)", t.grad_clip)
         _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)
-        _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)", t.betas)
+        _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)",
+                 t.betas)
         _choice(t.schedule, "trainer.schedule", ("cosine", "constant"))
         _choice(t.precision, "trainer.precision", ("auto", "bf16", "fp32"))
         _choice(t.device, "trainer.device", ("auto", "cpu", "cuda"))
@@ -351,7 +363,8 @@ class Config:
             _require(getattr(t, name) >= 1, f"trainer.{name}", "at least 1", getattr(t, name))
         c = self.corpus
         _require(c.seed >= 0, "corpus.seed", "a non-negative integer", c.seed)
-        _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments", "at least 1 each", (c.train_segments, c.val_segments))
+        _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments",
+                 "at least 1 each", (c.train_segments, c.val_segments))
         _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
                  "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
         x = self.text2tokens
@@ -364,7 +377,8 @@ class Config:
             _require(getattr(x, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(x, name))
         _require(x.d_model % x.n_heads == 0 and (x.d_model // x.n_heads) % 2 == 0, "text2tokens.d_model",
                  f"divisible by text2tokens.n_heads={x.n_heads} into even per-head sizes (RoPE pairs)", x.d_model)
-        _require(x.duration_kernel >= 1 and x.duration_kernel % 2 == 1, "text2tokens.duration_kernel", "an odd kernel size", x.duration_kernel)
+        _require(x.duration_kernel >= 1 and x.duration_kernel % 2 == 1, "text2tokens.duration_kernel",
+                 "an odd kernel size", x.duration_kernel)
         _require(0.0 <= x.dropout < 1.0, "text2tokens.dropout", "in [0, 1)", x.dropout)
         _require(x.decoder_window >= 1, "text2tokens.decoder_window", "at least 1", x.decoder_window)
         _require(x.temperature >= 0, "text2tokens.temperature", "non-negative", x.temperature)

@@ -47,7 +47,8 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
 
     print(f"[2/6] packing it into shards in {cfg.data.shards}")
     manifest = pack(cfg, cfg.data.shards)
-    print(f"  {manifest['splits']['train']['hours'] * 60:.1f} min train, {manifest['splits']['val']['hours'] * 60:.1f} min held out")
+    print(f"  {manifest['splits']['train']['hours'] * 60:.1f} min train, "
+          f"{manifest['splits']['val']['hours'] * 60:.1f} min held out")
 
     print(f"[3/6] training a {cfg.model.n_blocks}-block d={cfg.model.d_model} model for {cfg.trainer.steps} steps "
           f"in {cfg.trainer.run_dir}")

@@ -45,9 +45,11 @@ def ellipsoid_head(rings: int = 83, columns: int = 88) -> TexturedMesh:
     azimuth = torch.arange(columns, dtype=torch.float64) * 2 * math.pi / columns
     p, a = torch.meshgrid(polar, azimuth, indexing="ij")
     unit = torch.stack([p.sin() * a.sin(), p.cos(), p.sin() * a.cos()], -1).reshape(-1, 3)
-    vertices = torch.cat([torch.tensor([[0.0, 1, 0]]), unit.float(), torch.tensor([[0.0, -1, 0]])]) * torch.tensor([80.0, 110, 95])
+    vertices = (torch.cat([torch.tensor([[0.0, 1, 0]]), unit.float(), torch.tensor([[0.0, -1, 0]])])
+                * torch.tensor([80.0, 110, 95]))
     j = torch.arange(columns)
-    ring_uv = torch.stack(torch.meshgrid(torch.arange(rings), torch.arange(columns + 1), indexing="ij"), -1).reshape(-1, 2)
+    ring_uv = torch.stack(torch.meshgrid(torch.arange(rings), torch.arange(columns + 1), indexing="ij"),
+                          -1).reshape(-1, 2)
     uv = torch.cat([torch.stack([(j + 0.5) / columns, torch.ones(columns)], -1),
                     torch.stack([ring_uv[:, 1] / columns, 1 - (ring_uv[:, 0] + 1) / (rings + 1)], -1),
                     torch.stack([(j + 0.5) / columns, torch.zeros(columns)], -1)]).float()
@@ -57,8 +59,10 @@ def ellipsoid_head(rings: int = 83, columns: int = 88) -> TexturedMesh:
     faces = [torch.stack([torch.zeros_like(j), vid(0, j), vid(0, j + 1)], -1)]
     uv_faces = [torch.stack([j, tid(0, j), tid(0, j + 1)], -1)]
     i, k = [t.reshape(-1) for t in torch.meshgrid(torch.arange(rings - 1), j, indexing="ij")]
-    faces += [torch.stack([vid(i, k), vid(i + 1, k), vid(i + 1, k + 1)], -1), torch.stack([vid(i, k), vid(i + 1, k + 1), vid(i, k + 1)], -1)]
-    uv_faces += [torch.stack([tid(i, k), tid(i + 1, k), tid(i + 1, k + 1)], -1), torch.stack([tid(i, k), tid(i + 1, k + 1), tid(i, k + 1)], -1)]
+    faces += [torch.stack([vid(i, k), vid(i + 1, k), vid(i + 1, k + 1)], -1),
+              torch.stack([vid(i, k), vid(i + 1, k + 1), vid(i, k + 1)], -1)]
+    uv_faces += [torch.stack([tid(i, k), tid(i + 1, k), tid(i + 1, k + 1)], -1),
+                 torch.stack([tid(i, k), tid(i + 1, k + 1), tid(i, k + 1)], -1)]
     faces.append(torch.stack([torch.full_like(j, bottom_v), vid(rings - 1, j + 1), vid(rings - 1, j)], -1))
     uv_faces.append(torch.stack([bottom_t + j, tid(rings - 1, j + 1), tid(rings - 1, j)], -1))
     return TexturedMesh(vertices, torch.cat(faces), uv, torch.cat(uv_faces))
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     coverage = (rasterize_decoded().sum(-1) > 0).float().mean().item()
     seconds = {"decode": median_seconds(lambda: avatar.decode(expression, view), args.repeats, device),
                "raster": median_seconds(rasterize_decoded, args.repeats, device),
-               "render": median_seconds(lambda: avatar.render(expression, transforms, chunk=frames), args.repeats, device)}
+               "render": median_seconds(lambda: avatar.render(expression, transforms, chunk=frames),
+                                        args.repeats, device)}
     results = {
         "command": "python benchmarks/render.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -136,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         "ms_per_frame": {part: round(1000 * value / frames, 2) for part, value in seconds.items()},
     }
     for part in seconds:
-        print(f"{part:>6}: {results['frames_per_s'][part]:9.2f} frames/s  {results['ms_per_frame'][part]:9.1f} ms/frame")
+        print(f"{part:>6}: {results['frames_per_s'][part]:9.2f} frames/s  "
+              f"{results['ms_per_frame'][part]:9.1f} ms/frame")
     print(f"{results['device']}, rasterizer {results['rasterizer']}, {frames} frames per chunk, face covers "
           f"{100 * coverage:.0f}% of the frame")
     if args.json:

@@ -22,8 +22,8 @@ on the three mels, back on the CPU. Real-time factor = wall seconds / seconds of
 not rendered.
 
 Times are medians over `--repeats` calls after warm-up calls (which compile and capture), taken with CUDA
-events on GPU and the wall clock on CPU; the pipeline's on the wall clock everywhere. A row whose warm-up would not fit in what is left of `--budget-s`
-is skipped with a note, so the run ends in time.
+events on GPU and the wall clock on CPU; the pipeline's on the wall clock everywhere. A row whose warm-up would
+not fit in what is left of `--budget-s` is skipped with a note, so the run ends in time.
 """
 
 from __future__ import annotations
@@ -367,7 +367,8 @@ def pipeline_row(settings: Settings, args: argparse.Namespace, device: torch.dev
         details = {"audio_seconds": produced, "rtf": row.ms / 1e3 / produced, "text_chars": len(text),
                    "stage_ms": {stage: statistics.median(values[timed]) * 1e3 for stage, values in stage_s.items()}}
     if cuda_graphs_wanted(device) and not all(runner.use_cuda_graph for runner in model.samplers.values()):
-        row.note = "; ".join(filter(None, [row.note, "capture failed: the sampler ran eagerly (see the warning above)"]))
+        row.note = "; ".join(filter(None, [row.note,
+                                           "capture failed: the sampler ran eagerly (see the warning above)"]))
     warmup_estimates["pipeline"] = row.warmup_s
     report_progress(row)
     return row, details

@@ -152,7 +152,8 @@ def infer_command(args: argparse.Namespace) -> list[str]:
 
 def task_command_comment(args: argparse.Namespace) -> str:
     """A shell comment with what array task I runs (the sbatch script itself only starts submitit)."""
-    return f"# array task I (0 <= I < {args.array}) runs: avflow {shlex.join(infer_command(args))} --shard I/{args.array}"
+    return (f"# array task I (0 <= I < {args.array}) runs: "
+            f"avflow {shlex.join(infer_command(args))} --shard I/{args.array}")
 
 
 def shard_task(args: argparse.Namespace) -> ShardInference:

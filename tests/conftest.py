@@ -16,7 +16,8 @@ from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.state import StateCodec
 
 # The published wav2vec2 character vocabulary: <pad> (the CTC blank), 3 specials, then the 28 labels in order.
-PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
+PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3,
+                   **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +100,8 @@ def published_velocity(net: AVFlowNet, cfg: ModelConfig, x, t, cond):
         h = h + alpha * F.linear(attn, sd[prefix + ".self_attn.self_attn.project.weight"],
                                  sd[prefix + ".self_attn.self_attn.project.bias"])
         y, alpha = ada(prefix + ".feedforward", h)
-        ff = F.linear(F.gelu(F.linear(y, sd[prefix + ".feedforward.block.0.weight"], sd[prefix + ".feedforward.block.0.bias"])),
+        ff = F.linear(F.gelu(F.linear(y, sd[prefix + ".feedforward.block.0.weight"],
+                                      sd[prefix + ".feedforward.block.0.bias"])),
                       sd[prefix + ".feedforward.block.3.weight"], sd[prefix + ".feedforward.block.3.bias"])
         return h + alpha * ff
 
@@ -111,7 +113,8 @@ def published_velocity(net: AVFlowNet, cfg: ModelConfig, x, t, cond):
         hv, ha = block(f"transformer_blocks_v.{n}", hv), block(f"transformer_blocks_a.{n}", ha)
         fused = F.linear(torch.cat([ha, hv], -1), sd[f"fusion.{n}.weight"], sd[f"fusion.{n}.bias"])
         ha, hv = ha + fused[..., :d], hv + fused[..., d:]
-    return torch.cat([F.linear(hv, sd["out_v.weight"], sd["out_v.bias"]), F.linear(ha, sd["out_a.weight"], sd["out_a.bias"])], -1)
+    return torch.cat([F.linear(hv, sd["out_v.weight"], sd["out_v.bias"]),
+                      F.linear(ha, sd["out_a.weight"], sd["out_a.bias"])], -1)
 
 
 def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
@@ -189,13 +192,15 @@ _TEXTURE_CHANNELS, _WARP_CHANNELS = (256, 256, 128, 128, 64, 64, 32, 8, 3), (256
 
 
 def published_avatar_layers(vertices=AVATAR_VERTICES):
-    layers = [("encmod.0", (256, 256), (256, 1), (256,)), ("geommod.0", (3 * vertices, 256), (3 * vertices, 1), (3 * vertices,)),
+    layers = [("encmod.0", (256, 256), (256, 1), (256,)),
+              ("geommod.0", (3 * vertices, 256), (3 * vertices, 1), (3 * vertices,)),
               ("viewmod.0", (8, 3), (8, 1), (8,)), ("texmod2.0", (4096, 264), (4096, 1), (4096,)),
               ("warpmod2.0", (4096, 264), (4096, 1), (4096,))]
     for prefix, channels, untied in (("texmod", _TEXTURE_CHANNELS, True), ("warpmod", _WARP_CHANNELS, False)):
         for i, (c_in, c_out) in enumerate(zip(channels[:-1], channels[1:])):
             size = 4 * 2 ** (i + 1)
-            layers.append((f"{prefix}.{2 * i}", (c_in, c_out, 4, 4), (1, c_out, 1, 1), (c_out, size, size) if untied else (c_out,)))
+            layers.append((f"{prefix}.{2 * i}", (c_in, c_out, 4, 4), (1, c_out, 1, 1),
+                           (c_out, size, size) if untied else (c_out,)))
     return layers
 
 

@@ -52,14 +52,16 @@ class CTCTokenizer:
         try:
             from transformers import Wav2Vec2ForCTC
         except ImportError as error:
-            raise ValueError("ASR token extraction needs the `transformers` package (pip install transformers)") from error
+            raise ValueError("ASR token extraction needs the `transformers` package "
+                             "(pip install transformers)") from error
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"{self.model_dir}: no such wav2vec2 model directory")
         self.model = Wav2Vec2ForCTC.from_pretrained(self.model_dir).to(device).eval()
         self.columns = label_columns(self.model_dir, self.model.config.vocab_size)
         preprocessor = self.model_dir / "preprocessor_config.json"
-        self.normalize = json.loads(preprocessor.read_text()).get("do_normalize", True) if preprocessor.is_file() else True
+        self.normalize = (json.loads(preprocessor.read_text()).get("do_normalize", True) if preprocessor.is_file()
+                          else True)
         self.device = device
 
     @property

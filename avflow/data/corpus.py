@@ -43,7 +43,8 @@ MOUTH_CONTROLS = ("jaw_open", "lip_round", "lip_close", "blink")
 # Mixes the 4 controls into the other 252 components. Fixed, independent of the corpus seed, so every
 # corpus shows the same "face".
 FACE_MIX_SEED = 1234
-FACE_MIX = np.random.default_rng(FACE_MIX_SEED).normal(0.0, 0.5, size=(len(MOUTH_CONTROLS), EXPRESSION_DIM - len(MOUTH_CONTROLS)))
+FACE_MIX = np.random.default_rng(FACE_MIX_SEED).normal(0.0, 0.5, size=(len(MOUTH_CONTROLS),
+                                                                       EXPRESSION_DIM - len(MOUTH_CONTROLS)))
 
 WORDS = (
     "the be to of and a in that have it for not on with he as you do at this but his by from they we say "
@@ -212,7 +213,8 @@ def _mouth_controls(symbols: list[str], seconds: list[float], frames: int, rng: 
     centre = rng.uniform(0.3, 1.5)
     while centre < frames / VISUAL_FPS:
         distance = np.abs(times - centre)
-        blink = np.maximum(blink, np.where(distance < half_width, 0.5 + 0.5 * np.cos(math.pi * distance / half_width), 0.0))
+        blink = np.maximum(blink, np.where(distance < half_width, 0.5 + 0.5 * np.cos(math.pi * distance / half_width),
+                                           0.0))
         centre += rng.uniform(1.5, 4.5)
     return np.column_stack([smoothed[grid], blink])
 

@@ -142,7 +142,8 @@ class BadSampleCounter:
         """Which shards the bad samples came from (what to repack or replace)."""
         if not self.bad_per_shard:
             return "no shard named"
-        return "bad samples in " + ", ".join(f"{shard} ({count})" for shard, count in sorted(self.bad_per_shard.items()))
+        return "bad samples in " + ", ".join(f"{shard} ({count})"
+                                             for shard, count in sorted(self.bad_per_shard.items()))
 
 
 def open_split(shard_dir: str | os.PathLike, split: str, cfg: Config | None = None) -> ShardList:
@@ -266,7 +267,8 @@ def _locate_array(handle, info: tarfile.TarInfo, shape: tuple[int, ...], stream:
     if offset + math.prod(shape) * dtype.itemsize != info.offset_data + info.size:
         raise ValueError(f"{info.name}: member holds {info.size} bytes, its header implies "
                          f"{offset - info.offset_data + math.prod(shape) * dtype.itemsize}")
-    return StoredArray(offset, dtype.str, shape, fortran_order, (info.offset_data, info.offset_data + info.size), sha256)
+    return StoredArray(offset, dtype.str, shape, fortran_order, (info.offset_data, info.offset_data + info.size),
+                       sha256)
 
 
 def read_arrays(sample: SampleRef) -> dict[str, np.ndarray]:

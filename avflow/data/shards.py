@@ -2,7 +2,8 @@
 
 Training streams fixed-size tar shards instead of reading thousands of per-segment files: `pack` reads
 every segment through the layout reader (once to learn its split for the shard plan, once to write it),
-aligns it to the mel clock and writes the streams as .npy members (format: shards/README.md). Each shard is written by one worker under a temporary name and
+aligns it to the mel clock and writes the streams as .npy members (format: shards/README.md).
+Each shard is written by one worker under a temporary name and
 renamed only when complete, followed by a `{shard}.json` sidecar with its hash and per-feature
 sufficient statistics, so an interrupted pack resumes by skipping shards whose sidecar still matches,
 and the train-split normalization statistics are merged from the sidecars without re-reading data.

@@ -81,7 +81,8 @@ def ordinal_words(value: int) -> str:
 
 
 def _spell_number(match: re.Match) -> str:
-    currency, digits, fraction, suffix = match.group("currency"), match.group("int"), match.group("frac"), match.group("suffix")
+    currency, digits, fraction, suffix = (match.group("currency"), match.group("int"), match.group("frac"),
+                                          match.group("suffix"))
     value = int(digits.replace(",", ""))
     if value > MAX_NUMBER:
         raise ValueError(f"number {match.group(0)!r} is too large to read; expected at most {MAX_NUMBER}")

@@ -146,7 +146,8 @@ def jitter(sequence: np.ndarray) -> float:
 def diversity(samples: np.ndarray) -> float:
     """Mean over sample pairs i < j of the mean per-frame Euclidean distance ||x_i[t] - x_j[t]||; NaN for one sample."""
     count = samples.shape[0]
-    distances = [np.linalg.norm(samples[i] - samples[j], axis=-1).mean() for i in range(count) for j in range(i + 1, count)]
+    distances = [np.linalg.norm(samples[i] - samples[j], axis=-1).mean()
+                 for i in range(count) for j in range(i + 1, count)]
     return float(np.mean(distances)) if distances else float("nan")
 
 
@@ -190,7 +191,8 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def frechet_distance(mean_a: np.ndarray, covariance_a: np.ndarray, mean_b: np.ndarray, covariance_b: np.ndarray) -> float:
+def frechet_distance(mean_a: np.ndarray, covariance_a: np.ndarray, mean_b: np.ndarray,
+                     covariance_b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), the 2-Wasserstein distance squared of two
     Gaussians. Computed through symmetric eigendecompositions, so rank-deficient covariances stay real."""
     root_a = _psd_sqrt(covariance_a)

@@ -217,7 +217,8 @@ def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Setti
     for first in range(0, len(pending), SEGMENTS_PER_ROUND):
         chunk = pending[first:first + SEGMENTS_PER_ROUND]
         participant = ("participant_tokens", "participant_features") if cfg.model.dyadic else ()
-        conds = [conditioning(model, segment.arrays["tokens"], **{name: segment.arrays.get(name) for name in participant})
+        conds = [conditioning(model, segment.arrays["tokens"],
+                              **{name: segment.arrays.get(name) for name in participant})
                  for _, segment in chunk]
         samples = generate_batch(model, conds, sample_cfg,
                                  [settings.seed + index for index, _ in chunk])
@@ -254,8 +255,8 @@ def _summary(store: ItemStore, segments: list[HeldOut]) -> tuple[dict[str, float
 
 
 def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], settings: Settings, out_dir: str | Path,
-                    vocoder: BigVGAN | None = None, sources: dict[str, str] | None = None, steps: dict[str, int] | None = None,
-                    progress: bool = True) -> dict:
+                    vocoder: BigVGAN | None = None, sources: dict[str, str] | None = None,
+                    steps: dict[str, int] | None = None, progress: bool = True) -> dict:
     """Score every model (column name -> model) and the ground truth on the segments; write and return the report."""
     out_dir = Path(out_dir)
     m.check_metric_names(settings.metrics, "metrics")
@@ -302,7 +303,8 @@ def markdown_table(report: dict) -> str:
              "|---|---|" + "---:|" * (len(columns) + 1)]
     for name, metric in report["metrics"].items():
         values = [_format(report["columns"][column].get(name)) for column in columns]
-        lines.append(f"| {name} | {metric['better']} | " + " | ".join(values) + f" | {_format(report[GROUND_TRUTH].get(name))} |")
+        lines.append(f"| {name} | {metric['better']} | " + " | ".join(values)
+                     + f" | {_format(report[GROUND_TRUTH].get(name))} |")
     return "\n".join(lines)
 
 
@@ -342,8 +344,8 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
     segments = held_out_segments(shards, split, max_items)
-    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, method, temperature, max_items, names,
-                        str(Path(asr_model).resolve()) if asr_model else None)
+    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, method, temperature, max_items,
+                        names, str(Path(asr_model).resolve()) if asr_model else None)
     labels = column_labels(checkpoints)
     models = {label: load_inference_model(path, device) for label, path in zip(labels, checkpoints)}
     return evaluate_models(models, segments, settings, out_dir, vocoder,

@@ -14,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Turn a training checkpoint into a self-contained model directory "
                                                  "for avflow generate / avflow infer.")
     parser.add_argument("--checkpoint", required=True,
-                        help="a training step directory (RUN/checkpoints/step-N), a consolidated or imported .safetensors")
+                        help="a training step directory (RUN/checkpoints/step-N), "
+                             "a consolidated or imported .safetensors")
     parser.add_argument("-o", "--output", required=True, help="the model directory to write")
     parser.add_argument("--format", default="torchscript", choices=("torchscript", "aoti", "eager"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))

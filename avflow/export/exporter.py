@@ -98,7 +98,8 @@ def _write_artifact(staging: Path, fmt: str, velocity: torch.nn.Module, method: 
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(velocity, args, check_trace=False)
-            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)), str(staging / TORCHSCRIPT_FILE))
+            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)),
+                           str(staging / TORCHSCRIPT_FILE))
         elif fmt == "aoti":
             program = torch.export.export(velocity, args)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_FILE))

@@ -167,9 +167,9 @@ class ResultsLog:
         self.recorded[entry["id"]] = entry
 
 
-def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *, shard: tuple[int, int] | None = None,
-              face_decoder: FaceDecoder | CodecAvatar | None = None, asr_model: str | None = None, retry_errors: bool = False,
-              progress: bool = True) -> dict[str, int]:
+def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *,
+              shard: tuple[int, int] | None = None, face_decoder: FaceDecoder | CodecAvatar | None = None,
+              asr_model: str | None = None, retry_errors: bool = False, progress: bool = True) -> dict[str, int]:
     """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,8 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
         generated = {}
         if good:
             started = time.perf_counter()
-            samples = generate_batch(model, [item.cond for item in good], model.cfg.sample, [item.seed for item in good])
+            samples = generate_batch(model, [item.cond for item in good], model.cfg.sample,
+                                     [item.seed for item in good])
             generated = dict(zip((item.id for item in good), samples))
             share = (time.perf_counter() - started) / len(good)  # the batches are shared: each item's share
             for item in good:

@@ -300,7 +300,8 @@ def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: S
     sample_cfg = sample_cfg or model.cfg.sample
     seeds = seeds if seeds is not None else [sample_cfg.seed] * len(conds)
     state_dim, n = model.cfg.model.state_dim, sample_cfg.num_samples
-    noises = [sample_cfg.temperature * torch.randn(n, cond.shape[0], state_dim, generator=torch.Generator().manual_seed(seed))
+    noises = [sample_cfg.temperature * torch.randn(n, cond.shape[0], state_dim,
+                                                   generator=torch.Generator().manual_seed(seed))
               for cond, seed in zip(conds, seeds)]
     runner, frames, buckets, rows, row_counts = model.sampler(sample_cfg)
     states = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],

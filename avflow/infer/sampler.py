@@ -116,7 +116,8 @@ class GraphSampler:
         """Compile and capture every (rows, frames) shape the scheduler will use, before the first request."""
         for length in lengths:
             for rows in row_counts:
-                self(torch.zeros(rows, length, state_dim, device=device), torch.zeros(rows, length, cond_dim, device=device),
+                self(torch.zeros(rows, length, state_dim, device=device),
+                     torch.zeros(rows, length, cond_dim, device=device),
                      torch.ones(rows, length, dtype=torch.bool, device=device))
 
     def _warm_up(self, inputs):

@@ -126,7 +126,8 @@ def load_text2tokens(path: str | Path, device: str | torch.device = "cpu") -> Te
     return TextToTokens(cfg, net, stats["mean"].float(), stats["std"].float(), torch.device(device))
 
 
-def evaluate_text2tokens(model: TextToTokens, sentences: list[str], frames: list[int], seed: int = 0) -> dict[str, float]:
+def evaluate_text2tokens(model: TextToTokens, sentences: list[str], frames: list[int],
+                         seed: int = 0) -> dict[str, float]:
     """Generate each sentence and compare: the character error rate of the greedy CTC decoding against the
     normalized sentence (edits summed over all sentences), and the relative error of the total length
     against `frames`, the recorded lengths in mel frames."""

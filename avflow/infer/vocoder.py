@@ -188,7 +188,8 @@ class BigVGAN(nn.Module):
         for stage, (rate, kernel) in enumerate(zip(config.upsample_rates, config.upsample_kernel_sizes)):
             c_in, c_out = width // 2 ** stage, width // 2 ** (stage + 1)
             # A one-element list so the key is ups.{i}.0, as in the published generator.
-            self.ups.append(nn.ModuleList([nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2)]))
+            self.ups.append(nn.ModuleList([nn.ConvTranspose1d(c_in, c_out, kernel, rate,
+                                                              padding=(kernel - rate) // 2)]))
             for res_kernel, dilations in zip(config.resblock_kernel_sizes, config.resblock_dilation_sizes):
                 self.resblocks.append(AMPBlock(c_out, res_kernel, tuple(dilations)))
         final = width // 2 ** len(config.upsample_rates)

@@ -108,7 +108,8 @@ class FeedForwardSublayer(nn.Module):
     def __init__(self, d_model: int, hidden: int, dropout: float):
         super().__init__()
         self.ada_ln = AdaLN(d_model)
-        self.block = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, d_model))
+        self.block = nn.Sequential(nn.Linear(d_model, hidden), nn.GELU(), nn.Dropout(dropout),
+                                   nn.Linear(hidden, d_model))
 
     def forward(self, x, modulation):
         y, gate = self.ada_ln(x, modulation)

@@ -162,7 +162,8 @@ def sampler_steps(method: str, nfe: int) -> int:
     """Steps of the fixed-step loop for `nfe` network evaluations: Euler one per step, midpoint two."""
     steps = nfe if method == "euler" else nfe // 2
     if method not in ("euler", "midpoint") or steps < 1 or (method == "midpoint" and nfe % 2):
-        raise ValueError(f"sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, got {method} nfe={nfe}")
+        raise ValueError("sampler: expected euler with nfe >= 1 or midpoint with even nfe >= 2, "
+                         f"got {method} nfe={nfe}")
     return steps
 
 

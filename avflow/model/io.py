@@ -144,9 +144,11 @@ def inference_template(cfg: Config) -> dict[str, Any]:
         return {"ema": TextToTokensNet(cfg.text2tokens, len(symbols), token_dim).state_dict(),
                 "token_stats": {"mean": torch.zeros(token_dim), "std": torch.zeros(token_dim)}}
     pose_dim = cfg.head_vae.pose_dim
-    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0, cfg.model)
+    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0,
+                       cfg.model)
     return {"ema": AVFlowNet(cfg.model).state_dict(),
-            **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(), torch.zeros(pose_dim), torch.zeros(pose_dim))}
+            **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(), torch.zeros(pose_dim),
+                                  torch.zeros(pose_dim))}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:

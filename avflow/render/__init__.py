@@ -13,6 +13,6 @@ from avflow.render.procedural import FaceDecoder, ProceduralFaceDecoder, load_fa
 from avflow.render.raster import Camera, interpolate, rasterize, render_mesh, render_textured
 from avflow.render.video import side_by_side, write_video
 
-__all__ = ["AvatarError", "Camera", "CodecAvatar", "FaceDecoder", "ProceduralFaceDecoder", "TexturedMesh", "interpolate",
-           "load_face_decoder", "load_obj", "load_textured_obj", "quaternion_to_matrix", "rasterize", "render_mesh",
-           "render_textured", "side_by_side", "write_video"]
+__all__ = ["AvatarError", "Camera", "CodecAvatar", "FaceDecoder", "ProceduralFaceDecoder", "TexturedMesh",
+           "interpolate", "load_face_decoder", "load_obj", "load_textured_obj", "quaternion_to_matrix", "rasterize",
+           "render_mesh", "render_textured", "side_by_side", "write_video"]

@@ -158,7 +158,8 @@ def canonical_decoder_state(state: dict, vertices: int, source: str) -> tuple[di
     used: set[str] = set()
     for key, shape in expected.items():
         prefix, name = key.rsplit(".", 1) if "." in key else ("", key)
-        spellings = [key] + ([f"{prefix}.weight"] if name == "weight_v" else [f"{prefix}.g"] if name == "weight_g" else [])
+        spellings = [key] + ([f"{prefix}.weight"] if name == "weight_v" else [f"{prefix}.g"] if name == "weight_g"
+                             else [])
         found = next((spelling for spelling in spellings if spelling in state), None)
         if found is None:
             problems.append(f"{source}: missing key {' or '.join(spellings)} of shape {shape}")
@@ -269,7 +270,8 @@ class CodecAvatar(nn.Module):
             canonical, key_problems = canonical_decoder_state(state, vertices, str(root / DECODER_FILE))
             problems += key_problems
         if mesh is not None and mesh.vertices.shape[0] != vertices:
-            problems.append(f"{topology}: has {mesh.vertices.shape[0]} vertices, expected {vertices} as in {counted_by}")
+            problems.append(f"{topology}: has {mesh.vertices.shape[0]} vertices, "
+                            f"expected {vertices} as in {counted_by}")
         mean = None
         if (root / MEAN_FILE).is_file():
             size, expected = (root / MEAN_FILE).stat().st_size, vertices * 3 * 4
@@ -397,4 +399,5 @@ class CodecAvatar(nn.Module):
         if self.pose_frame == "relative":
             transforms[:, :3, 3] = 0.0
             transforms = torch.tensor(DEFAULT_HEAD_TRANSFORM) @ transforms
-        return self.render(torch.from_numpy(np.asarray(expression, dtype=np.float32)), transforms, height, width).numpy()
+        return self.render(torch.from_numpy(np.asarray(expression, dtype=np.float32)), transforms, height,
+                           width).numpy()

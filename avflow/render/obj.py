@@ -56,7 +56,8 @@ def _read_obj(path: Path, with_uv: bool):
             triangles.extend([corners[0], corners[i], corners[i + 1]] for i in range(1, len(corners) - 1))
             if with_uv:
                 uv_corners = [_obj_index(field, 1, len(uvs), where, "texture") for field in fields[1:]]
-                uv_triangles.extend([uv_corners[0], uv_corners[i], uv_corners[i + 1]] for i in range(1, len(corners) - 1))
+                uv_triangles.extend([uv_corners[0], uv_corners[i], uv_corners[i + 1]]
+                                    for i in range(1, len(corners) - 1))
     if not triangles:
         raise ValueError(f"{path}: expected at least one 'f' line, found none")
     as_long = lambda rows: torch.tensor(rows, dtype=torch.long)  # noqa: E731

@@ -100,7 +100,8 @@ class ProceduralFaceDecoder:
         faces = [[0, ring(0, j), ring(0, j + 1)] for j in range(longitudes)]
         for i in range(latitudes - 2):
             for j in range(longitudes):
-                faces += [[ring(i, j), ring(i + 1, j), ring(i, j + 1)], [ring(i, j + 1), ring(i + 1, j), ring(i + 1, j + 1)]]
+                faces += [[ring(i, j), ring(i + 1, j), ring(i, j + 1)],
+                          [ring(i, j + 1), ring(i + 1, j), ring(i + 1, j + 1)]]
         bottom = len(vertices) - 1
         faces += [[bottom, ring(latitudes - 2, j + 1), ring(latitudes - 2, j)] for j in range(longitudes)]
         return vertices, np.array(faces), np.array(SKIN)
@@ -144,7 +145,8 @@ class ProceduralFaceDecoder:
             return self._on_surface(center_x + width * cos, center_y + height * sin, lift)
 
         def with_center(ring, center_x, center_y, lift):
-            center = self._on_surface(torch.full_like(ring[:, :1, 0], center_x), torch.full_like(ring[:, :1, 0], center_y), lift)
+            center = self._on_surface(torch.full_like(ring[:, :1, 0], center_x),
+                                      torch.full_like(ring[:, :1, 0], center_y), lift)
             return torch.cat([center, ring], dim=1)
 
         inner = ellipse(half_width, half_height, 0.001 + push, mouth_x, mouth_y)
@@ -154,13 +156,15 @@ class ProceduralFaceDecoder:
         eye_height = 0.008 * (1 - 0.95 * blink)
         for eye_x, eye_y in self.EYE_CENTERS:
             parts.append(with_center(ellipse(0.012, eye_height, 0.001, eye_x, eye_y), eye_x, eye_y, 0.001))
-            parts.append(with_center(ellipse(0.005, torch.minimum(eye_height, torch.tensor(0.005)), 0.0015, eye_x, eye_y),
+            parts.append(with_center(ellipse(0.005, torch.minimum(eye_height, torch.tensor(0.005)), 0.0015,
+                                             eye_x, eye_y),
                                      eye_x, eye_y, 0.0015))
         return torch.cat(parts, dim=1)
 
     def __call__(self, expression: torch.Tensor, head_pose: torch.Tensor) -> torch.Tensor:
         if expression.dim() != 2 or expression.shape[1] < 4:
-            raise ValueError(f"expression: expected (T, 256) codes whose first 4 are MOUTH_CONTROLS, got {tuple(expression.shape)}")
+            raise ValueError("expression: expected (T, 256) codes whose first 4 are MOUTH_CONTROLS, "
+                             f"got {tuple(expression.shape)}")
         if head_pose.shape != (expression.shape[0], 7):
             raise ValueError(f"head_pose: expected ({expression.shape[0]}, 7) [quaternion w, x, y, z | translation], "
                              f"got {tuple(head_pose.shape)}")

@@ -210,7 +210,8 @@ def rasterize_any(screen: torch.Tensor, faces: torch.Tensor, height: int, width:
 def render_mesh(vertices: torch.Tensor, faces: torch.Tensor, colors: torch.Tensor, height: int, width: int,
                 camera: Camera, background: Sequence[float] = (0.12, 0.12, 0.14),
                 light_dir: Sequence[float] = (0.3, 0.4, 1.0)) -> torch.Tensor:
-    """Lambert-shaded images (N, H, W, 3) uint8 of world-space meshes (N, V, 3) with colours (V, 3) or (N, V, 3) in [0, 1]."""
+    """Lambert-shaded images (N, H, W, 3) uint8 of world-space meshes (N, V, 3) with colours (V, 3) or (N, V, 3)
+    in [0, 1]."""
     _check_mesh(vertices, faces)
     if colors.dim() == 2:
         colors = colors.expand(vertices.shape[0], -1, -1)

@@ -24,7 +24,8 @@ def side_by_side(videos: Sequence[np.ndarray]) -> np.ndarray:
     first = arrays[0].shape
     for number, array in enumerate(arrays):
         if array.ndim != 4 or array.shape[-1] != 3 or array.shape[:2] != first[:2]:
-            raise ValueError(f"videos[{number}]: expected shape ({first[0]}, {first[1]}, W, 3) like videos[0], got {array.shape}")
+            raise ValueError(f"videos[{number}]: expected shape ({first[0]}, {first[1]}, W, 3) like videos[0], "
+                             f"got {array.shape}")
     return np.concatenate(arrays, axis=2)
 
 
@@ -58,8 +59,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps:
         if audio is not None:
             wav, muxed = Path(scratch) / "audio.wav", Path(scratch) / "muxed.mp4"
             soundfile.write(wav, np.asarray(audio, dtype=np.float32), int(sample_rate))
-            command = [ffmpeg, "-y", "-loglevel", "error", "-i", str(video), "-i", str(wav), "-map", "0:v:0", "-map", "1:a:0",
-                       "-c:v", "copy", "-c:a", "aac", "-shortest", str(muxed)]
+            command = [ffmpeg, "-y", "-loglevel", "error", "-i", str(video), "-i", str(wav), "-map", "0:v:0",
+                       "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-shortest", str(muxed)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 raise RuntimeError(f"{path}: ffmpeg could not mux the audio in: {result.stderr.strip()}")

@@ -181,7 +181,8 @@ def require_same_model(saved: Config, current: Config, path: str | Path) -> None
     """Refuse to resume a run whose network differs from the checkpoint's (weights would not fit)."""
     if saved.task != current.task:
         raise ValueError(f"{path}: checkpoint of task {saved.task!r}, but the config trains task {current.task!r}")
-    section, runtime = ("text2tokens", _RUNTIME_TEXT2TOKENS_KEYS) if current.task == "text2tokens" else ("model", _RUNTIME_MODEL_KEYS)
+    section, runtime = (("text2tokens", _RUNTIME_TEXT2TOKENS_KEYS) if current.task == "text2tokens"
+                        else ("model", _RUNTIME_MODEL_KEYS))
     saved_model, current_model = saved.to_dict()[section], current.to_dict()[section]
     differing = [k for k in saved_model if k not in runtime and saved_model[k] != current_model.get(k)]
     if differing:

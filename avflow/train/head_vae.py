@@ -97,7 +97,8 @@ def _check_poses(poses: list[np.ndarray], pose_dim: int) -> list[np.ndarray]:
     for index, pose in enumerate(poses):
         pose = np.asarray(pose, dtype=np.float64)
         if pose.ndim != 2 or pose.shape[1] != pose_dim or pose.shape[0] == 0:
-            raise ValueError(f"train_head_vae poses[{index}]: expected shape (frames >= 1, {pose_dim}), got {pose.shape}")
+            raise ValueError(f"train_head_vae poses[{index}]: expected shape (frames >= 1, {pose_dim}), "
+                             f"got {pose.shape}")
         if not np.isfinite(pose).all():
             raise ValueError(f"train_head_vae poses[{index}]: expected finite values, found NaN or inf")
         checked.append(pose)

@@ -73,7 +73,8 @@ class EMA:
 
 
 class Trainer:
-    """Trains the network of cfg.task (avflow.train.tasks) under any strategy; the task supplies model, data and loss."""
+    """Trains the network of cfg.task (avflow.train.tasks) under any strategy; the task supplies model, data and
+    loss."""
 
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True, info: DistInfo | None = None):
         cfg = resolved_config(cfg)

@@ -70,7 +70,8 @@ def prepare_examples(shard_dir: str, split: str, cfg: Config) -> tuple[list[Exam
 def token_statistics(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std of the token vectors (the decoder works in this normalized space)."""
     stacked = np.concatenate([example.tokens for example in examples]).astype(np.float64)
-    return torch.tensor(stacked.mean(0), dtype=torch.float32), torch.tensor(stacked.std(0).clip(1e-3), dtype=torch.float32)
+    return (torch.tensor(stacked.mean(0), dtype=torch.float32),
+            torch.tensor(stacked.std(0).clip(1e-3), dtype=torch.float32))
 
 
 def crop(example: Example, max_frames: int, rng: np.random.Generator) -> Example:
@@ -94,7 +95,8 @@ def collate(examples: list[Example]) -> dict[str, torch.Tensor]:
     batch = {"symbols": torch.zeros(len(examples), symbols, dtype=torch.long),
              "durations": torch.zeros(len(examples), symbols, dtype=torch.long),
              "symbol_valid": torch.zeros(len(examples), symbols, dtype=torch.bool),
-             "tokens": torch.zeros(len(examples), frames, dim), "frame_valid": torch.zeros(len(examples), frames, dtype=torch.bool)}
+             "tokens": torch.zeros(len(examples), frames, dim),
+             "frame_valid": torch.zeros(len(examples), frames, dtype=torch.bool)}
     for row, example in enumerate(examples):
         n, m = len(example.symbols), len(example.tokens)
         batch["symbols"][row, :n] = torch.from_numpy(example.symbols)

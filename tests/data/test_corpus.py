@@ -181,7 +181,8 @@ def test_head_pose_is_a_small_smooth_rigid_motion(corpus):
     for name in names:
         pose = load(root, name)[3].astype(np.float64)
         rotation = pose[:, :3, :3]
-        np.testing.assert_allclose(rotation @ rotation.transpose(0, 2, 1), np.broadcast_to(np.eye(3), rotation.shape), atol=1e-5)
+        np.testing.assert_allclose(rotation @ rotation.transpose(0, 2, 1),
+                                   np.broadcast_to(np.eye(3), rotation.shape), atol=1e-5)
         np.testing.assert_allclose(np.linalg.det(rotation), 1.0, atol=1e-5)
         np.testing.assert_array_equal(pose[:, 3], np.broadcast_to([0, 0, 0, 1], (len(pose), 4)))
         angle = np.degrees(np.arccos(np.clip((np.trace(rotation, axis1=1, axis2=2) - 1) / 2, -1, 1)))

@@ -22,7 +22,8 @@ def write_scene(subject, name, frames, missing, seed):
     np.save(subject / f"{name}_face_expression.npy", rng.standard_normal((frames, 256)).astype(np.float32))
     np.save(subject / f"{name}_missing_face_frames.npy", missing)
     (subject / TOKEN_DIR).mkdir(exist_ok=True)
-    np.save(subject / TOKEN_DIR / f"{name}.npy", rng.standard_normal((2, round(frames * 50 / 30), 29)).astype(np.float32))
+    np.save(subject / TOKEN_DIR / f"{name}.npy",
+            rng.standard_normal((2, round(frames * 50 / 30), 29)).astype(np.float32))
 
 
 def write_subject(root, subject_name):

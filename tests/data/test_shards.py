@@ -45,7 +45,8 @@ def decoded_samples(folder: Path, split: str | None = None) -> list[dict]:
         for key, members in iter_shard_samples(path):
             header = json.loads(members["json"])
             if split in (None, header["split"]):
-                arrays = {suffix[:-4]: np.load(io.BytesIO(data)) for suffix, data in members.items() if suffix != "json"}
+                arrays = {suffix[:-4]: np.load(io.BytesIO(data))
+                          for suffix, data in members.items() if suffix != "json"}
                 samples.append({"key": key, "header": header, **arrays})
     return samples
 
@@ -147,7 +148,8 @@ def test_chunks_reassemble_to_the_aligned_streams(packed):
     for name, segment in aligned_segments(cfg).items():
         chunks = sorted(by_segment[name], key=lambda sample: sample["header"]["chunk"])
         assert len(chunks) > 1 and chunks[0]["header"]["chunks"] == len(chunks)
-        assert [c["header"]["start_frame"] for c in chunks] == list(np.cumsum([0] + [c["header"]["frames"] for c in chunks])[:-1])
+        assert ([c["header"]["start_frame"] for c in chunks]
+                == list(np.cumsum([0] + [c["header"]["frames"] for c in chunks])[:-1]))
         for stream, dtype in (("mel", np.float16), ("expression", np.float16), ("pose", np.float32),
                               ("tokens", np.float16), ("participant_tokens", np.float16)):
             whole = np.concatenate([chunk[stream] for chunk in chunks])

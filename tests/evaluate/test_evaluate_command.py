@@ -25,7 +25,8 @@ FAST = ["--num-samples", "2", "--nfe", "2", "--quiet"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}", f"trainer.run_dir={root / 'run'}"]
+    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}",
+                        f"trainer.run_dir={root / 'run'}"]
     assert main(["corpus", *overrides]) == 0
     assert main(["pack", *overrides]) == 0
     assert main(["train", *overrides]) == 0
@@ -44,7 +45,8 @@ def test_two_checkpoints_side_by_side_match_an_independent_recomputation(trained
     assert list(report["columns"]) == ["step-00000002", "step-00000004"]
     assert len(report["segments"]) == 2
     # Ground truth appears where a metric describes it on its own, and nowhere else.
-    assert set(report["ground_truth"]) == {"expression_jitter", "head_pose_jitter", "sync_lag_ms", "sync_peak_correlation"}
+    assert set(report["ground_truth"]) == {"expression_jitter", "head_pose_jitter", "sync_lag_ms",
+                                           "sync_peak_correlation"}
     table = (tmp_path / "a" / "report.md").read_text()
     assert "| metric | better | step-00000002 | step-00000004 | ground truth |" in table
     assert table.strip() in capsys.readouterr().out
@@ -132,7 +134,8 @@ def test_bad_inputs_fail_with_one_line(trained, tmp_path, capsys, case, message)
     if case == "no held-out":
         shards = _without_held_out_segments(shards, tmp_path)
     elif case == "text2tokens":
-        checkpoint = write_model_file(load_config(None, ["task=text2tokens"]), {}, tmp_path / "t2t.safetensors", "tests")
+        checkpoint = write_model_file(load_config(None, ["task=text2tokens"]), {}, tmp_path / "t2t.safetensors",
+                                      "tests")
     elif case == "missing asr":
         extra = ["--asr-model", str(tmp_path / "missing-asr")]
     elif case == "bad split":
@@ -140,7 +143,8 @@ def test_bad_inputs_fail_with_one_line(trained, tmp_path, capsys, case, message)
     else:
         extra = ["--metrics", "mel_l1,mel_l3"]
     out = tmp_path / "report"
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), *FAST, *extra, "-o", str(out)]) == 2
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards), *FAST, *extra,
+                 "-o", str(out)]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (out / "report.json").exists()

@@ -37,7 +37,8 @@ def test_mel_cepstral_distortion_of_a_known_cepstral_offset():
     truth = RNG.standard_normal((30, 80))
     k = np.arange(80)
     basis = np.sqrt(2 / 80) * np.cos(np.pi * (2 * k + 1) * 1 / (2 * 80))
-    assert m.mel_cepstral_distortion(truth + 0.3 * basis, truth) == pytest.approx(10 * math.sqrt(2) / math.log(10) * 0.3)
+    assert (m.mel_cepstral_distortion(truth + 0.3 * basis, truth)
+            == pytest.approx(10 * math.sqrt(2) / math.log(10) * 0.3))
     assert m.mel_cepstral_distortion(truth + 2.0, truth) == pytest.approx(0.0, abs=1e-9)
 
 
@@ -137,7 +138,8 @@ def test_segment_scores_average_over_samples():
     generated.expression[:, ::2] += 1.0  # alternating at the mel rate; at 30 fps: every ~2.9th frame
     expected = m.jitter(m.resample(generated.expression[0], 86.13, 30.0))
     assert expected > 0
-    assert m.segment_scores(generated, truth, ["expression_jitter"], 86.13)["expression_jitter"] == pytest.approx(expected)
+    assert (m.segment_scores(generated, truth, ["expression_jitter"], 86.13)["expression_jitter"]
+            == pytest.approx(expected))
 
 
 def test_mean_scores_skip_undefined_values():

@@ -34,7 +34,8 @@ def write_manifest(folder):
 
 
 def results(folder):
-    entries = [json.loads(line) for path in sorted(folder.glob("results*.jsonl")) for line in path.read_text().splitlines()]
+    entries = [json.loads(line) for path in sorted(folder.glob("results*.jsonl"))
+               for line in path.read_text().splitlines()]
     return {entry["id"]: entry for entry in entries}, [entry["id"] for entry in entries]
 
 

@@ -18,7 +18,8 @@ TINY = ["corpus.train_segments=3", "corpus.val_segments=1", "corpus.words_per_se
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}", f"trainer.run_dir={root / 'run'}"]
+    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}",
+                        f"trainer.run_dir={root / 'run'}"]
     assert main(["corpus", *overrides]) == 0
     assert main(["pack", *overrides]) == 0
     assert main(["pack", "--verify", *overrides]) == 0

@@ -29,7 +29,8 @@ def tiny_net():
 def test_the_inference_loop_runs_on_the_meta_device(tmp_path, guidance_scale):
     """The loop as generate/infer build it, with network and inputs on `meta`: any tensor made on the CPU
     inside it (like a step-time buffer that did not follow the network) or any host sync fails here."""
-    path = tiny_model_file(tmp_path / "tiny.safetensors", [f"sample.guidance_scale={guidance_scale}", "flow.cond_dropout=0.1"])
+    path = tiny_model_file(tmp_path / "tiny.safetensors",
+                           [f"sample.guidance_scale={guidance_scale}", "flow.cond_dropout=0.1"])
     model = load_inference_model(path, "meta")
     runner, frames, buckets, rows, row_counts = model.sampler(model.cfg.sample)
     cond = [torch.zeros(n, model.cfg.model.cond_dim, device="meta") for n in (30, 90)]
@@ -79,7 +80,8 @@ def test_flex_block_structure_is_built_once_per_length_and_equals_the_banded_net
     flex_net.eval()
     builds = []
     real_create = flex_attention.create_block_mask
-    monkeypatch.setattr(flex_attention, "create_block_mask", lambda *a, **k: builds.append(k["Q_LEN"]) or real_create(*a, **k))
+    monkeypatch.setattr(flex_attention, "create_block_mask",
+                        lambda *a, **k: builds.append(k["Q_LEN"]) or real_create(*a, **k))
     attention._band_blocks.cache_clear()
     lengths = [150, 200, 256, 300, 384]
     conds = [torch.randn(n, TINY.cond_dim) for n in lengths]

@@ -96,7 +96,8 @@ def launch_args(model: Path, items: Path, output: Path, *extra: str):
 
 def check_every_item_recorded_once(output: Path) -> None:
     """Each good item: one ok entry whose outputs are the files of RESULTS/<id>/; the bad one: one error."""
-    entries = [json.loads(line) for path in sorted(output.glob("results*.jsonl")) for line in path.read_text().splitlines()]
+    entries = [json.loads(line) for path in sorted(output.glob("results*.jsonl"))
+               for line in path.read_text().splitlines()]
     assert Counter(entry["id"] for entry in entries) == Counter(item["id"] for item in ITEMS)
     by_id = {entry["id"]: entry for entry in entries}
     for item_id in GOOD:
@@ -130,7 +131,8 @@ def test_array_tasks_split_the_manifest_and_a_rerun_redoes_nothing(model_file, t
 def slurm_partition() -> str:
     """The default partition of the running cluster; skips the test when no cluster answers."""
     if shutil.which("sinfo") is None:
-        pytest.skip("SLURM is not installed: apt-get install -y slurm-wlm munge, then bash slurm/local-cluster.sh start")
+        pytest.skip("SLURM is not installed: apt-get install -y slurm-wlm munge, "
+                    "then bash slurm/local-cluster.sh start")
     answer = subprocess.run(["sinfo", "-h", "-o", "%P %a"], capture_output=True, text=True, timeout=30)
     partitions = [line.split()[0] for line in answer.stdout.splitlines() if line.split()[1:] == ["up"]]
     if answer.returncode != 0 or not partitions:

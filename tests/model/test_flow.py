@@ -110,7 +110,8 @@ def test_guidance_extrapolates_from_unconditional():
     velocity = lambda x, t, cond, valid: cond[..., :1].expand_as(x) + 1.0  # noqa: E731
     x, t, cond = torch.zeros(2, 3, 4), torch.zeros(2), torch.full((2, 3, 2), 2.0)
     # conditional 3, unconditional (zeroed cond) 1: scale 2.5 -> 1 + 2.5 * 2 = 6
-    assert torch.allclose(guided(velocity, 2.5)(x, t, cond, torch.ones(2, 3, dtype=torch.bool)), torch.full((2, 3, 4), 6.0))
+    assert torch.allclose(guided(velocity, 2.5)(x, t, cond, torch.ones(2, 3, dtype=torch.bool)),
+                          torch.full((2, 3, 4), 6.0))
     assert guided(velocity, 1.0) is velocity
 
 

@@ -17,7 +17,8 @@ BAD_TOKEN_FILES = [  # (id, how the file is made, what its recorded error says)
     ("empty", lambda path: path.write_bytes(b""), "empty file"),
     ("strings", lambda path: np.save(path, np.array(["a", "b", "c"])), "expected numeric token logits"),
     ("truncated", lambda path: path.write_bytes(_npy_bytes(GOOD_TOKENS)[:300]), "not a readable .npy"),
-    ("objects", lambda path: np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable .npy"),
+    ("objects", lambda path: np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True),
+     "not a readable .npy"),
     ("wide", lambda path: np.save(path, np.zeros((50, 31), np.float32)), "expected token logits of shape (M, 29)"),
     ("nan", lambda path: np.save(path, np.full((50, 29), np.nan, np.float32)), "NaN or inf"),
 ]

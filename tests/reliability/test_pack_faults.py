@@ -59,7 +59,8 @@ def corpus_copy(packed, tmp_path):  # noqa: F811
     return corpus
 
 
-@pytest.mark.parametrize("damage, reason, workers", [(*case[1:], 1) for case in BAD_FILES] + [(_empty, "empty file", 2)],
+@pytest.mark.parametrize("damage, reason, workers",
+                         [(*case[1:], 1) for case in BAD_FILES] + [(_empty, "empty file", 2)],
                          ids=[case[0] for case in BAD_FILES] + ["empty, 2 workers"])
 def test_a_bad_file_is_a_counted_bad_segment(corpus_copy, tmp_path, capsys, damage, reason, workers):
     victim = sorted((corpus_copy / VICTIM).glob("*.npy"))[0]

@@ -124,7 +124,8 @@ BROKEN = {
     "decoder/vert_mean.bin": r"decoder/vert_mean\.bin: missing",
     "decoder/vert_var.txt": r"decoder/vert_var\.txt: missing",
     "face_topo_small_neck.obj": r"face_topo_small_neck\.obj: missing",
-    "renamed key": r"dec_params\.pt: missing key texmod\.4\.weight_v or texmod\.4\.weight .*unexpected keys texmod\.4\.weight_vv",
+    "renamed key": r"dec_params\.pt: missing key texmod\.4\.weight_v or texmod\.4\.weight "
+                   r".*unexpected keys texmod\.4\.weight_vv",
     "truncated mean": r"vert_mean\.bin: has 1000 bytes, expected 7306 x 3 float32 = 87672 bytes",
     "other obj": r"face_topo_small_neck\.obj: has 7307 vertices, expected 7306",
 }

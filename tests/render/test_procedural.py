@@ -43,7 +43,8 @@ def test_rendered_head_shows_an_open_mouth():
     decoder = ProceduralFaceDecoder()
     expression = torch.zeros(2, 256)
     expression[1, 0] = 1.0
-    frames = render_mesh(decoder(expression, _identity_poses(2)), decoder.faces, decoder.vertex_colors, 64, 64, Camera(focal_px=125.0))
+    frames = render_mesh(decoder(expression, _identity_poses(2)), decoder.faces, decoder.vertex_colors, 64, 64,
+                         Camera(focal_px=125.0))
     assert frames.shape == (2, 64, 64, 3) and frames.dtype == torch.uint8
     dark_mouth = (frames.int().sum(-1) < 120)[:, 32:, 20:44].sum(dim=(1, 2))  # the background is outside this box
     assert dark_mouth[1] > dark_mouth[0]

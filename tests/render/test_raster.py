@@ -58,6 +58,7 @@ def test_vertex_colours_are_interpolated_with_barycentrics_at_pixel_centres():
 
 def test_rasterizing_a_batch_keeps_meshes_apart():
     one = torch.tensor([[1.0, 1.0, 1.0], [7.0, 1.0, 1.0], [1.0, 7.0, 1.0]])
-    index_image, _ = rasterize(torch.stack([one, one + torch.tensor([8.0, 8.0, 0.0])]), torch.tensor([[0, 1, 2]]), 16, 16)
+    index_image, _ = rasterize(torch.stack([one, one + torch.tensor([8.0, 8.0, 0.0])]), torch.tensor([[0, 1, 2]]),
+                               16, 16)
     assert index_image[0, 2, 2] == 0 and index_image[0, 10, 10] == -1
     assert index_image[1, 2, 2] == -1 and index_image[1, 10, 10] == 0

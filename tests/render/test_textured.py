@@ -14,7 +14,8 @@ def test_a_screen_filling_quad_shows_its_texture_texel_for_texel():
     W - 0.5) with UVs (0, 1) top left ... (0, 0) bottom left: with v flipped, texture row 0 is the image's
     top row and pixel (i, j) samples texel (i, j) at its centre, exactly."""
     size = 6
-    screen = torch.tensor([[[-0.5, -0.5, 2.0], [size - 0.5, -0.5, 2.0], [size - 0.5, size - 0.5, 2.0], [-0.5, size - 0.5, 2.0]]])
+    screen = torch.tensor([[[-0.5, -0.5, 2.0], [size - 0.5, -0.5, 2.0], [size - 0.5, size - 0.5, 2.0],
+                            [-0.5, size - 0.5, 2.0]]])
     uv = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
     texture = torch.arange(3 * size * size, dtype=torch.float32).view(1, 3, size, size)
     image = render_textured(screen, QUAD, uv, QUAD, texture, size, size)

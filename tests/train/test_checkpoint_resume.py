@@ -57,7 +57,8 @@ def test_existing_run_needs_resume_and_same_model(tmp_path, shards):
     Trainer(config(shards, tmp_path / "run"), progress=False).save()
     with pytest.raises(FileExistsError, match="pass --resume"):
         Trainer(config(shards, tmp_path / "run"), progress=False)
-    with pytest.raises(ValueError, match=r"checkpoint of another model config \(model.d_model: checkpoint 32 vs config 64"):
+    with pytest.raises(ValueError,
+                       match=r"checkpoint of another model config \(model.d_model: checkpoint 32 vs config 64"):
         Trainer(config(shards, tmp_path / "run", "model.d_model=64"), resume=True, progress=False)
 
 

@@ -101,7 +101,8 @@ def test_save_load_round_trip_gives_identical_encodings(tmp_path):
     pose = np.random.default_rng(0).normal(size=(25, 4))
     assert not loaded.training
     assert torch.equal(loaded_mean, mean) and torch.equal(loaded_std, std)
-    np.testing.assert_array_equal(encode_poses(loaded, loaded_mean, loaded_std, pose), encode_poses(vae, mean, std, pose))
+    np.testing.assert_array_equal(encode_poses(loaded, loaded_mean, loaded_std, pose),
+                                  encode_poses(vae, mean, std, pose))
 
 
 def test_constant_channel_gets_floored_std(tmp_path):

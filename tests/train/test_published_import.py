@@ -52,7 +52,8 @@ def test_renamed_or_misshaped_keys_are_named(tmp_path):
         state["diffusion_module.out_a.weight"] = state["diffusion_module.out_a.weight"][:70]
 
     write_release(tmp_path, edit=shrink)
-    with pytest.raises(ValueError, match=r"mis-shaped: diffusion_module.out_a.weight \(70, 512\) \(expected \(80, 512\)\)"):
+    with pytest.raises(ValueError,
+                       match=r"mis-shaped: diffusion_module.out_a.weight \(70, 512\) \(expected \(80, 512\)\)"):
         import_published(tmp_path / "model.pt", tmp_path / "head_vae.pt", tmp_path / "headpose_normstats",
                          tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
