@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from avflow.config import Config, load_config
+from avflow.utils import run_reporting_errors
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -392,29 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What bad input, bad files and the file system raise: reported as one line with exit status 2.
-# ValueError covers ConfigError and BadDataError (a dataset with too many unreadable samples); OSError
-# covers missing, misplaced (an output path under a file) and unreadable files; EOFError a truncated file.
-USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. Any error ends it with one line on stderr and a non-zero exit: status 2 for bad
-    input (USER_ERRORS), 1 for anything else; -v shows the traceback instead."""
+    input, 1 for anything else; -v shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    try:
-        args.run(args)
-    except Exception as error:
-        if args.verbose:
-            raise
-        user_error = isinstance(error, USER_ERRORS)
-        detail = str(error) or type(error).__name__
-        if not user_error:
-            detail = f"{type(error).__name__}: {detail} (an avflow bug or an environment problem; -v shows where)"
-        print(f"avflow {args.command}: error: {detail}", file=sys.stderr)
-        return 2 if user_error else 1
-    return 0
+    return run_reporting_errors(f"avflow {args.command}", lambda: args.run(args), args.verbose)
 
 
 if __name__ == "__main__":

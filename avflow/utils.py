@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,3 +46,26 @@ def load_torch(path: str | os.PathLike) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"{path}: not a loadable torch checkpoint ({error})") from error
+
+
+# What bad input, bad files and the file system raise: reported as one line with exit status 2.
+# ValueError covers ConfigError and BadDataError (a dataset with too many unreadable samples); OSError
+# covers missing, misplaced (an output path under a file) and unreadable files; EOFError a truncated file.
+USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)
+
+
+def run_reporting_errors(command: str, run: Callable[[], object], verbose: bool) -> int:
+    """Run a command's body; any error ends it with one line on stderr and a non-zero exit status: 2 for bad
+    input (USER_ERRORS), 1 for anything else. `verbose` lets the traceback through instead."""
+    try:
+        run()
+    except Exception as error:
+        if verbose:
+            raise
+        user_error = isinstance(error, USER_ERRORS)
+        detail = str(error) or type(error).__name__
+        if not user_error:
+            detail = f"{type(error).__name__}: {detail} (an avflow bug or an environment problem; -v shows where)"
+        print(f"{command}: error: {detail}", file=sys.stderr)
+        return 2 if user_error else 1
+    return 0
