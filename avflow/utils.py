@@ -1,14 +1,17 @@
-"""Small helpers shared by every stage: atomic writes and safe checkpoint loading."""
+"""Small helpers shared by every stage: atomic writes, file digests, safe array and checkpoint loading,
+one-line error reporting."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 
@@ -69,3 +72,26 @@ def run_reporting_errors(command: str, run: Callable[[], object], verbose: bool)
         print(f"{command}: error: {detail}", file=sys.stderr)
         return 2 if user_error else 1
     return 0
+
+
+def file_sha256(path: str | os.PathLike, block_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks so a multi-GB shard or checkpoint file never sits in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(block_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_numeric_array(path: str | os.PathLike, what: str) -> np.ndarray:
+    """A plain numeric .npy (never a pickle), or ValueError naming the file and what it should have held."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except EOFError as error:
+        raise ValueError(f"{path}: empty file; expected a .npy of {what}") from error
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{path}: not a readable .npy of {what} ({error})") from error
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+        found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+        raise ValueError(f"{path}: expected numeric {what}, got {found}")
+    return array

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.dataset import AlignedSegment, align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
-from avflow.utils import atomic_path
+from avflow.utils import atomic_path, file_sha256
 
 FORMAT = "avflow-shards-v1"
 SIDECAR_FORMAT = "avflow-shard-sidecar-v1"
@@ -58,7 +58,6 @@ OPTIONAL_STREAMS = ("participant_tokens", "participant_features", "participant_m
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 # DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
 LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
-HASH_BLOCK_BYTES = 1 << 20
 # Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
 # bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
 SAMPLE_CHECKSUM = "sha256"
@@ -316,7 +315,7 @@ def _reusable_sidecar(job: ShardJob) -> dict[str, Any] | None:
         return None
     if sidecar.get("bad") or sidecar.get("bytes") != job.path.stat().st_size:
         return None
-    return sidecar if sidecar.get("sha256") == _sha256(job.path) else None
+    return sidecar if sidecar.get("sha256") == file_sha256(job.path) else None
 
 
 def _write_shard(job: ShardJob) -> dict[str, Any]:
@@ -424,7 +423,7 @@ def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], sta
         "samples": samples,
         "frames": frames,
         "bytes": tar.stat().st_size if tar is not None else 0,
-        "sha256": _sha256(tar) if tar is not None else "",
+        "sha256": file_sha256(tar) if tar is not None else "",
         "dims": dims,
         "bad": bad,
         "stats": {feature: {"count": value["count"], "sum": value["sum"].tolist(), "sum_sq": value["sum_sq"].tolist()}
@@ -500,7 +499,7 @@ def _verify_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tu
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise ValueError(f"size {size} bytes; the manifest expects {entry['bytes']}")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise ValueError("sha256 differs from the manifest (file changed or corrupted)")
     samples = frames = 0
     for key, members in iter_shard_samples(path):
@@ -545,14 +544,6 @@ def _verify_sample(key: str, members: dict[str, bytes], dims: dict[str, int]) ->
 
 def _sidecar_path(shard: Path) -> Path:
     return shard.with_name(f"{shard.name}.json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -40,7 +40,7 @@ from avflow.model.io import head_vae_from_payload, load_inference_tensors
 from avflow.model.state import StateCodec
 from avflow.render import Camera, CodecAvatar, FaceDecoder, load_face_decoder, render_mesh, side_by_side, write_video
 from avflow.runtime import DTYPES, pick_device
-from avflow.utils import atomic_path
+from avflow.utils import atomic_path, load_numeric_array
 
 log = logging.getLogger(__name__)
 
@@ -158,20 +158,6 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
 # Speech rarely exceeds ~20 characters per second; text longer than this many characters per second of
 # sample.max_input_seconds is refused before its timing is computed.
 TEXT_CHARACTERS_PER_SECOND = 40.0
-
-
-def load_numeric_array(path: Path, what: str) -> np.ndarray:
-    """A plain numeric .npy, or ValueError naming the file and what it should have held."""
-    try:
-        array = np.load(path, allow_pickle=False)
-    except EOFError as error:
-        raise ValueError(f"{path}: empty file; expected a .npy of {what}") from error
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{path}: not a readable .npy of {what} ({error})") from error
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
-        found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"{path}: expected numeric {what}, got {found}")
-    return array
 
 
 def check_duration(frames: int, cfg: Config, what: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,14 +30,13 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.model.text2tokens import TextToTokensNet
-from avflow.utils import atomic_path, load_torch
+from avflow.utils import atomic_path, file_sha256, load_torch
 
 log = logging.getLogger(__name__)
 
 FORMAT = "avflow-checkpoint-v2"
 META = "meta.json"
 FILES_KEY = "files"  # meta.json: {file name: {"bytes": size, "sha256": hex digest}} of every other file
-HASH_BLOCK_BYTES = 1 << 20
 INFERENCE_GROUPS = ("ema", "codec", "head_vae")  # what generation needs from a training checkpoint
 MODEL_FILE_FORMAT = "avflow-model-v1"
 
@@ -47,17 +45,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used: incomplete, corrupted or unreadable."""
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file in a step directory except meta.json, which records them."""
-    return {path.name: {"bytes": path.stat().st_size, "sha256": _file_digest(path)}
+    return {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             for path in sorted(folder.iterdir()) if path.is_file() and path.name != META}
 
 
@@ -77,7 +67,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"{file}: {size} bytes, {expected['bytes']} when written (truncated or replaced)")
-        if _file_digest(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             raise CheckpointError(f"{file}: sha256 differs from the one recorded when it was written (corrupted)")
     return meta
 

@@ -23,6 +23,7 @@ from avflow.config import DataConfig
 from avflow.data.features import rigid_to_pose7
 from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
+from avflow.utils import load_numeric_array
 
 EXPRESSION_DIM = 256
 TOKEN_DIR = "wav2vec2_fairseq_base_ls960_asr_ls960_vad100"
@@ -79,14 +80,7 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
 def _load_array(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing {what}")
-    try:
-        array = np.load(path, allow_pickle=False)
-    except EOFError as error:
-        raise ValueError(f"{path}: empty file; expected a .npy array of {what}") from error
-    except (ValueError, OSError) as error:
-        raise ValueError(f"{path}: not a readable .npy array of {what} ({error})") from error
-    if not np.issubdtype(array.dtype, np.number):
-        raise ValueError(f"{path}: expected numeric {what}, got dtype {array.dtype}")
+    array = load_numeric_array(path, what)
     _check_finite(path, array)
     return array.astype(np.float32)
 
