@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -63,7 +63,7 @@ class ModelConfig:
     token_dim: int = 29  # wav2vec2 character CTC logits
     dyadic: bool = False
     participant_feature_dim: int = 58  # SMIRK expression + head pose of the participant
-    attention: str = "auto"  # auto | flex | banded | dense
+    attention: Literal["auto", "flex", "banded", "dense"] = "auto"  # auto: flex on CUDA, banded elsewhere
 
     @property
     def visual_dim(self) -> int:
@@ -96,7 +96,7 @@ class FlowConfig:
 class SampleConfig:
     """Inference sampler."""
 
-    method: str = "euler"  # euler | midpoint
+    method: Literal["euler", "midpoint"] = "euler"  # reference: Euler
     nfe: int = 16  # reference: 16 Euler steps
     temperature: float = 1.0
     num_samples: int = 3  # reference draws three samples per input
@@ -127,7 +127,7 @@ class HeadVAEConfig:
 
 @dataclass
 class DataConfig:
-    layout: str = "50h"  # 50h (the demo corpus writes this layout too) | a2p
+    layout: Literal["50h", "a2p"] = "50h"  # 50h (the demo corpus writes this layout too) | a2p
     root: str = "data/demo"
     subject: str = ""  # a2p: the subject folder under root (PXB184, RLW104, TXB805, GQS883)
     segment_length: int = 345  # reference training window, ~4.0 s
@@ -143,7 +143,8 @@ class DataConfig:
     shuffle_buffer: int = 32  # samples held per worker for shuffling
     max_bad_fraction: float = 0.01  # the loader fails when more than this fraction of samples is unreadable
     avatar: str = ""  # released 50h dataset root with the Codec Avatar: validation logs a rendered clip
-    avatar_pose: str = "camera"  # camera: head poses are the capture camera's (50h, mm) | relative: rotation only
+    # camera: head poses are the capture camera's (50h, mm) | relative: rotation only
+    avatar_pose: Literal["camera", "relative"] = "camera"
 
 
 @dataclass
@@ -161,12 +162,13 @@ class PackConfig:
 class ParallelConfig:
     """How training is spread over processes; the loop itself does not depend on it."""
 
-    strategy: str = "none"  # none | ddp | fsdp (FSDP2 fully_shard per DiT block + root) | deepspeed
-    backend: str = "auto"  # process group: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # none | ddp | fsdp (FSDP2 fully_shard per DiT block + root) | deepspeed
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # process group: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     init_timeout_s: float = 300.0  # first collective (rendezvous) timeout
     train_timeout_s: float = 1800.0  # collective timeout once training runs
-    fsdp_param_dtype: str = "bf16"  # bf16 | fp32: FSDP2 MixedPrecisionPolicy param dtype
-    fsdp_reduce_dtype: str = "fp32"  # bf16 | fp32: gradient reduction dtype
+    fsdp_param_dtype: Literal["bf16", "fp32"] = "bf16"  # bf16 | fp32: FSDP2 MixedPrecisionPolicy param dtype
+    fsdp_reduce_dtype: Literal["bf16", "fp32"] = "fp32"  # bf16 | fp32: gradient reduction dtype
     fsdp_reshard_after_forward: bool = True  # False keeps gathered params between forward and backward
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     compile: bool = False  # torch.compile each DiT block
@@ -183,18 +185,18 @@ class TrainerConfig:
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
+    schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # 0 disables EMA
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     log_every: int = 10
     val_every: int = 200
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass
@@ -216,7 +218,7 @@ class Text2TokensConfig:
     """
 
     # reference: espeak-ng IPA phonemes; auto = phoneme if espeak-ng is installed, else character
-    front_end: str = "auto"
+    front_end: Literal["auto", "phoneme", "character"] = "auto"
     language: str = "en-us"  # reference espeak voice
     d_model: int = 192  # reference: 192-channel encoder
     encoder_layers: int = 6  # reference: 6-layer RoPE transformer encoder
@@ -225,8 +227,10 @@ class Text2TokensConfig:
     dropout: float = 0.1
     duration_hidden: int = 256
     duration_kernel: int = 3
-    duration_rounding: str = "ceil"  # reference: durations are exp then ceil | cumulative (total = round(sum))
-    decoder: str = "flow"  # reference: flow-matching decoder | regression (one pass, same network)
+    # reference: durations are exp then ceil | cumulative (total = round(sum))
+    duration_rounding: Literal["ceil", "cumulative"] = "ceil"
+    # reference: flow-matching decoder | regression (one pass, same network)
+    decoder: Literal["flow", "regression"] = "flow"
     decoder_layers: int = 4
     decoder_window: int = 32  # decoder attention: frames seen back and ahead
     nfe: int = 10  # reference: 10 Euler steps
@@ -263,12 +267,14 @@ class Config:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     text2tokens: Text2TokensConfig = field(default_factory=Text2TokensConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    task: str = "avflow"  # what `avflow train` trains: avflow (the AV-Flow network) | text2tokens
+    # what `avflow train` trains: avflow (the AV-Flow network) | text2tokens
+    task: Literal["avflow", "text2tokens"] = "avflow"
 
     def validate(self) -> "Config":
         """Check every value once; raise ConfigError naming the field and what was expected."""
         m, f, s, t, d, h = self.model, self.flow, self.sample, self.trainer, self.data, self.head_vae
         self._require_finite()
+        _check_choices(self)
         mel = self.mel
         for name in ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels"):
             _require(getattr(mel, name) >= 1, f"mel.{name}", "a positive integer", getattr(mel, name))
@@ -291,12 +297,10 @@ class Config:
         _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative",
                  (m.window_back, m.window_ahead))
         _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
-        _choice(m.attention, "model.attention", ("auto", "flex", "banded", "dense"))
         _require(0.0 <= f.sigma_min < 1.0, "flow.sigma_min", "in [0, 1)", f.sigma_min)
         _require(min(f.expression_weight, f.head_weight, f.mel_weight) >= 0, "flow.*_weight", "non-negative",
                  (f.expression_weight, f.head_weight, f.mel_weight))
         _require(0.0 <= f.cond_dropout < 1.0, "flow.cond_dropout", "in [0, 1)", f.cond_dropout)
-        _choice(s.method, "sample.method", ("euler", "midpoint"))
         _require(s.nfe >= 1, "sample.nfe", "at least 1", s.nfe)
         _require(s.method != "midpoint" or s.nfe % 2 == 0, "sample.nfe",
                  "even for the midpoint sampler (2 evaluations per step)", s.nfe)
@@ -319,13 +323,11 @@ class Config:
         _require(h.kl_weight >= 0, "head_vae.kl_weight", "non-negative", h.kl_weight)
         _require(h.lr > 0, "head_vae.lr", "positive", h.lr)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
-        _choice(d.layout, "data.layout", ("50h", "a2p"))
         _require(d.layout != "a2p" or bool(d.subject), "data.subject",
                  "an Audio2Photoreal subject for data.layout=a2p", d.subject)
         _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
                  "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
         _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
-        _choice(d.avatar_pose, "data.avatar_pose", ("camera", "relative"))
         _require(not d.avatar or h.pose_dim == 7, "data.avatar", "empty unless head poses are 7-d (the 50h subject's "
                  "avatar; Audio2Photoreal subjects need the ca_body renderer)", d.avatar)
         p = self.pack
@@ -338,10 +340,6 @@ class Config:
         _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive",
                  (d.visual_fps, d.token_fps))
         par = self.parallel
-        _choice(par.strategy, "parallel.strategy", ("none", "ddp", "fsdp", "deepspeed"))
-        _choice(par.backend, "parallel.backend", ("auto", "nccl", "gloo"))
-        _choice(par.fsdp_param_dtype, "parallel.fsdp_param_dtype", ("bf16", "fp32"))
-        _choice(par.fsdp_reduce_dtype, "parallel.fsdp_reduce_dtype", ("bf16", "fp32"))
         _require(par.grad_accumulation >= 1, "parallel.grad_accumulation", "at least 1", par.grad_accumulation)
         _require(par.init_timeout_s > 0 and par.train_timeout_s > 0, "parallel.init_timeout_s/train_timeout_s",
                  "positive", (par.init_timeout_s, par.train_timeout_s))
@@ -355,9 +353,6 @@ class Config:
         _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)
         _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)",
                  t.betas)
-        _choice(t.schedule, "trainer.schedule", ("cosine", "constant"))
-        _choice(t.precision, "trainer.precision", ("auto", "bf16", "fp32"))
-        _choice(t.device, "trainer.device", ("auto", "cpu", "cuda"))
         _require(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", "in [0, 1)", t.ema_decay)
         for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(t, name) >= 1, f"trainer.{name}", "at least 1", getattr(t, name))
@@ -368,10 +363,6 @@ class Config:
         _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
                  "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
         x = self.text2tokens
-        _choice(self.task, "task", ("avflow", "text2tokens"))
-        _choice(x.front_end, "text2tokens.front_end", ("auto", "phoneme", "character"))
-        _choice(x.duration_rounding, "text2tokens.duration_rounding", ("ceil", "cumulative"))
-        _choice(x.decoder, "text2tokens.decoder", ("flow", "regression"))
         for name in ("d_model", "encoder_layers", "n_heads", "ffn_hidden", "duration_hidden", "decoder_layers", "nfe",
                      "max_symbols", "max_train_frames"):
             _require(getattr(x, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(x, name))
@@ -420,8 +411,15 @@ def _require(ok: bool, name: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{name}: expected {expected}, got {got!r}")
 
 
-def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, name, "one of " + ", ".join(choices), value)
+def _check_choices(section: Any, where: str = "") -> None:
+    """Every `Literal` field of a config tree holds one of its allowed values (fields set in code included)."""
+    for name, hint in typing.get_type_hints(type(section)).items():
+        value, full = getattr(section, name), f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(hint):
+            _check_choices(value, full)
+        elif typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            _require(value in choices, full, "one of " + ", ".join(choices), value)
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -464,6 +462,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value in choices:
+            return value
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
     if isinstance(annotation, types.UnionType):
         raise ConfigError(f"{where}: unsupported union type")
     return value

@@ -103,3 +103,30 @@ def test_audit_overrides_are_refused_by_name(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+
+
+def test_every_choice_is_a_literal_whose_error_lists_the_allowed_values():
+    """Each Literal key refuses another value, from an override and when set in code, naming every choice."""
+    import dataclasses
+    import typing
+
+    def choice_keys(cls, prefix=""):
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint):
+                yield from choice_keys(hint, f"{prefix}{name}.")
+            elif typing.get_origin(hint) is typing.Literal:
+                yield f"{prefix}{name}", typing.get_args(hint)
+
+    keys = dict(choice_keys(Config))
+    assert {"model.attention", "sample.method", "parallel.strategy", "trainer.precision", "task"} <= set(keys)
+    for key, choices in keys.items():
+        expected = f"{key}: expected one of {', '.join(choices)}, got 'bogus'"
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, [f"{key}=bogus"])
+        assert str(raised.value) == expected
+        cfg = load_config(None, [])
+        section, _, field = key.rpartition(".")
+        setattr(cfg if not section else getattr(cfg, section), field, "bogus")
+        with pytest.raises(ConfigError) as raised:
+            cfg.validate()
+        assert str(raised.value) == expected

@@ -11,7 +11,7 @@ from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import PUBLISHED_VOCAB
+from helpers import PUBLISHED_VOCAB
 
 
 def test_published_vocabulary_maps_to_published_columns(tiny_wav2vec2):

@@ -4,7 +4,7 @@ outside the span of its output layer, so that noise reaches the output unchanged
 import logging
 
 import torch
-from conftest import randomized
+from helpers import randomized
 
 from avflow.config import load_config
 from avflow.model.avflow import AVFlowNet

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_model_file
+from helpers import tiny_model_file
 
 from avflow.export.__main__ import main as export_main
 from avflow.export.exporter import ExportError, ExportOptions, export
@@ -82,7 +82,7 @@ def test_bad_options_are_named(model_file, tmp_path, capsys):
 def test_released_weights_run_through_export_and_batch_inference(tmp_path):
     """The imported published network (full size) exported to TorchScript: the sampler loaded from the export
     directory reproduces the imported checkpoint's eager sampler, and `avflow infer` runs on the directory."""
-    from conftest import write_published_release
+    from helpers import write_published_release
 
     from avflow.cli import main
     from avflow.train.published import import_published

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_model_file
+from helpers import tiny_model_file
 
 from avflow.cli import main
 from avflow.infer import batch

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo.testing
-from conftest import randomized, tiny_model_file
+from helpers import randomized, tiny_model_file
 from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig

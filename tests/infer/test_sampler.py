@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import randomized
+from helpers import randomized
 
 from avflow.config import ModelConfig, SampleConfig
 from avflow.infer.sampler import GraphSampler, bucket_for, length_buckets, sample_sequences
@@ -93,7 +93,7 @@ def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
 
 def test_compiled_network_generates_what_the_eager_network_generates(tmp_path):
     import numpy as np
-    from conftest import tiny_model_file
+    from helpers import tiny_model_file
 
     from avflow.infer.generate import generate_batch, load_inference_model
 

@@ -15,7 +15,7 @@ import pytest
 
 submitit = pytest.importorskip("submitit", reason="the SLURM launchers need submitit (pip install submitit)")
 
-from conftest import tiny_model_file  # noqa: E402
+from helpers import tiny_model_file  # noqa: E402
 
 from launch import infer  # noqa: E402
 

@@ -3,7 +3,7 @@
 import math
 
 import torch
-from conftest import published_velocity, randomized
+from helpers import published_velocity, randomized
 
 from avflow.config import ModelConfig
 from avflow.model.avflow import AVFlowNet, count_parameters

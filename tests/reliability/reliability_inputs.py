@@ -26,7 +26,7 @@ def packed(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A consolidated .safetensors model of a tiny random network."""
-    from conftest import tiny_model_file
+    from helpers import tiny_model_file
 
     return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.safetensors")
 

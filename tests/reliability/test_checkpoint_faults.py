@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import packed_tiny_corpus, run_steps
+from helpers import packed_tiny_corpus, run_steps
 from reliability_inputs import step_directories, tiny_model  # noqa: F401 (fixture)
 
 from avflow.config import load_config

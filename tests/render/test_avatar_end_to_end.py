@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model_file, write_synthetic_avatar
+from helpers import tiny_model_file, write_synthetic_avatar
 
 from avflow.cli import main
 from avflow.export.__main__ import main as export_main

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_avatar_state, write_synthetic_avatar
+from helpers import random_avatar_state, write_synthetic_avatar
 
 from avflow.render.codec_avatar import AvatarError, CodecAvatar, head_relative_camera, project
 

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import packed_tiny_corpus, write_synthetic_avatar
+from helpers import packed_tiny_corpus, write_synthetic_avatar
 from PIL import Image
 
 from avflow.config import load_config

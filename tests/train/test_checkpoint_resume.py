@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
+from helpers import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
 
 from avflow.config import load_config
 from avflow.train import checkpoint as checkpoint_module

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import packed_tiny_corpus
+from helpers import packed_tiny_corpus
 from safetensors.numpy import load_file
 
 from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta

@@ -3,7 +3,7 @@ on the training device, fused EMA, the MFU formula by hand, the NCCL group takin
 
 import pytest
 import torch
-from conftest import packed_tiny_corpus
+from helpers import packed_tiny_corpus
 
 from avflow.config import ModelConfig, load_config
 from avflow.model.avflow import AVFlowNet

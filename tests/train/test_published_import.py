@@ -4,8 +4,8 @@ mismatch is named."""
 import numpy as np
 import pytest
 import torch
-from conftest import published_velocity
-from conftest import write_published_release as write_release
+from helpers import published_velocity
+from helpers import write_published_release as write_release
 
 from avflow.cli import main
 from avflow.infer.generate import load_inference_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import check_resume_matches_uninterrupted
+from helpers import check_resume_matches_uninterrupted
 
 from avflow.config import load_config
 from avflow.data.alignment import greedy_transcript
@@ -168,7 +168,7 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
 def test_one_export_directory_serves_text_through_its_text_to_tokens_model(trained, tmp_path):
     """`python -m avflow.export --text2tokens` puts the front end in the model directory, and `avflow infer --text`
     then generates for exactly the frames that model gives the text."""
-    from conftest import tiny_model_file
+    from helpers import tiny_model_file
 
     from avflow.cli import main
     from avflow.export.__main__ import main as export_main
