@@ -52,16 +52,13 @@ def cmd_checkpoint_consolidate(args: argparse.Namespace) -> None:
 
 
 def cmd_train_head_vae(args: argparse.Namespace) -> None:
-    from avflow.data.loader import iter_split_arrays
-    from avflow.train.batches import head_vae_path
-    from avflow.train.head_vae import train_head_vae
+    from avflow.train.batches import head_vae_path, train_head_vae_stage
 
     cfg = _config(args)
     out = Path(args.output) if args.output else head_vae_path(cfg)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
-    summary = train_head_vae(poses, cfg.head_vae, out, seed=cfg.trainer.seed)
+    summary = train_head_vae_stage(cfg, out)
     print(f"head VAE written to {out} (final reconstruction loss {summary['final_recon_loss']:.4f})")
 
 

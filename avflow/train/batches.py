@@ -74,18 +74,35 @@ def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
 
 
-def build_batch_encoder(cfg: Config, device: torch.device, progress: bool = True,
-                        is_main: bool = True) -> BatchEncoder:
-    """Load (or have rank 0 train once) the head VAE and read normalization stats from the manifest."""
-    manifest = load_manifest(cfg.data.shards)
+def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True) -> dict:
+    """The head-pose VAE stage: a VAE trained on the poses of data.shards' train split, written to `output`.
+    `avflow train-head-vae` runs it alone; `avflow train` runs it first when it has no VAE yet."""
+    poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
+    return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, progress=progress)
+
+
+def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True) -> Path:
+    """The head VAE the batch encoder needs, as an explicit step of training that says in the log what it does:
+    data.head_vae when set (it must exist), else <run_dir>/head_vae.pt, reused when there (a resumed run)
+    and otherwise trained once by rank 0 while the other ranks wait."""
     vae_path = head_vae_path(cfg)
-    if cfg.data.head_vae and not vae_path.is_file():
-        raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
-    if is_main and not vae_path.is_file():
-        log.info("training the head-pose VAE into %s", vae_path)
-        poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
-        train_head_vae(poses, cfg.head_vae, vae_path, seed=cfg.trainer.seed, progress=progress)
+    if cfg.data.head_vae:
+        if not vae_path.is_file():
+            raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
+        log.info("head-pose VAE: %s (data.head_vae)", vae_path)
+    elif vae_path.is_file():
+        log.info("head-pose VAE: reusing %s", vae_path)
+    elif is_main:
+        log.info("head-pose VAE stage: training it into %s first (`avflow train-head-vae` runs this stage alone)",
+                 vae_path)
+        train_head_vae_stage(cfg, vae_path, progress)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VAE
+    return vae_path
+
+
+def build_batch_encoder(cfg: Config, vae_path: Path, device: torch.device) -> BatchEncoder:
+    """The batch encoder from the head VAE at `vae_path` and the normalization statistics of the shard manifest."""
     head_vae, pose_mean, pose_std = load_head_vae(vae_path, cfg.head_vae)
-    return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device)
+    return BatchEncoder(cfg, codec_from_manifest(load_manifest(cfg.data.shards), cfg), head_vae, pose_mean, pose_std,
+                        device)

@@ -31,7 +31,7 @@ from avflow.model.flow import flow_matching_loss, sample
 from avflow.model.head_vae import decode_latents
 from avflow.model.io import model_state_tensors
 from avflow.render import CodecAvatar
-from avflow.train.batches import Batch, build_batch_encoder
+from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
 from avflow.train.distributed import DistInfo
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
@@ -63,8 +63,9 @@ class AVFlowTask:
         return AVFlowNet(self.cfg.model)
 
     def load_data(self) -> None:
-        """The batch encoder (training the head VAE first if needed) and this rank's training stream."""
-        self.encoder = build_batch_encoder(self.cfg, self.device, self.progress, self.info.is_main)
+        """The head VAE (its own stage, `ensure_head_vae`), the batch encoder and this rank's training stream."""
+        vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main)
+        self.encoder = build_batch_encoder(self.cfg, vae_path, self.device)
         self.train_batches = training_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
         self.avatar = None  # only the main rank logs samples
         if self.cfg.data.avatar and self.info.is_main:

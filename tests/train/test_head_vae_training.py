@@ -1,14 +1,17 @@
 """Head-VAE training, checkpoint format, loading checks and the encode/decode helpers."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
 import torch
+from helpers import packed_tiny_corpus
 
-from avflow.config import HeadVAEConfig
+from avflow.config import HeadVAEConfig, load_config
 from avflow.model.head_vae import HeadVAE, decode_latents, encode_poses
 from avflow.model.io import load_head_vae
+from avflow.train.batches import build_batch_encoder, ensure_head_vae
 from avflow.train.head_vae import train_head_vae
 from avflow.utils import load_torch, save_torch_atomic
 
@@ -149,3 +152,22 @@ def test_published_file_without_stats_asks_for_headpose_stats(tmp_path):
 def test_bad_training_segment_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"poses\[1\]: expected shape \(frames >= 1, 7\), got \(10, 4\)"):
         train_head_vae([np.zeros((10, 7)), np.zeros((10, 4))], TINY, tmp_path / "x.pt", progress=False)
+
+
+def test_training_runs_the_head_vae_as_a_stage_of_its_own_and_loading_never_trains(tmp_path, caplog):
+    """ensure_head_vae says in the log what it does: trains <run_dir>/head_vae.pt once, reuses it on the next
+    run, takes data.head_vae as given; build_batch_encoder only loads, so it cannot train as a side effect."""
+    tiny = ["head_vae.ffn_hidden=8", "head_vae.steps=2", "head_vae.segment_length=16", "head_vae.batch_size=2",
+            "corpus.train_segments=2", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]"]
+    data = [o for o in packed_tiny_corpus(tmp_path / "data", tiny) if not o.startswith("data.head_vae=")]
+    cfg = load_config(None, tiny + data + [f"trainer.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError):
+        build_batch_encoder(cfg, tmp_path / "run" / "head_vae.pt", torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="avflow.train.batches"):
+        trained = ensure_head_vae(cfg, progress=False)
+        first = trained.stat().st_mtime_ns
+        assert ensure_head_vae(cfg, progress=False) == trained and trained.stat().st_mtime_ns == first
+    messages = [record.getMessage() for record in caplog.records if record.name == "avflow.train.batches"]
+    assert messages == [f"head-pose VAE stage: training it into {trained} first (`avflow train-head-vae` runs this "
+                        "stage alone)", f"head-pose VAE: reusing {trained}"]
+    assert build_batch_encoder(cfg, trained, torch.device("cpu")).head_vae.cfg.ffn_hidden == 8
