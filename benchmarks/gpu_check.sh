@@ -36,7 +36,9 @@ fi
 
 echo
 echo "== tables for docs/performance.md"
-for name in device sample train_throughput render; do
+echo "-- device"
+cat "$results/device.txt"
+for name in sample train_throughput render; do
     [ -f "$results/$name.txt" ] || continue
     echo "-- $name"
     grep -E '^\||^(date|torch|device|target|pipeline|model|work):|exit [0-9]+' "$results/$name.txt"
