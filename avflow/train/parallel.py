@@ -76,13 +76,11 @@ def apply_activation_checkpointing(model: AVFlowNet) -> None:
         block.__class__ = CheckpointedDiTBlock
 
 
-def apply_compile(model: nn.Module, dynamic: bool | None = None) -> None:
-    """Compile each block in place (`Module.compile`), which, unlike torch.compile(module), adds no key prefix.
-
-    `dynamic=False` (inference) compiles once per input shape, as its length buckets and CUDA graphs expect.
-    """
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place (`Module.compile`), which, unlike torch.compile(module), adds no key prefix;
+    as one graph (`fullgraph=True`), so a graph break is an error instead of a silent slowdown."""
     for block in dit_blocks(model):
-        block.compile(fullgraph=True, dynamic=dynamic)
+        block.compile(fullgraph=True)
 
 
 def apply_fsdp(model: AVFlowNet, cfg: Config, info: DistInfo) -> None:

@@ -139,4 +139,4 @@ def test_a_dit_block_compiles_as_one_graph(monkeypatch):
         expected = block(x, time_embedding)
         apply_compile(holder)
         torch.testing.assert_close(block(x, time_embedding), expected, atol=1e-5, rtol=1e-5)
-    assert block._compiled_call_impl is not None and options == [{"fullgraph": True, "dynamic": None}]
+    assert block._compiled_call_impl is not None and options == [{"fullgraph": True}]
