@@ -1,10 +1,11 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP), for every strategy and world size.
 
-A checkpoint is a directory `<run_dir>/checkpoints/step-N/`: DCP's sharded tensor files (each rank writes
-its own shards: model, EMA, optimizer, its RNG state, codec, head VAE) and `meta.json` (config, step,
-scheduler and loader positions). It is written under a hidden temporary name and renamed by rank 0 only
-when every rank has finished, so a crash never leaves a directory that looks complete and never harms
-an earlier one. `latest_checkpoint` therefore only ever returns complete checkpoints.
+A checkpoint is a directory `<run_dir>/checkpoints/step-N/`: DCP's files, holding every training state
+(model, EMA, optimizer, scheduler, step, codec, head VAE, and each rank's loader position and RNG state,
+which that rank writes itself), and `meta.json` (config, step, world size, strategy). It is written under a
+hidden temporary name and renamed by rank 0 only when every rank has finished, so a crash never leaves a
+directory that looks complete and never harms an earlier one. `latest_checkpoint` therefore only ever
+returns complete checkpoints.
 
 When the directory is complete, rank 0 records the size and sha256 of every file in `meta.json` before the
 rename. Resuming verifies the newest step and falls back to the newest one that verifies (logging what it
@@ -23,10 +24,12 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -50,6 +53,8 @@ from avflow.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
+STATE_LAYOUT = 2  # meta.json "layout": every training state is a DCP entry (older steps have no "layout")
+PER_RANK_PREFIXES = ("loader_rank", "rng_rank")  # state keys that each rank writes and reads for itself
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RUNTIME_MODEL_KEYS = {"attention", "dropout"}  # do not change the weights' shapes or meaning
 # text2tokens keys that only steer training or inference; the rest fix the network and its input symbols
@@ -114,19 +119,54 @@ def _is_main() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-class Checkpointer:
-    """Saves and restores step directories; every rank calls save/load (they are collective)."""
+class RNGState:
+    """This rank's torch random state (CPU, and the CUDA device's when training on one): the flow-matching noise
+    and dropout continue exactly where they were."""
 
-    def __init__(self, run_dir: str | Path, keep: int, async_save: bool = False):
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
+
+class CheckpointManager:
+    """Owns a run's checkpoints: when to save, how many to keep, background writes, and every piece of saved
+    state. `states` maps each top-level key to a DCP Stateful (or a state dict filled in place): DCP calls
+    their `state_dict()` when saving and `load_state_dict()` when restoring, so each entry restores itself
+    and nothing is gathered across ranks by hand. Per-rank state (loader position, RNG) goes under per-rank
+    keys, which DCP writes from that rank only. `describe` gives what meta.json records beside the step
+    (config, world size, strategy): what inference and tools read without loading DCP.
+
+    save and resume are collective: every rank calls them.
+    """
+
+    def __init__(self, run_dir: str | Path, states: dict[str, Any], keep: int, every: int = 0, last_step: int = 0,
+                 async_save: bool = False, describe: Callable[[], dict[str, Any]] = dict):
+        self.run_dir = Path(run_dir)
         self.folder = checkpoint_dir(run_dir)
-        self.keep = keep
+        self.states = states
+        self.keep, self.every, self.last_step = keep, every, last_step
+        self.describe = describe
         self.async_save = async_save and dist.is_available() and dist.is_initialized()
         # Background writes run collectives while training runs its own; on one group their order would
         # interleave differently per rank and deadlock, so async saves get a group of their own.
         self._async_group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending: tuple[Future, Path, Path, dict] | None = None
 
-    def save(self, step: int, tensors: dict[str, Any], meta: dict[str, Any]) -> Path:
+    def due(self, step: int) -> bool:
+        """Whether `step` is a checkpoint step: every `every` steps, and the last step."""
+        return (self.every > 0 and step % self.every == 0) or step == self.last_step
+
+    def save(self, step: int) -> Path:
         """Write step-N (collective). With async_save the tensors are written in the background and the
         directory is finalized at the next save, `wait()` or exit."""
         self.wait()
@@ -136,20 +176,21 @@ class Checkpointer:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         _barrier()
-        meta = {"format": FORMAT, "step": step, **meta}
+        meta = {"format": FORMAT, "layout": STATE_LAYOUT, "step": step, **self.describe()}
         if self.async_save:
-            future = dcp.async_save(tensors, checkpoint_id=staging, process_group=self._async_group)
+            future = dcp.async_save(self.states, checkpoint_id=staging, process_group=self._async_group)
             self._pending = (future, staging, final, meta)
             return final
         try:
             with quiet_single_process():
-                dcp.save(tensors, checkpoint_id=staging)
+                dcp.save(self.states, checkpoint_id=staging)
         except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
             raise CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})") from error
         self._finalize(staging, final, meta)
         return final
 
     def wait(self) -> None:
+        """Finish a background save, if one is running."""
         if self._pending is not None:
             future, staging, final, meta = self._pending
             self._pending = None
@@ -165,16 +206,45 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             staging.rename(final)
-            for old in list_checkpoints(self.folder.parent)[:-self.keep]:
+            for old in list_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old)
         _barrier()
 
-    @staticmethod
-    def load(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Fill `tensors` (a state-dict template, possibly sharded) in place; return the meta."""
+    def resume(self, world_size: int, check: Callable[[Path, dict[str, Any]], None]) -> Path:
+        """Restore every state from the newest checkpoint that verifies (collective) and return its path;
+        `check(path, meta)` refuses a checkpoint before anything is loaded (e.g. one of another model)."""
+        path = newest_verified_checkpoint(self.run_dir)
         meta = read_meta(path)
-        dcp_load(tensors, Path(path))
-        return meta
+        check(path, meta)
+        saved_world = meta.get("world_size", len(meta.get("loader", ())))
+        if saved_world != world_size:
+            raise ValueError(f"{path}: saved by {saved_world} ranks; resume with the same world size "
+                             f"(this run has {world_size})")
+        if meta.get("layout") == STATE_LAYOUT:
+            dcp_load(self.states, path)
+        else:
+            self._restore_first_layout(path, meta)
+        return path
+
+    def _restore_first_layout(self, path: Path, meta: dict[str, Any]) -> None:
+        """Checkpoints written before every state went through DCP kept the scheduler and each rank's loader
+        position in meta.json, the step there too, and the CPU RNG state as the tensor `rng_rank<R>`."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        try:
+            scheduler, loader, step = meta["scheduler"], meta["loader"][rank], int(meta["step"])
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: neither a current checkpoint nor a complete earlier one (its "
+                                  f"meta.json lacks {error}); start a new trainer.run_dir") from error
+        in_meta = {"scheduler", "train_state"} | {key for key in self.states if key.startswith(PER_RANK_PREFIXES)}
+        tensors = {key: value for key, value in self.states.items() if key not in in_meta}
+        rng_key = f"rng_rank{rank}"
+        tensors[rng_key] = torch.get_rng_state()
+        dcp_load(tensors, path)
+        self.states["scheduler"].load_state_dict(scheduler)
+        self.states[f"loader_rank{rank}"].load_state_dict(loader)
+        self.states["train_state"].load_state_dict({"step": step})
+        torch.set_rng_state(tensors[rng_key])
+        log.warning("%s: written before training state moved into DCP; restored from its meta.json", path)
 
 
 def require_same_model(saved: Config, current: Config, path: str | Path) -> None:

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from avflow.config import Config
 from avflow.model.avflow import count_parameters
-from avflow.model.io import checkpoint_config, read_meta
-from avflow.train.checkpoint import Checkpointer, latest_checkpoint, newest_verified_checkpoint, require_same_model
+from avflow.model.io import checkpoint_config
+from avflow.train.checkpoint import CheckpointManager, RNGState, latest_checkpoint, require_same_model
 from avflow.train.distributed import DistInfo, init_distributed
 from avflow.train.metrics import MetricsLogger, StepMetrics
-from avflow.train.parallel import bf16_autocast, build_engine
+from avflow.train.parallel import StateView, bf16_autocast, build_engine
 from avflow.train.tasks import VAL_SEED, build_task, resolved_config
 
 log = logging.getLogger(__name__)
@@ -105,47 +105,43 @@ class Trainer:
         self.step = 0
         self.task.load_data()
         self.train_batches = self.task.train_batches
-        self.checkpointer = Checkpointer(self.run_dir, t.keep_checkpoints, t.async_checkpoint)
+        self.checkpoints = CheckpointManager(self.run_dir, self._states(), t.keep_checkpoints, t.checkpoint_every,
+                                             t.steps, t.async_checkpoint, self._describe)
         self.metrics = StepMetrics(self.task.loss_parts, self.device, self._sum_over_ranks, self._min_over_ranks)
         self.logger: MetricsLogger | None = None  # opened by fit
         if existing is not None:
-            self._restore(newest_verified_checkpoint(self.run_dir))
+            path = self.checkpoints.resume(
+                self.info.world_size, lambda path, meta: require_same_model(checkpoint_config(meta, path), cfg, path))
+            log.info("resumed from %s at step %d", path, self.step)
         self.train_iter = iter(self.train_batches)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(self.run_dir / "config.yaml")
 
-    def _tensors(self) -> dict:
-        """Everything DCP saves and restores, in the engine's (possibly sharded) layout."""
+    def _states(self) -> dict:
+        """Everything a checkpoint saves and restores, each entry a DCP Stateful or a state dict filled in place
+        (in the engine's possibly sharded layout); the loader position and RNG under this rank's own keys."""
         return {
-            **self.engine.state_dict(),
-            "ema": self.ema.params if self.ema is not None else self.engine.full_model_state_dict(),
+            **self.engine.checkpoint_states(),
+            # without EMA, inference reads the training weights from the same key
+            "ema": self.ema.params if self.ema is not None else StateView(self.engine.full_model_state_dict,
+                                                                          lambda state: None),
             **self.task.checkpoint_tensors(),
-            f"rng_rank{self.info.rank}": torch.get_rng_state(),
+            "train_state": self,
+            f"loader_rank{self.info.rank}": self.train_batches,
+            f"rng_rank{self.info.rank}": RNGState(self.device),
         }
 
-    def _restore(self, path: Path) -> None:
-        meta = read_meta(path)
-        require_same_model(checkpoint_config(meta, path), self.cfg, path)
-        loader_states = meta["loader"]
-        if len(loader_states) != self.info.world_size:
-            raise ValueError(f"{path}: saved by {len(loader_states)} ranks; resume with the same world size "
-                             f"(this run has {self.info.world_size})")
-        tensors = self._tensors()
-        self.checkpointer.load(path, tensors)
-        self.engine.load_state_dict(tensors)
-        self.engine.scheduler.load_state_dict(meta["scheduler"])
-        torch.set_rng_state(tensors[f"rng_rank{self.info.rank}"])
-        self.train_batches.load_state_dict(loader_states[self.info.rank])
-        self.step = int(meta["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+    def _describe(self) -> dict:
+        """What meta.json records beside the step: read by inference and tools without loading DCP."""
+        return {"config": self.cfg.to_dict(), "world_size": self.info.world_size,
+                "strategy": self.cfg.parallel.strategy}
 
-    def _all_ranks(self, value: object) -> list:
-        if not self.info.is_distributed:
-            return [value]
-        gathered: list = [None] * self.info.world_size
-        dist.all_gather_object(gathered, value)
-        return gathered
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         if self.info.is_distributed:
@@ -222,10 +218,7 @@ class Trainer:
         return model.eval()
 
     def save(self) -> Path:
-        meta = {"config": self.cfg.to_dict(), "scheduler": self.engine.scheduler.state_dict(),
-                "loader": self._all_ranks(self.train_batches.state_dict()), "world_size": self.info.world_size,
-                "strategy": self.cfg.parallel.strategy}
-        return self.checkpointer.save(self.step, self._tensors(), meta)
+        return self.checkpoints.save(self.step)
 
     def fit(self) -> Path:
         """Train to trainer.steps; returns the newest complete checkpoint."""
@@ -240,7 +233,7 @@ class Trainer:
                 self.train_step(self.step)
                 self.step += 1
                 bar.update(1)
-                saving = self.step % t.checkpoint_every == 0 or self.step == t.steps
+                saving = self.checkpoints.due(self.step)
                 if self.step % t.log_every == 0 or saving:
                     metrics = self.flush_metrics()
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
@@ -248,7 +241,7 @@ class Trainer:
                     self.logger.write("val", self.validate(self.logger.writer), self.step)
                 if saving:
                     self.save()
-            self.checkpointer.wait()
+            self.checkpoints.wait()
         finally:
             bar.close()
             self.logger.close()

@@ -26,8 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     _init_optim_state,
     get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -138,6 +139,20 @@ def parallelize(model: AVFlowNet, cfg: Config, info: DistInfo) -> nn.Module:
     return model
 
 
+class StateView:
+    """One part of an engine's state as a DCP Stateful, so each part is saved under its own top-level key."""
+
+    def __init__(self, read: Callable[[], dict[str, Any]], restore: Callable[[dict[str, Any]], None]):
+        self._read = read
+        self._restore = restore
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._read()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restore(state)
+
+
 def clip_gradients(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to max_norm by the total 2-norm over all ranks' shards (FSDP2 grads are DTensors)."""
     grads = [p.grad for p in parameters if p.grad is not None]
@@ -153,7 +168,7 @@ class TrainEngine:
 
     model: what to call for the training forward (the DDP wrapper under ddp).
     module: the AVFlowNet itself, for evaluation and EMA (under fsdp its parameters are DTensor shards).
-    The scheduler's state is not part of `state_dict`; save `engine.scheduler.state_dict()` beside it.
+    `checkpoint_states()` hands model, optimizer and scheduler to DCP as separate Stateful entries.
     """
 
     def __init__(self, model: nn.Module, module: AVFlowNet, optimizer: torch.optim.Optimizer,
@@ -185,15 +200,26 @@ class TrainEngine:
         with sync_off:
             yield
 
-    def state_dict(self) -> dict[str, Any]:
-        """{"model", "optimizer"} for torch.distributed.checkpoint: AVFlowNet keys, FQN-keyed optimizer state
-        (DTensor shards under fsdp, so each rank writes its own part)."""
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        return {"model": model_state, "optimizer": optimizer_state}
+    def checkpoint_states(self) -> dict[str, Any]:
+        """Model, optimizer and scheduler as DCP Stateful entries (restored in this order: DeepSpeed restores
+        its fp32 masters from the optimizer state after the module weights)."""
+        return {"model": StateView(self.model_state_dict, self.load_model_state_dict),
+                "optimizer": StateView(self.optimizer_state_dict, self.load_optimizer_state_dict),
+                "scheduler": self.scheduler}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+    def model_state_dict(self) -> dict[str, Any]:
+        """AVFlowNet keys (DTensor shards under fsdp, so each rank writes its own part)."""
+        return get_model_state_dict(self.model)
+
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state)
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        """FQN-keyed optimizer state, sharded like the parameters."""
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state)
 
     def ema_source(self) -> dict[str, torch.Tensor]:
         """The weights an EMA should follow, in the layout it can keep locally (DTensor shards under fsdp)."""
@@ -225,7 +251,7 @@ class DeepSpeedEngine(TrainEngine):
 
     `backward` runs DeepSpeed's backward and its per-micro-batch step (which only updates the weights at
     the accumulation boundary); `step` checks that the boundary was reached and returns the norm.
-    `state_dict` holds the module's weights (gathered under ZeRO-3) and, under "optimizer", this rank's
+    The model state is the module's weights (gathered under ZeRO-3); the optimizer state is this rank's
     ZeRO optimizer partition (fp32 masters and Adam moments) keyed by rank ("rank_0", ...):
     torch.distributed.checkpoint writes each rank's part, and it can only be loaded back with the same
     world size and ZeRO stage.
@@ -253,10 +279,12 @@ class DeepSpeedEngine(TrainEngine):
     def no_sync(self) -> Iterator[None]:
         yield
 
-    def state_dict(self) -> dict[str, Any]:
+    def model_state_dict(self) -> dict[str, Any]:
+        return self._module_weights()
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
         self._materialize_optimizer_state()
-        return {"model": self._module_weights(),
-                "optimizer": {f"rank_{self.info.rank}": self.optimizer.state_dict()}}
+        return {f"rank_{self.info.rank}": self.optimizer.state_dict()}
 
     def _module_weights(self) -> dict[str, torch.Tensor]:
         """The module's own weights in its compute dtype (bf16 under DeepSpeed bf16), gathered under ZeRO-3."""
@@ -282,17 +310,19 @@ class DeepSpeedEngine(TrainEngine):
             if detaches_groups:
                 zero_optimizer._clear_fp32_optimizer_param_groups()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        key = f"rank_{self.info.rank}"
-        if key not in state["optimizer"]:
-            raise KeyError(f"DeepSpeed optimizer state: expected an entry {key!r} (saved with the same world size), "
-                           f"got {sorted(state['optimizer'])}")
+    def load_model_state_dict(self, state: dict[str, Any]) -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=0):
-            self.module.load_state_dict(state["model"])
+            self.module.load_state_dict(state)
+
+    def load_optimizer_state_dict(self, state: dict[str, Any]) -> None:
+        key = f"rank_{self.info.rank}"
+        if key not in state:
+            raise KeyError(f"DeepSpeed optimizer state: expected an entry {key!r} (saved with the same world size), "
+                           f"got {sorted(state)}")
         # ZeRO indexes the list by data-parallel rank; fp32 weights restore the masters without bf16 rounding
-        self.optimizer.load_state_dict([state["optimizer"][key]] * self.info.world_size, load_from_fp32_weights=True)
+        self.optimizer.load_state_dict([state[key]] * self.info.world_size, load_from_fp32_weights=True)
 
     def ema_source(self) -> dict[str, torch.Tensor]:
         """The fp32 masters (module parameters are bf16 copies, or empty placeholders under ZeRO-3)."""

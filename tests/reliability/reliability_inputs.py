@@ -35,8 +35,8 @@ def step_directories(run_dir, model_file, steps=(1, 2)) -> list:
     """Training-checkpoint step directories holding a model file's inference tensors, written by the
     Checkpointer as training writes them (oldest first)."""
     from avflow.model.io import load_inference_tensors
-    from avflow.train.checkpoint import Checkpointer
+    from avflow.train.checkpoint import CheckpointManager
 
     cfg, tensors = load_inference_tensors(model_file)
-    checkpointer = Checkpointer(run_dir, keep=len(steps))
-    return [checkpointer.save(step, tensors, {"config": cfg.to_dict()}) for step in steps]
+    checkpoints = CheckpointManager(run_dir, tensors, keep=len(steps), describe=lambda: {"config": cfg.to_dict()})
+    return [checkpoints.save(step) for step in steps]

@@ -150,5 +150,5 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
     _, tensors = load_inference_tensors(steps[1])
     with pytest.raises(CheckpointError,
                        match=r"step-00000003.tmp: writing the checkpoint failed \(OSError: \[Errno 28\]"):
-        checkpoint_module.Checkpointer(steps[0].parent.parent, keep=2).save(3, tensors, {})
+        checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
     assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]

@@ -8,7 +8,14 @@ from helpers import check_resume_matches_uninterrupted, packed_tiny_corpus, run_
 
 from avflow.config import load_config
 from avflow.train import checkpoint as checkpoint_module
-from avflow.train.checkpoint import consolidate, latest_checkpoint, list_checkpoints, load_inference_tensors, read_meta
+from avflow.train.checkpoint import (
+    CheckpointError,
+    consolidate,
+    latest_checkpoint,
+    list_checkpoints,
+    load_inference_tensors,
+    read_meta,
+)
 from avflow.train.loop import Trainer
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
@@ -60,6 +67,60 @@ def test_existing_run_needs_resume_and_same_model(tmp_path, shards):
     with pytest.raises(ValueError,
                        match=r"checkpoint of another model config \(model.d_model: checkpoint 32 vs config 64"):
         Trainer(config(shards, tmp_path / "run", "model.d_model=64"), resume=True, progress=False)
+
+
+def _rewrite_in_first_layout(step_dir: Path, tmp_path: Path) -> None:
+    """Rewrite a step directory as checkpoints were written before every training state went through DCP:
+    the scheduler, the loader positions (one per rank) and the step in meta.json, the CPU random state as the
+    tensor `rng_rank0`, no "layout" key."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(step_dir, tmp_path / "whole.pt")
+    state = torch.load(tmp_path / "whole.pt", weights_only=False)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta.pop("layout")
+    meta.pop("files")  # checked by the checksum tests; here the layout is what matters
+    meta.update(scheduler=state.pop("scheduler"), loader=[state.pop("loader_rank0")])
+    assert state.pop("train_state") == {"step": meta["step"]}
+    state["rng_rank0"] = state.pop("rng_rank0")["cpu"]
+    for file in step_dir.iterdir():
+        file.unlink()
+    dcp.save(state, checkpoint_id=step_dir)
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_checkpoint_of_the_first_layout_resumes_like_an_uninterrupted_run(tmp_path, shards, caplog):
+    import logging
+
+    uninterrupted = Trainer(config(shards, tmp_path / "a"), progress=False)
+    losses = run_steps(uninterrupted, 6)
+    interrupted = Trainer(config(shards, tmp_path / "b"), progress=False)
+    run_steps(interrupted, 3)
+    _rewrite_in_first_layout(interrupted.save(), tmp_path)
+    torch.manual_seed(12345)
+    with caplog.at_level(logging.WARNING, logger="avflow.train.checkpoint"):
+        resumed = Trainer(config(shards, tmp_path / "b"), resume=True, progress=False)
+    assert "restored from its meta.json" in caplog.text
+    assert resumed.step == 3 and run_steps(resumed, 3) == losses[3:]
+    for name, value in uninterrupted.engine.full_model_state_dict().items():
+        assert torch.equal(value, resumed.engine.full_model_state_dict()[name]), name
+
+
+def test_an_incomplete_first_layout_checkpoint_is_one_clear_error(tmp_path, shards):
+    import json
+
+    trainer = Trainer(config(shards, tmp_path / "run"), progress=False)
+    step_dir = trainer.save()
+    _rewrite_in_first_layout(step_dir, tmp_path)
+    meta = json.loads((step_dir / "meta.json").read_text())
+    del meta["scheduler"]
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"step-00000000: neither a current checkpoint nor a complete earlier "
+                                              r"one \(its meta.json lacks 'scheduler'\)"):
+        Trainer(config(shards, tmp_path / "run"), resume=True, progress=False)
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, shards, monkeypatch):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import packed_tiny_corpus
 from safetensors.numpy import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
 
@@ -59,8 +60,12 @@ def test_strategy_trains_and_checkpoints(data, tmp_path, strategy, extra):
     overrides = TINY + data + [f"parallel.strategy={strategy}", "trainer.steps=6", "trainer.checkpoint_every=3",
                                "trainer.val_every=3", *extra]
     finish(torchrun(tmp_path / "run", overrides))
-    meta = read_meta(latest_checkpoint(tmp_path / "run"))
-    assert meta["step"] == 6 and meta["world_size"] == 2 and len(meta["loader"]) == 2
+    final = latest_checkpoint(tmp_path / "run")
+    meta = read_meta(final)
+    assert meta["step"] == 6 and meta["world_size"] == 2
+    saved = FileSystemReader(final).read_metadata().state_dict_metadata
+    for rank in range(2):  # each rank's own position and random state
+        assert f"loader_rank{rank}.batches" in saved and f"rng_rank{rank}.cpu" in saved
     # complete step directories only: no staging leftovers, also when writes were asynchronous
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     weights = final_weights(tmp_path / "run", tmp_path / "model.safetensors")

@@ -130,14 +130,10 @@ def run_rank(output: str) -> None:
             losses, grad_norms = train(engine, cfg, info, batch, STEPS)
             weights = engine.full_model_state_dict()
             checkpoint = Path(output).parent / f"dcp-{name}"
-            dcp.save(engine.state_dict(), checkpoint_id=checkpoint)
-            scheduler_state = engine.scheduler.state_dict()
+            dcp.save(engine.checkpoint_states(), checkpoint_id=checkpoint)
             straight_on, _ = train(engine, cfg, info, batch, RESUME_STEPS)
             restored = make_engine(cfg, info)
-            state = restored.state_dict()
-            dcp.load(state, checkpoint_id=checkpoint)
-            restored.load_state_dict(state)
-            restored.scheduler.load_state_dict(scheduler_state)
+            dcp.load(restored.checkpoint_states(), checkpoint_id=checkpoint)
             resumed, _ = train(restored, cfg, info, batch, RESUME_STEPS)
             results[name] = {"losses": losses, "grad_norms": grad_norms, "straight_on": straight_on,
                              "resumed": resumed, "weights": weights}
