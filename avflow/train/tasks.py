@@ -22,9 +22,10 @@ from torch import nn
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
 from avflow.data.griffin_lim import mel_to_audio
-from avflow.data.loader import iter_split_arrays, training_batches, validation_batches
+from avflow.data.loader import training_batches, validation_batches
 from avflow.data.phonemes import resolve_front_end
 from avflow.data.plots import sample_figure
+from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss, sample

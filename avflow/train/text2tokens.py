@@ -18,8 +18,8 @@ import torch
 
 from avflow.config import Config
 from avflow.data.alignment import align_characters, align_phonemes, character_error_rate, greedy_transcript
-from avflow.data.loader import iter_split_arrays
 from avflow.data.phonemes import build_front_end, front_end_symbols
+from avflow.data.shard_index import iter_split_arrays
 from avflow.model.flow import ot_path
 from avflow.model.text2tokens import TextToTokensNet, generate_tokens
 from avflow.train.distributed import DistInfo

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from avflow.config import Config, CorpusConfig
-from avflow.data import loader
+from avflow.data import shard_index
 from avflow.data.corpus import write_corpus
-from avflow.data.loader import BadDataError, iter_split_arrays, training_batches, validation_batches
+from avflow.data.loader import training_batches, validation_batches
+from avflow.data.shard_index import BadDataError, iter_split_arrays
 from avflow.data.shards import FORMAT, MANIFEST, pack, shard_file_name
 
 WINDOW = 16
@@ -214,8 +215,8 @@ def test_fast_forward_decodes_no_skipped_sample(shard_dir, monkeypatch):
     cfg = small_config()
     reference = take(training_batches(shard_dir, cfg), 41)
     reads = []
-    real_read = loader.read_arrays
-    monkeypatch.setattr(loader, "read_arrays", lambda sample: reads.append(sample.key) or real_read(sample))
+    real_read = shard_index.read_arrays
+    monkeypatch.setattr(shard_index, "read_arrays", lambda sample: reads.append(sample.key) or real_read(sample))
     resumed = training_batches(shard_dir, cfg)
     resumed.load_state_dict({"batches": 40})
     assert_batches_equal(reference[40:], take(resumed, 1))
@@ -267,7 +268,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
               "val00_001": "nan", "val00_003": "wrong_dims", "val00_004": "missing"}
     directory = write_shards(tmp_path, train=[[12] * 30], val=[[12] * 30], damage=damage)
     cfg = small_config(batch_size=1, max_bad_fraction=0.2, shuffle_buffer=1)  # windows in sample order
-    with caplog.at_level(logging.WARNING, logger="avflow.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="avflow.data.shard_index"):
         val = list(validation_batches(directory, cfg))
     keys = [key for batch in val for key in batch["keys"]]
     assert len(keys) == 27 and not set(keys) & set(damage) and int(val[-1]["bad_samples"]) == 3
@@ -306,7 +307,7 @@ def test_a_truncated_shard_is_reported_by_path(tmp_path, caplog, cut):
         members = tar.getmembers()
     length = shard.stat().st_size // 2 if cut == "mid_member" else members[len(members) // 2].offset
     shard.write_bytes(shard.read_bytes()[:length])
-    with caplog.at_level(logging.ERROR, logger="avflow.data.loader"):
+    with caplog.at_level(logging.ERROR, logger="avflow.data.shard_index"):
         with pytest.raises(BadDataError, match=str(shard)):
             take(training_batches(directory, small_config(max_bad_fraction=0.01)), 20)
     assert f"{shard}: corrupt or truncated shard" in caplog.text

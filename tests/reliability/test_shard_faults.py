@@ -12,7 +12,8 @@ from reliability_inputs import CORPUS, packed  # noqa: F401 (fixture)
 
 from avflow.cli import main
 from avflow.config import load_config
-from avflow.data.loader import BadDataError, iter_split_arrays, training_batches
+from avflow.data.loader import training_batches
+from avflow.data.shard_index import BadDataError, iter_split_arrays
 
 IMPLAUSIBLE = np.float16(3706.0)  # finite, far beyond any log-mel value
 
@@ -45,7 +46,7 @@ def test_a_flipped_sample_is_skipped_and_named(shards, caplog):
     assert max(float(np.abs(sample["mel"]).max()) for sample in clean) < 100  # the corruption is implausible
     shard = sorted(shards.glob("*-train-*.tar"))[1]
     (key,) = corrupt_mel(shard, keys={sorted(tarfile.open(shard).getnames())[0].split(".")[0]})
-    with caplog.at_level(logging.WARNING, logger="avflow.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="avflow.data.shard_index"):
         damaged = list(iter_split_arrays(shards, "train", ("mel",), max_bad_fraction=0.1))
     assert len(damaged) == len(clean) - 1
     assert all(float(np.abs(sample["mel"]).max()) < 100 for sample in damaged)  # never trained on

@@ -143,7 +143,7 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
     CTC decoding of what it generates for 6 unseen sentences has CER < 5%, and its total length is within
     10% of the corpus's."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.loader import iter_split_arrays
+    from avflow.data.shard_index import iter_split_arrays
     from avflow.data.shards import pack
     from avflow.infer.text2tokens import evaluate_text2tokens
 
