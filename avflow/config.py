@@ -253,6 +253,9 @@ class EvaluateConfig:
     mouth_controls: bool = False  # the demo corpus: expression components 0-2 are its mouth controls
 
 
+TOOL_SECTIONS = ("pack", "corpus")  # options of `avflow pack` and the demo corpus writer
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -399,11 +402,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, path: str | os.PathLike) -> None:
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """What checkpoints, model files and exports record: the config without the sections of data-making tools,
+        which describe no model or run (loading fills them with their defaults)."""
+        return {name: value for name, value in self.to_dict().items() if name not in TOOL_SECTIONS}
+
+    def save(self, path: str | os.PathLike, tools: bool = True) -> None:
+        """YAML, with or without the sections of data-making tools (see `checkpoint_dict`)."""
         from avflow.utils import atomic_path
 
         with atomic_path(path) as tmp:
-            tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(self.to_dict() if tools else self.checkpoint_dict(), sort_keys=False))
 
 
 def _require(ok: bool, name: str, expected: str, got: Any) -> None:

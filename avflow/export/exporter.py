@@ -169,7 +169,7 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
                               f"{output} was not written")
         log.info("parity: relative error %.3g (tolerance %g), max abs error %.3g", error, tolerance, max_abs)
         write_model_file(cfg, tensors, staging / WEIGHTS_FILE, source=str(checkpoint))
-        cfg.save(staging / CONFIG_FILE)
+        cfg.save(staging / CONFIG_FILE, tools=False)
         if options.vocoder:
             save_vocoder_file(load_bigvgan(options.vocoder), staging / VOCODER_FILE)
         if options.text2tokens:

@@ -201,7 +201,7 @@ def write_model_file(cfg: Config, tensors: dict[str, Any], output: str | Path, s
     """The single-file inference format: safetensors of the inference groups with the config as metadata."""
     from safetensors.torch import save_file
 
-    metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.to_dict()), "source": source}
+    metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.checkpoint_dict()), "source": source}
     with atomic_path(output) as tmp:
         save_file(_flatten(tensors), str(tmp), metadata=metadata)
     return Path(output)

@@ -134,7 +134,7 @@ class Trainer:
 
     def _describe(self) -> dict:
         """What meta.json records beside the step: read by inference and tools without loading DCP."""
-        return {"config": self.cfg.to_dict(), "world_size": self.info.world_size,
+        return {"config": self.cfg.checkpoint_dict(), "world_size": self.info.world_size,
                 "strategy": self.cfg.parallel.strategy}
 
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import check_resume_matches_uninterrupted, packed_tiny_corpus, run_steps
 
-from avflow.config import load_config
+from avflow.config import CorpusConfig, load_config
 from avflow.train import checkpoint as checkpoint_module
 from avflow.train.checkpoint import (
     CheckpointError,
@@ -153,6 +153,9 @@ def test_consolidated_file_loads_without_pickle_and_generates_like_the_directory
         assert torch.equal(value, from_file.net.state_dict()[name]), name
     assert torch.equal(from_dir.pose_std, from_file.pose_std)
     assert from_file.cfg == from_dir.cfg
+    # the run set corpus options; tool options describe no model, so neither file records them
+    assert not {"pack", "corpus"} & read_meta(path)["config"].keys()
+    assert from_file.cfg.corpus == CorpusConfig() != config(shards, tmp_path).corpus
     (tmp_path / "other.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="other.safetensors: not an avflow checkpoint"):
         load_inference_tensors(tmp_path / "other.safetensors")
