@@ -114,7 +114,7 @@ def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
 
 def _load_model(args: argparse.Namespace):
     """The model with the command's sampler overrides, its text front end and its vocoder if given."""
-    from avflow.infer.generate import load_inference_model
+    from avflow.infer.model import load_inference_model
 
     model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile)
     _sample_overrides(args, model.cfg)
@@ -149,15 +149,15 @@ def _face_decoder(args: argparse.Namespace, model):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from avflow.infer.generate import (
+    from avflow.infer.generate import generate
+    from avflow.infer.inputs import (
         check_duration,
         check_text_length,
-        generate,
         tokens_for_text,
         tokens_from_audio,
         tokens_from_file,
-        write_outputs,
     )
+    from avflow.infer.outputs import write_outputs
 
     model = _load_model(args)
     face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written

@@ -22,7 +22,9 @@ from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.shard_index import iter_split_arrays
 from avflow.data.shards import pack
 from avflow.evaluate.run import DEFAULT_METRICS, Settings, evaluate_models, held_out_segments, markdown_table
-from avflow.infer.generate import generate, load_inference_model, write_outputs
+from avflow.infer.generate import generate
+from avflow.infer.model import load_inference_model
+from avflow.infer.outputs import write_outputs
 from avflow.infer.text2tokens import evaluate_text2tokens, load_text2tokens
 from avflow.model.avflow import AVFlowNet
 from avflow.render import ProceduralFaceDecoder

@@ -47,7 +47,8 @@ import torch
 
 from avflow.config import Config, ModelConfig, load_config
 from avflow.data.text import text_to_token_logits
-from avflow.infer.generate import conditioning, generate_batch, load_inference_model
+from avflow.infer.generate import conditioning, generate_batch
+from avflow.infer.model import load_inference_model
 from avflow.infer.sampler import GraphSampler, PreparedVelocity, cuda_graphs_wanted
 from avflow.infer.vocoder import BigVGAN, BigVGANConfig
 from avflow.model.avflow import AVFlowNet, count_parameters

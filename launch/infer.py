@@ -1,7 +1,14 @@
 """Batch inference as a SLURM job array: `avflow infer` over one manifest, split into --array shards.
 
-    python -m launch.infer --model exports/50h --inputs items.jsonl -o results --array 8 --no-video \\
-        --partition gpu --time 60 --gpus-per-node 1
+    python -m launch.infer --array 8 --gpus-per-node 1 --partition gpu --time 60 -- \\
+        --model exports/50h --inputs items.jsonl -o results --no-video
+
+The launcher's own options (the array, its GPUs, SLURM and the job folder) come before `--`; everything
+after it is an `avflow infer` command line, handed to every task verbatim and checked by `avflow infer`'s
+own parser before anything is submitted, so any `avflow infer` option works and a typo fails at once.
+It must name a manifest (--inputs) and no --shard; the launcher adds --device when none is given (cuda
+with --gpus-per-node 1, else cpu) and --quiet. Relative paths are relative to the submitting directory,
+where every task runs.
 
 Array task I of N runs `avflow infer ... --shard I/N` in-process: the items whose line index % N == I,
 recorded in RESULTS/results.shard-I-of-N.jsonl, outputs in RESULTS/<id>/. The job requeues itself on
@@ -22,7 +29,7 @@ import submitit
 
 from avflow.cli import build_parser as avflow_parser
 from avflow.cli import main as avflow_main
-from avflow.infer.artifacts import FACE_DECODER_FILE
+from avflow.infer.artifacts import AVATAR_FILE, FACE_DECODER_FILE
 from avflow.infer.batch import results_name
 from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit_array
 
@@ -65,33 +72,25 @@ def shard_summary(output: Path, shard: int, shards: int) -> dict[str, list[str]]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.infer", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path,
-                        help="an export directory, a .safetensors model or RUN/checkpoints/step-N")
-    parser.add_argument("--inputs", required=True, type=Path, help="items.jsonl: one JSON object per line")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="results folder shared by all tasks")
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.infer", description=__doc__.splitlines()[0],
+        usage="%(prog)s --array N --partition P --time MIN [launcher options] -- AVFLOW_INFER_ARGUMENTS",
+        epilog="AVFLOW_INFER_ARGUMENTS: what `avflow infer` takes (avflow infer --help), with --inputs and without "
+               "--shard, e.g. -- --model exports/50h --inputs items.jsonl -o results --no-video")
     parser.add_argument("--array", required=True, type=int, metavar="N",
                         help="array tasks to split the manifest over (at most one per line)")
     parser.add_argument("--gpus-per-node", type=int, default=0, choices=(0, 1),
                         help="GPUs of each array task: an `avflow infer` process uses one device (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                        help="torch device of each task (default: cuda with --gpus-per-node 1, else cpu)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), help="network precision (an export fixes its own)")
-    video = parser.add_mutually_exclusive_group()
-    video.add_argument("--no-video", action="store_true", help="skip the .mp4 renders")
-    video.add_argument("--procedural-face", action="store_true", help="render the demo's procedural head")
-    video.add_argument("--face-decoder", type=Path, help="TorchScript face decoder for the .mp4 renders")
-    parser.add_argument("--vocoder", type=Path, help="BigVGAN generator checkpoint (default: the export's, else "
-                                                     "Griffin-Lim)")
-    parser.add_argument("--text2tokens", type=Path, help="text-to-tokens .safetensors for text items")
-    parser.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory, for audio items")
-    parser.add_argument("--num-samples", type=int)
-    parser.add_argument("--nfe", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--retry-errors", action="store_true", help="retry items recorded as failed")
     parser.add_argument("--job-name", default="avflow-infer")
     add_slurm_arguments(parser, default_job_dir=DEFAULT_JOB_DIR)
     return parser
+
+
+def infer_parser() -> argparse.ArgumentParser:
+    """`avflow infer`'s own parser, taken from the avflow command line, so its checks and errors are the ones
+    the tasks would meet."""
+    [commands] = [action for action in avflow_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices["infer"]
 
 
 def manifest_lines(path: Path) -> int:
@@ -100,53 +99,60 @@ def manifest_lines(path: Path) -> int:
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    """The launcher's arguments, checked here rather than after waiting in the queue.
+    """The launcher's arguments and the `avflow infer` ones after `--`, checked here rather than after waiting
+    in the queue.
 
-    `args.array` comes back lowered to the manifest's line count: more tasks would have nothing to do.
+    Adds `infer_argv` (the `avflow infer` arguments as given) and `infer` (them parsed; `device` is None when
+    not given). `args.array` comes back lowered to the manifest's line count: more tasks would have nothing
+    to do.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    separator = argv.index("--") if "--" in argv else len(argv)
+    args, unknown = parser.parse_known_args(argv[:separator])
+    if separator == len(argv):
+        missing = "expected `--` and then the `avflow infer` arguments, e.g. -- --model M --inputs items.jsonl -o OUT"
+        parser.error(f"{missing}; move {shlex.join(unknown)} after it" if unknown else missing)
+    if unknown:
+        parser.error(f"unrecognized arguments: {shlex.join(unknown)} (`avflow infer` arguments go after `--`)")
     if args.array < 1:
         parser.error(f"--array: expected at least 1 task, got {args.array}")
-    for flag, path in (("--model", args.model), ("--face-decoder", args.face_decoder), ("--vocoder", args.vocoder),
-                       ("--text2tokens", args.text2tokens), ("--asr-model", args.asr_model)):
+    args.infer_argv = argv[separator + 1:]
+    # A namespace that already holds `device` keeps it unless --device is given: None means "not given".
+    args.infer = infer = infer_parser().parse_args(args.infer_argv, namespace=argparse.Namespace(device=None))
+    if infer.shard is not None:
+        parser.error(f"--shard {infer.shard}: each array task gets its own --shard I/{args.array}; leave it out")
+    if infer.inputs is None:
+        parser.error("--inputs: the array splits a manifest; pass --inputs items.jsonl to avflow infer "
+                     "(not --text, --audio or --tokens)")
+    for flag, path in (("--model", infer.model), ("--face-decoder", infer.face_decoder), ("--avatar", infer.avatar),
+                       ("--vocoder", infer.vocoder), ("--text2tokens", infer.text2tokens),
+                       ("--asr-model", infer.asr_model)):
         if path is not None and not path.exists():
             parser.error(f"{flag}: {path} does not exist")
-    if not args.inputs.is_file():
-        parser.error(f"--inputs: {args.inputs} is not a file (expected items.jsonl, one JSON object per line)")
-    if not (args.no_video or args.procedural_face or args.face_decoder or (args.model / FACE_DECODER_FILE).is_file()):
-        parser.error(f"videos need a face decoder and {args.model} has none: pass --face-decoder FILE, "
-                     "--procedural-face or --no-video")
-    lines = manifest_lines(args.inputs)
+    if not infer.inputs.is_file():
+        parser.error(f"--inputs: {infer.inputs} is not a file (expected items.jsonl, one JSON object per line)")
+    exported_face = (infer.model / FACE_DECODER_FILE).is_file() or (infer.model / AVATAR_FILE).is_file()
+    if not (infer.no_video or infer.procedural_face or infer.face_decoder or infer.avatar or exported_face):
+        parser.error(f"videos need a face decoder and {infer.model} has none: pass --avatar DATASET_ROOT, "
+                     "--face-decoder FILE, --procedural-face or --no-video")
+    lines = manifest_lines(infer.inputs)
     if lines == 0:
-        parser.error(f"--inputs: {args.inputs} is empty (expected one JSON object per line)")
+        parser.error(f"--inputs: {infer.inputs} is empty (expected one JSON object per line)")
     if args.array > lines:
-        log.info(f"--array {args.array}: {args.inputs} has {lines} lines, so {lines} tasks")
+        log.info(f"--array {args.array}: {infer.inputs} has {lines} lines, so {lines} tasks")
         args.array = lines
-    try:  # the composed command must be one `avflow infer` accepts
-        avflow_parser().parse_args([*infer_command(args), "--shard", f"0/{args.array}"])
-    except SystemExit:
-        parser.exit(2, f"{parser.prog}: error: the options above do not make a valid `avflow infer` command\n")
     return args
 
 
 def infer_command(args: argparse.Namespace) -> list[str]:
-    """The `avflow infer` arguments every task runs (before its --shard), with absolute paths."""
-    device = args.device or ("cuda" if args.gpus_per_node else "cpu")
-    argv = ["infer", "--model", str(args.model.absolute()), "--inputs", str(args.inputs.absolute()),
-            "-o", str(args.output.absolute()), "--device", device, "--quiet"]
-    for flag, path in (("--face-decoder", args.face_decoder), ("--vocoder", args.vocoder),
-                       ("--text2tokens", args.text2tokens), ("--asr-model", args.asr_model)):
-        if path is not None:
-            argv += [flag, str(path.absolute())]
-    for flag, value in (("--dtype", args.dtype), ("--num-samples", args.num_samples), ("--nfe", args.nfe),
-                        ("--seed", args.seed)):
-        if value is not None:
-            argv += [flag, str(value)]
-    for flag, given in (("--no-video", args.no_video), ("--procedural-face", args.procedural_face),
-                        ("--retry-errors", args.retry_errors)):
-        if given:
-            argv.append(flag)
+    """The `avflow infer` command line every task runs (before its --shard): the arguments after `--` as given,
+    then --device when none was given and --quiet (a progress bar only clutters the task's log)."""
+    argv = ["infer", *args.infer_argv]
+    if args.infer.device is None:
+        argv += ["--device", "cuda" if args.gpus_per_node else "cpu"]
+    if not args.infer.quiet:
+        argv.append("--quiet")
     return argv
 
 
@@ -158,7 +164,7 @@ def task_command_comment(args: argparse.Namespace) -> str:
 
 def shard_task(args: argparse.Namespace) -> ShardInference:
     """What every array task of this launch runs, given its shard index."""
-    return ShardInference(infer_command(args), args.array, args.output.absolute())
+    return ShardInference(infer_command(args), args.array, args.infer.output.absolute())
 
 
 def submit_inference(args: argparse.Namespace) -> list[submitit.Job]:

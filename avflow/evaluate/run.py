@@ -29,7 +29,8 @@ from avflow.data.shard_index import BadSampleCounter, open_split, read_or_record
 from avflow.data.shards import SPLITS
 from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
-from avflow.infer.generate import InferenceModel, conditioning, generate_batch, load_inference_model
+from avflow.infer.generate import conditioning, generate_batch
+from avflow.infer.model import InferenceModel, load_inference_model
 from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.model.io import checkpoint_config, read_meta
 from avflow.utils import atomic_path

@@ -30,18 +30,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from avflow.infer.generate import (
-    InferenceModel,
+from avflow.infer.generate import conditioning, generate_batch
+from avflow.infer.inputs import (
     check_duration,
     check_text_length,
-    conditioning,
-    generate_batch,
     participant_features_from_file,
     tokens_for_text,
     tokens_from_audio,
     tokens_from_file,
-    write_outputs,
 )
+from avflow.infer.model import InferenceModel
+from avflow.infer.outputs import write_outputs
 from avflow.render import CodecAvatar, FaceDecoder
 
 log = logging.getLogger(__name__)

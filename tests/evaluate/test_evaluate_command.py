@@ -11,7 +11,8 @@ from avflow.cli import main
 from avflow.config import load_config
 from avflow.data.features import interpolate_frames
 from avflow.evaluate.run import held_out_segments
-from avflow.infer.generate import generate_batch, load_inference_model
+from avflow.infer.generate import generate_batch
+from avflow.infer.model import load_inference_model
 from avflow.train.checkpoint import write_model_file
 
 TINY = ["corpus.train_segments=3", "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]",

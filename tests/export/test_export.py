@@ -9,7 +9,8 @@ from helpers import tiny_model_file
 
 from avflow.export.__main__ import main as export_main
 from avflow.export.exporter import ExportError, ExportOptions, export
-from avflow.infer.generate import generate_batch, load_inference_model
+from avflow.infer.generate import generate_batch
+from avflow.infer.model import load_inference_model
 
 
 @pytest.fixture(scope="module")

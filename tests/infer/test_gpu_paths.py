@@ -11,7 +11,7 @@ from helpers import randomized, tiny_model_file
 from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig
-from avflow.infer.generate import default_dtype, load_inference_model
+from avflow.infer.model import default_dtype, load_inference_model
 from avflow.infer.sampler import GraphSampler, PreparedVelocity, row_buckets, sample_sequences
 from avflow.model import attention
 from avflow.model.avflow import AVFlowNet

@@ -95,7 +95,8 @@ def test_compiled_network_generates_what_the_eager_network_generates(tmp_path):
     import numpy as np
     from helpers import tiny_model_file
 
-    from avflow.infer.generate import generate_batch, load_inference_model
+    from avflow.infer.generate import generate_batch
+    from avflow.infer.model import load_inference_model
 
     path = tiny_model_file(tmp_path / "tiny.safetensors", ["sample.max_frames=48", "sample.window_overlap=8"])
     conds = [np.random.default_rng(0).standard_normal((40, 29)).astype(np.float32)]

@@ -43,9 +43,10 @@ def test_dry_run_prints_an_array_of_one_gpu_tasks_and_the_shard_command(tmp_path
     model = tmp_path / "model.safetensors"
     model.touch()  # a dry run only checks that it exists
     items = write_items(tmp_path)
-    assert infer.main(["--model", str(model), "--inputs", str(items), "-o", str(tmp_path / "out"), "--array", "2",
-                       "--gpus-per-node", "1", "--no-video", "--nfe", "8", "--partition", "gpu", "--time", "45",
-                       "--job-dir", str(tmp_path / "jobs"), "--dry-run"]) == 0
+    assert infer.main(["--array", "2", "--gpus-per-node", "1", "--partition", "gpu", "--time", "45",
+                       "--job-dir", str(tmp_path / "jobs"), "--dry-run",
+                       "--", "--model", str(model), "--inputs", str(items), "-o", str(tmp_path / "out"), "--no-video",
+                       "--nfe", "8"]) == 0
     script = capsys.readouterr().out
     lines = script.splitlines()
     expected = {"#SBATCH --array=0-1%2", "#SBATCH --gpus-per-node=1", "#SBATCH --nodes=1",
@@ -55,7 +56,7 @@ def test_dry_run_prints_an_array_of_one_gpu_tasks_and_the_shard_command(tmp_path
     assert any(line.startswith("srun ") and "submitit.core._submit" in line and str(tmp_path / "jobs") in line
                for line in lines), script
     assert lines[-1] == (f"# array task I (0 <= I < 2) runs: avflow infer --model {model} --inputs {items} "
-                         f"-o {tmp_path / 'out'} --device cuda --quiet --nfe 8 --no-video --shard I/2")
+                         f"-o {tmp_path / 'out'} --no-video --nfe 8 --device cuda --quiet --shard I/2")
     assert not (tmp_path / "jobs").exists() and not (tmp_path / "out").exists()  # a dry run submits nothing
 
 
@@ -63,35 +64,83 @@ def test_more_tasks_than_lines_are_cut_to_one_task_per_line(tmp_path, capsys):
     model = tmp_path / "model.safetensors"
     model.touch()
     items = write_items(tmp_path)
-    assert infer.main(["--model", str(model), "--inputs", str(items), "-o", str(tmp_path / "out"), "--array", "9",
-                       "--procedural-face", "--partition", "cpu", "--time", "10", "--dry-run"]) == 0
+    assert infer.main(["--array", "9", "--partition", "cpu", "--time", "10", "--dry-run",
+                       "--", "--model", str(model), "--inputs", str(items), "-o", str(tmp_path / "out"),
+                       "--procedural-face"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "#SBATCH --array=0-3%4" in lines
     assert not any(line.startswith("#SBATCH --gpus") for line in lines)
-    assert lines[-1].endswith("--device cpu --quiet --procedural-face --shard I/4")
+    assert lines[-1].endswith("--procedural-face --device cpu --quiet --shard I/4")
 
 
-@pytest.mark.parametrize("change, named", [
-    (lambda argv, tmp: argv + ["--array", "0"], "--array: expected at least 1 task, got 0"),
-    (lambda argv, tmp: argv + ["--array", "2", "--inputs", str(tmp / "absent.jsonl")], "--inputs:"),
-    (lambda argv, tmp: argv + ["--array", "2", "--model", str(tmp / "absent.safetensors")], "--model:"),
-    (lambda argv, tmp: [arg for arg in argv if arg != "--no-video"] + ["--array", "2"], "face decoder"),
-    (lambda argv, tmp: argv + ["--array", "2", "--inputs", str(tmp / "empty.jsonl")], "is empty"),
+# (launcher arguments, change to the `avflow infer` arguments after `--`, what the error names)
+@pytest.mark.parametrize("launcher, change, named", [
+    (["--array", "0"], lambda argv, tmp: argv, "--array: expected at least 1 task, got 0"),
+    (["--array", "2"], lambda argv, tmp: argv + ["--inputs", str(tmp / "absent.jsonl")], "--inputs:"),
+    (["--array", "2"], lambda argv, tmp: argv + ["--model", str(tmp / "absent.safetensors")], "--model:"),
+    (["--array", "2"], lambda argv, tmp: [arg for arg in argv if arg != "--no-video"], "face decoder"),
+    (["--array", "2"], lambda argv, tmp: argv + ["--inputs", str(tmp / "empty.jsonl")], "is empty"),
+    (["--array", "2"], lambda argv, tmp: argv + ["--shard", "0/2"], "each array task gets its own --shard"),
+    (["--array", "2"], lambda argv, tmp: [arg for arg in argv if arg != "--inputs" and not arg.endswith(".jsonl")]
+     + ["--text", "hello"], "--inputs: the array splits a manifest"),
 ])
-def test_bad_arguments_stop_the_launch_with_the_reason(tmp_path, capsys, change, named):
+def test_bad_arguments_stop_the_launch_with_the_reason(tmp_path, capsys, launcher, change, named):
     (tmp_path / "model.safetensors").touch()
     (tmp_path / "empty.jsonl").touch()
-    argv = ["--model", str(tmp_path / "model.safetensors"), "--inputs", str(write_items(tmp_path)),
-            "-o", str(tmp_path / "out"), "--no-video", "--partition", "cpu", "--time", "10", "--dry-run"]
+    infer_argv = ["--model", str(tmp_path / "model.safetensors"), "--inputs", str(write_items(tmp_path)),
+                  "-o", str(tmp_path / "out"), "--no-video"]
     with pytest.raises(SystemExit) as stopped:
-        infer.main(change(argv, tmp_path))
+        infer.main([*launcher, "--partition", "cpu", "--time", "10", "--dry-run", "--", *change(infer_argv, tmp_path)])
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err
 
 
-def launch_args(model: Path, items: Path, output: Path, *extra: str):
-    return infer.parse_arguments(["--model", str(model), "--inputs", str(items), "-o", str(output), "--array", "2",
-                                  "--no-video", "--time", "15", "--cpus-per-task", "1", *extra])
+def test_avflow_infer_arguments_without_the_separator_are_refused_with_where_they_go(tmp_path, capsys):
+    (tmp_path / "model.safetensors").touch()
+    with pytest.raises(SystemExit) as stopped:
+        infer.main(["--array", "2", "--partition", "cpu", "--time", "10", "--dry-run",
+                    "--model", str(tmp_path / "model.safetensors")])
+    assert stopped.value.code == 2
+    assert "expected `--` and then the `avflow infer` arguments" in capsys.readouterr().err
+
+
+def test_any_avflow_infer_option_reaches_every_task_unchanged(tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.touch()
+    items = write_items(tmp_path)
+    given = ["--model", str(model), "--inputs", str(items), "-o", str(tmp_path / "out"), "--no-video", "--compile",
+             "--max-input-seconds", "30", "--avatar-pose", "relative", "--guidance-scale", "1.5"]
+    task = infer.shard_task(infer.parse_arguments(["--array", "2", "--partition", "cpu", "--time", "10", "--", *given]))
+    assert task.infer_argv == ["infer", *given, "--device", "cpu", "--quiet"]
+    parsed = infer.avflow_parser().parse_args([*task.infer_argv, "--shard", "1/2"])
+    assert (parsed.compile, parsed.max_input_seconds, parsed.avatar_pose, parsed.guidance_scale) == (True, 30.0,
+                                                                                                     "relative", 1.5)
+    # A --device of the user's own, even abbreviated, is kept as the only one, whatever the task's GPUs.
+    for device in (["--device", "auto"], ["--dev", "cuda"]):
+        args = infer.parse_arguments(["--array", "2", "--partition", "cpu", "--time", "10", "--", *given, *device])
+        assert infer.shard_task(args).infer_argv == ["infer", *given, *device, "--quiet"]
+
+
+def test_an_unknown_avflow_infer_option_is_refused_before_anything_is_submitted(tmp_path, capsys, monkeypatch):
+    submitted = []
+    monkeypatch.setattr(infer, "slurm_executor", lambda *args, **kwargs: submitted.append(args))
+    monkeypatch.setattr(infer, "submit_array", lambda *args: submitted.append(args))
+    model = tmp_path / "model.safetensors"
+    model.touch()
+    with pytest.raises(SystemExit) as stopped:
+        infer.main(["--array", "2", "--partition", "cpu", "--time", "10", "--job-dir", str(tmp_path / "jobs"),
+                    "--", "--model", str(model), "--inputs", str(write_items(tmp_path)), "-o", str(tmp_path / "out"),
+                    "--no-video", "--compiel"])
+    assert stopped.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert errors == ["avflow infer: error: unrecognized arguments: --compiel"]
+    assert submitted == [] and not (tmp_path / "jobs").exists() and not (tmp_path / "out").exists()
+
+
+def launch_args(model: Path, items: Path, output: Path, *extra: str, infer_extra: tuple[str, ...] = ()):
+    return infer.parse_arguments(["--array", "2", "--time", "15", "--cpus-per-task", "1", *extra,
+                                  "--", "--model", str(model), "--inputs", str(items), "-o", str(output), "--no-video",
+                                  *infer_extra])
 
 
 def check_every_item_recorded_once(output: Path) -> None:
@@ -125,6 +174,16 @@ def test_array_tasks_split_the_manifest_and_a_rerun_redoes_nothing(model_file, t
     assert run(0) == {"ok": ["first", "second"], "error": []}  # a requeued task finds its items done
     assert {path.name: path.read_text() for path in output.glob("results*.jsonl")} == recorded
     assert {path: path.stat().st_mtime_ns for path in output.glob("*/*")} == written
+
+
+def test_a_task_runs_avflow_infer_with_the_options_given_after_the_separator(model_file, tmp_path):
+    output = tmp_path / "results"
+    args = launch_args(model_file, write_items(tmp_path), output, "--partition", "cpu",
+                       infer_extra=("--max-input-seconds", "0.01"))
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    assert executor.submit(infer.shard_task(args), 0).result() == {"ok": [], "error": ["first", "second"]}
+    errors = [json.loads(line)["error"] for line in (output / "results.shard-0-of-2.jsonl").read_text().splitlines()]
+    assert len(errors) == 2 and all("max_input_seconds=0.01" in error for error in errors), errors
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +232,10 @@ def test_a_preempted_task_is_requeued_and_does_only_what_was_left(slurm_partitio
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"id": word, "text": f"the {word} is here"}) + "\n" for word in words))
     output = tmp_path / "results"
-    args = infer.parse_arguments(["--model", str(model_file), "--inputs", str(items), "-o", str(output), "--array", "1",
-                                  "--no-video", "--time", "15", "--cpus-per-task", "1", "--partition", slurm_partition,
-                                  "--job-dir", str(tmp_path / "jobs")])
+    args = infer.parse_arguments(["--array", "1", "--time", "15", "--cpus-per-task", "1",
+                                  "--partition", slurm_partition, "--job-dir", str(tmp_path / "jobs"),
+                                  "--", "--model", str(model_file), "--inputs", str(items), "-o", str(output),
+                                  "--no-video"])
     [job] = infer.submit_inference(args)
     results = output / "results.shard-0-of-1.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S

@@ -144,7 +144,7 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, shards, monkeypatch
 
 
 def test_consolidated_file_loads_without_pickle_and_generates_like_the_directory(tmp_path, shards):
-    from avflow.infer.generate import load_inference_model
+    from avflow.infer.model import load_inference_model
 
     path = Trainer(config(shards, tmp_path / "run", "trainer.steps=2"), progress=False).fit()
     single = consolidate(path, tmp_path / "model.safetensors")

@@ -8,7 +8,7 @@ from helpers import published_velocity
 from helpers import write_published_release as write_release
 
 from avflow.cli import main
-from avflow.infer.generate import load_inference_model
+from avflow.infer.model import load_inference_model
 from avflow.train.published import import_published
 
 

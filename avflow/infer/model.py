@@ -1,0 +1,140 @@
+"""Loading: a training checkpoint, consolidated model file or export directory -> the InferenceModel that
+generation samples from, with its sampler runners built once per sampler setting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avflow.config import Config, SampleConfig
+from avflow.infer.artifacts import (
+    AVATAR_FILE,
+    FACE_DECODER_FILE,
+    TEXT2TOKENS_FILE,
+    VOCODER_FILE,
+    WEIGHTS_FILE,
+    CompiledSampler,
+    is_model_directory,
+    load_compiled_sampler,
+    read_export_meta,
+)
+from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets
+from avflow.infer.vocoder import BigVGAN, load_vocoder_file
+from avflow.model.avflow import AVFlowNet
+from avflow.model.flow import FixedStepSampler, guided
+from avflow.model.head_vae import HeadVAE
+from avflow.model.io import head_vae_from_payload, load_inference_tensors
+from avflow.model.state import StateCodec
+from avflow.render import CodecAvatar, FaceDecoder, load_face_decoder
+from avflow.runtime import DTYPES, pick_device
+
+
+@dataclass
+class InferenceModel:
+    """Everything generation needs, from a training checkpoint, a consolidated file or an export directory."""
+
+    cfg: Config
+    net: AVFlowNet | None  # None for a torchscript/aoti export: its compiled loop holds the network
+    codec: StateCodec
+    head_vae: HeadVAE
+    pose_mean: torch.Tensor
+    pose_std: torch.Tensor
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    compiled: CompiledSampler | None = None  # fixed-shape loop of a torchscript/aoti export
+    vocoder: BigVGAN | None = None
+    text2tokens: Any = None  # TextToTokens of the export directory, when it has one
+    face_decoder: FaceDecoder | CodecAvatar | None = None  # the export directory's, when it has one
+    batch_rows: int = 12  # sequences (windows x samples) per sampler call
+    length_bucket_count: int = 4
+    compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
+    samplers: dict = field(default_factory=dict, repr=False)
+
+    def sampler(self, sample_cfg: SampleConfig) -> tuple[GraphSampler, int, list[int], int, list[int]]:
+        """(loop runner, window frames, length buckets, rows per call, row counts a call is padded to) for these
+        sampler settings. On CUDA every (length bucket, row count) shape is warmed up and captured here, once,
+        so no request pays for a compilation or a capture."""
+        if self.compiled is not None:
+            self.compiled.check_settings(sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale)
+            if sample_cfg.num_samples > self.compiled.rows:
+                raise ValueError(f"{sample_cfg.num_samples} samples per input do not fit this export's batch of "
+                                 f"{self.compiled.rows} sequences; export again with --batch {sample_cfg.num_samples} "
+                                 "or more")
+            key, frames, rows = "compiled", self.compiled.frames, self.compiled.rows
+            buckets, counts = [frames], [rows]
+        else:
+            key = (sample_cfg.method, sample_cfg.nfe, sample_cfg.guidance_scale, sample_cfg.num_samples)
+            frames, rows = sample_cfg.max_frames, max(self.batch_rows, sample_cfg.num_samples)
+            buckets = length_buckets(frames, self.length_bucket_count)
+            counts = row_buckets(rows, sample_cfg.num_samples)
+        if key not in self.samplers:
+            if self.compiled is not None:
+                loop = self.compiled.loop
+            else:
+                velocity = PreparedVelocity(self.net, sample_cfg.method, sample_cfg.nfe, self.compile_network,
+                                            max_shapes=len(buckets) * len(counts))
+                loop = FixedStepSampler(guided(velocity, sample_cfg.guidance_scale), sample_cfg.method,
+                                        sample_cfg.nfe, self.dtype)
+            runner = GraphSampler(loop, self.device)
+            if runner.use_cuda_graph:
+                runner.warm_up(buckets, counts, self.cfg.model.state_dim, self.cfg.model.cond_dim, self.device)
+            self.samplers[key] = runner
+        return self.samplers[key], frames, buckets, rows, counts
+
+
+def default_dtype(device: torch.device) -> str:
+    """The network's precision when none is asked: bf16 on CUDA (tensor cores; the sampler's state stays fp32,
+    within 2e-2 of fp32 sampling, see docs/performance.md), fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
+                         batch_rows: int = 12, compile_network: bool = False) -> InferenceModel:
+    """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
+    file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
+
+    `dtype` (fp32 | bf16) is the network's precision, by default bf16 on CUDA (the sampler keeps its state in
+    fp32) and fp32 elsewhere; an export directory fixes it at export time. On CUDA, fp32 matmuls use TF32.
+    `compile_network` compiles the whole network (fullgraph, static shapes: once per length bucket and row
+    count) for the eager sampler, which the CUDA graph then captures.
+    """
+    target = pick_device(device)
+    exported = is_model_directory(checkpoint)
+    meta = read_export_meta(checkpoint) if exported else None
+    if exported and dtype is not None and dtype != meta["dtype"]:
+        raise ValueError(f"{checkpoint} was exported in {meta['dtype']}; --dtype {dtype} needs another export")
+    if target.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    dtype = meta["dtype"] if exported else (dtype or default_dtype(target))
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    cfg, tensors = load_inference_tensors(Path(checkpoint) / WEIGHTS_FILE if exported else checkpoint)
+    compiled = load_compiled_sampler(checkpoint, meta, target) if exported else None
+    net = None
+    if compiled is None:  # a compiled export carries its own copy of the network
+        net = AVFlowNet(cfg.model)
+        net.load_state_dict(tensors["ema"])
+        net = net.to(target, DTYPES[dtype]).eval()
+    elif compile_network:
+        raise ValueError(f"{checkpoint} is a {meta['format']} export, compiled already; --compile applies to "
+                         "eager exports and checkpoints")
+    head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
+    codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
+    model = InferenceModel(cfg, net, codec, head_vae.to(target).eval(), pose_mean, pose_std, target, DTYPES[dtype],
+                           compiled, batch_rows=batch_rows, compile_network=compile_network)
+    if exported:
+        directory = Path(checkpoint)
+        if (directory / VOCODER_FILE).is_file():
+            model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
+        if (directory / FACE_DECODER_FILE).is_file():
+            model.face_decoder = load_face_decoder(directory / FACE_DECODER_FILE)
+        if (directory / AVATAR_FILE).is_file():
+            model.face_decoder = CodecAvatar.load(directory / AVATAR_FILE, target)
+        if (directory / TEXT2TOKENS_FILE).is_file():
+            from avflow.infer.text2tokens import load_text2tokens
+
+            model.text2tokens = load_text2tokens(directory / TEXT2TOKENS_FILE)
+    return model
