@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
+    # each subcommand's parser by name: launchers check the arguments they pass through with it
+    parser.set_defaults(command_parsers=commands.choices)
 
     def with_config(sub: argparse.ArgumentParser, default: Path | None = None) -> None:
         sub.add_argument("--config", type=Path, default=default,

@@ -89,8 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def infer_parser() -> argparse.ArgumentParser:
     """`avflow infer`'s own parser, taken from the avflow command line, so its checks and errors are the ones
     the tasks would meet."""
-    [commands] = [action for action in avflow_parser()._actions if isinstance(action, argparse._SubParsersAction)]
-    return commands.choices["infer"]
+    return avflow_parser().get_default("command_parsers")["infer"]
 
 
 def manifest_lines(path: Path) -> int:
