@@ -91,7 +91,7 @@ def ctc_forced_align(log_probs: np.ndarray, targets: list[int]) -> np.ndarray:
     path = np.empty(frames, dtype=np.int64)
     for t in range(frames - 1, -1, -1):
         path[t] = state
-        state -= back[t, state]
+        state -= int(back[t, state])  # a Python int: NumPy 2 would keep int8 and overflow past 127 states
     return np.where(path % 2 == 1, path // 2, -1)
 
 
