@@ -23,6 +23,7 @@ setup(
         "moviepy<2",  # TensorBoard's add_video encodes with moviepy.editor, which moviepy 2 removed
         "librosa",  # pYIN pitch of avflow evaluate (and the demo's report)
         "monotonic-alignment-search",  # Glow-TTS's MAS in Cython (phoneme durations); a wheel needing only numpy
+        "phonemizer",  # espeak-ng phonemes of the text-to-tokens front end (needs the espeak-ng library, apt)
         "num2words",  # numbers and ordinals spelled out by the text normalization
     ],
     extras_require={
