@@ -12,7 +12,6 @@ setup(
         "torch>=2.4",
         "numpy",
         "scipy",
-        "webdataset",
         "pyyaml",
         "soundfile",
         "soxr",
@@ -23,12 +22,17 @@ setup(
         "imageio-ffmpeg",
         "moviepy<2",  # TensorBoard's add_video encodes with moviepy.editor, which moviepy 2 removed
         "librosa",  # pYIN pitch of avflow evaluate (and the demo's report)
+        "monotonic-alignment-search",  # Glow-TTS's MAS in Cython (phoneme durations); a wheel needing only numpy
+        "phonemizer",  # espeak-ng phonemes of the text-to-tokens front end (needs the espeak-ng library, apt)
+        "num2words",  # numbers and ordinals spelled out by the text normalization
     ],
     extras_require={
         "asr": ["transformers"],
         "deepspeed": ["deepspeed"],
         "slurm": ["submitit"],
-        "test": ["pytest", "transformers", "deepspeed", "submitit", "psutil"],
+        # webdataset: tests prove the shards readable by its stock reader; training reads the tars itself
+        # (shards/README.md says why)
+        "test": ["pytest", "transformers", "deepspeed", "submitit", "psutil", "webdataset"],
     },
     entry_points={"console_scripts": ["avflow=avflow.cli:main"]},
 )

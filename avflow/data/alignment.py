@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from monotonic_alignment_search import maximum_path
 
 from avflow.data.phonemes import SILENCE, WORD_GAP, sequence_symbols
 from avflow.data.tokens import BLANK, TOKEN_LABELS, WORD_DELIMITER
@@ -89,30 +91,36 @@ def ctc_forced_align(log_probs: np.ndarray, targets: list[int]) -> np.ndarray:
     path = np.empty(frames, dtype=np.int64)
     for t in range(frames - 1, -1, -1):
         path[t] = state
-        state -= back[t, state]
+        state -= int(back[t, state])  # a Python int: NumPy 2 would keep int8 and overflow past 127 states
     return np.where(path % 2 == 1, path // 2, -1)
 
 
 def monotonic_alignment_search(score: np.ndarray) -> np.ndarray:
     """Durations (N,) of N symbols over T frames maximizing the summed score (N, T) of a monotonic
     alignment in which every symbol holds at least one consecutive frame and every frame one symbol."""
-    score = np.asarray(score, dtype=np.float64)
-    symbols, frames = score.shape
-    if symbols < 1 or frames < symbols:
-        raise ValueError(f"monotonic alignment of {symbols} symbols over {frames} frames; expected "
-                         "1 <= symbols <= frames")
-    best = np.full((symbols, frames), -np.inf)
-    best[0, 0] = score[0, 0]
-    for t in range(1, frames):
-        advance = np.concatenate([[-np.inf], best[:-1, t - 1]])
-        best[:, t] = np.maximum(best[:, t - 1], advance) + score[:, t]
-    durations = np.zeros(symbols, dtype=np.int64)
-    symbol = symbols - 1
-    for t in range(frames - 1, -1, -1):
-        durations[symbol] += 1
-        if symbol > 0 and (t == symbol or best[symbol - 1, t - 1] > best[symbol, t - 1]):
-            symbol -= 1
-    return durations
+    return batched_monotonic_alignment_search([score])[0]
+
+
+def batched_monotonic_alignment_search(scores: list[np.ndarray]) -> list[np.ndarray]:
+    """`monotonic_alignment_search` of each score, all in one call of Glow-TTS's MAS (monotonic-alignment-search).
+
+    It sums in float32, so only alignments whose totals differ by less than float32 rounding could be chosen
+    otherwise than in float64; on an exact tie a symbol keeps the frame (its predecessor must score better).
+    """
+    if not scores:
+        return []
+    shapes = [np.shape(score) for score in scores]
+    for symbols, frames in shapes:
+        if symbols < 1 or frames < symbols:
+            raise ValueError(f"monotonic alignment of {symbols} symbols over {frames} frames; expected "
+                             "1 <= symbols <= frames")
+    value = torch.zeros(len(scores), max(n for n, _ in shapes), max(t for _, t in shapes))
+    mask = torch.zeros_like(value)
+    for index, (score, (symbols, frames)) in enumerate(zip(scores, shapes)):
+        value[index, :symbols, :frames] = torch.from_numpy(np.asarray(score, dtype=np.float32))
+        mask[index, :symbols, :frames] = 1
+    paths = maximum_path(value, mask).sum(dim=2).to(torch.int64).numpy()
+    return [paths[index, :symbols] for index, (symbols, _) in enumerate(shapes)]
 
 
 @dataclass
@@ -189,11 +197,8 @@ def align_phonemes(segments: list[tuple[CharacterAlignment, np.ndarray]], word_p
         for index, ((_, tokens), spans, phonemes) in enumerate(zip(segments, word_spans, word_phonemes)):
             if durations[index] is None:
                 continue
-            for w, ((start, end), word) in enumerate(zip(spans, phonemes)):
-                centres = np.stack([means[p] for p in word])
-                frames = tokens[start:end].astype(np.float64)
-                score = -((frames[None] - centres[:, None]) ** 2).sum(-1)
-                durations[index][w] = monotonic_alignment_search(score)
+            scores = [_phoneme_scores(tokens[start:end], word, means) for (start, end), word in zip(spans, phonemes)]
+            durations[index] = batched_monotonic_alignment_search(scores)
     results: list[tuple[list[str], np.ndarray] | None] = []
     for (alignment, _), phonemes, word_durations in zip(segments, word_phonemes, durations):
         if word_durations is None:
@@ -223,6 +228,12 @@ def _word_spans(alignment: CharacterAlignment) -> list[tuple[int, int]]:
 def _even_split(frames: int, parts: int) -> np.ndarray:
     edges = np.rint(np.linspace(0, frames, parts + 1)).astype(np.int64)
     return np.diff(edges)
+
+
+def _phoneme_scores(frames: np.ndarray, word: list[str], means: dict[str, np.ndarray]) -> np.ndarray:
+    """(phonemes, frames) MAS score of a word: -|frame - mean of the phoneme|^2."""
+    centres = np.stack([means[phoneme] for phoneme in word])
+    return -((frames.astype(np.float64)[None] - centres[:, None]) ** 2).sum(-1)
 
 
 def _phoneme_means(segments, word_spans, word_phonemes, durations) -> dict[str, np.ndarray]:

@@ -1,11 +1,11 @@
 """Front ends of the text-to-tokens model: spoken words -> input symbols, by phonemes or by letters.
 
-The published text-to-tokens model reads espeak-ng IPA phonemes (en-us). `PhonemeFrontEnd` calls the
-espeak-ng program (one process per batch of words, with a per-word cache); `CharacterFrontEnd` reads the
-letters themselves and needs nothing installed, so it is the fallback. Both give one symbol list per
-word, over a fixed inventory, so a model's embedding table never depends on the data it saw. The
-front end a model was trained with is recorded in its config (`text2tokens.front_end`), and inference
-rebuilds the same one.
+The published text-to-tokens model reads espeak-ng IPA phonemes (en-us). `PhonemeFrontEnd` reads them
+through phonemizer's espeak backend (the espeak-ng library, all new words of a call at once, with a
+per-word cache); `CharacterFrontEnd` reads the letters themselves and needs nothing installed, so it is
+the fallback. Both give one symbol list per word, over a fixed inventory, so a model's embedding table
+never depends on the data it saw. The front end a model was trained with is recorded in its config
+(`text2tokens.front_end`), and inference rebuilds the same one.
 
 Every input sequence has the same frame: SILENCE, the first word's symbols, WORD_GAP, the next word's,
 ..., SILENCE.
@@ -13,9 +13,8 @@ Every input sequence has the same frame: SILENCE, the first word's symbols, WORD
 
 from __future__ import annotations
 
-import functools
-import shutil
-import subprocess
+from phonemizer.backend import EspeakBackend
+from phonemizer.separator import Separator
 
 PAD, SILENCE, WORD_GAP = "<pad>", "<sil>", "<gap>"
 SPECIAL_SYMBOLS = (PAD, SILENCE, WORD_GAP)
@@ -23,7 +22,11 @@ LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
 # Every character espeak-ng's en-us IPA output uses (measured on a few hundred words), plus the
 # neighbouring symbols its rules can produce; each character is one symbol, stress and length marks too.
 IPA_SYMBOLS = tuple("abdefhijklmnoprstuvwxzæçðŋɐɑɒɔəɚɛɜɡɪɫɬɹɾʃʊʌʒʔθᵻˈˌː\u0329")
-ESPEAK_PROGRAM = "espeak-ng"
+PRIMARY_STRESS, SECONDARY_STRESS = "ˈ", "ˌ"
+VOWEL_LETTERS = frozenset("aeiouæɐɑɒɔəɚɛɜɪʊʌᵻ")  # a phoneme starting with one of these is a syllable's vowel
+# Phonemes apart, so that a stress can be placed on a vowel; words apart only for the rare entry that espeak-ng
+# reads as several words (roman numerals).
+PHONEME_SEPARATOR = Separator(phone="|", word=" ", syllable="")
 
 
 class CharacterFrontEnd:
@@ -48,35 +51,57 @@ class PhonemeFrontEnd:
 
     def __init__(self, language: str = "en-us"):
         if not espeak_available():
-            raise RuntimeError(f"the phoneme front end needs the {ESPEAK_PROGRAM} program, which is not on PATH; "
+            raise RuntimeError("the phoneme front end needs the espeak-ng library, which phonemizer cannot find; "
                                "install it (apt-get install espeak-ng) or use text2tokens.front_end=character")
         self.language = language
+        self._backend = EspeakBackend(language, with_stress=True)
+        self._ipa: dict[str, str] = {}  # word -> IPA: a corpus says its common words thousands of times
 
     def word_symbols(self, words: list[str]) -> list[list[str]]:
-        phonemes = [_phonemize_word(word.lower(), self.language) for word in words]
+        lowered = [word.lower() for word in words]
+        new = list(dict.fromkeys(word for word in lowered if word not in self._ipa))
+        if new:
+            self._ipa.update(zip(new, self._phonemize(new)))
+        phonemes = [self._ipa[word] for word in lowered]
         unknown = sorted({char for word in phonemes for char in word if char not in IPA_SYMBOLS})
         if unknown:
             raise ValueError(f"espeak-ng produced phoneme symbols {', '.join(map(repr, unknown))} outside the "
                              f"inventory of avflow.data.phonemes.IPA_SYMBOLS (words {words})")
         return [list(word) for word in phonemes]
 
+    def _phonemize(self, words: list[str]) -> list[str]:
+        """Each word's IPA string; espeak-ng reads each one alone, the way a dictionary would."""
+        ipa = []
+        for word, phonemized in zip(words, self._backend.phonemize(words, separator=PHONEME_SEPARATOR, strip=True)):
+            phonemes = [phoneme for phoneme in phonemized.replace(" ", "|").split("|") if phoneme]
+            if not phonemes:
+                raise ValueError(f"espeak-ng gave no phonemes for {word!r} with voice {self.language!r}")
+            ipa.append(with_primary_stress(phonemes))
+        return ipa
+
+
+def with_primary_stress(phonemes: list[str]) -> str:
+    """The word's IPA with a primary stress on its strongest syllable: the last secondary stress, else the last vowel.
+
+    A word read alone is a whole clause, and espeak-ng's intonation gives a clause without a primary stress one
+    there; the `espeak-ng --ipa` program prints it, the library's phoneme output skips that step. Without it
+    unstressed words (the, of, and) would lose the stress mark that models trained on the program's output saw.
+    """
+    if any(PRIMARY_STRESS in phoneme for phoneme in phonemes):
+        return "".join(phonemes)
+    secondary = [index for index, phoneme in enumerate(phonemes) if phoneme.startswith(SECONDARY_STRESS)]
+    vowels = [index for index, phoneme in enumerate(phonemes) if phoneme[0] in VOWEL_LETTERS]
+    stressed = list(phonemes)
+    if secondary:
+        stressed[secondary[-1]] = PRIMARY_STRESS + stressed[secondary[-1]][1:]
+    elif vowels:
+        stressed[vowels[-1]] = PRIMARY_STRESS + stressed[vowels[-1]]
+    return "".join(stressed)
+
 
 def espeak_available() -> bool:
-    return shutil.which(ESPEAK_PROGRAM) is not None
-
-
-@functools.lru_cache(maxsize=65536)
-def _phonemize_word(word: str, language: str) -> str:
-    """One word's IPA string; espeak-ng reads a lone word the way a dictionary would."""
-    try:
-        result = subprocess.run([ESPEAK_PROGRAM, "-q", "--ipa", "-v", language, word], capture_output=True,
-                                text=True, check=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise RuntimeError(f"{ESPEAK_PROGRAM} failed on {word!r} with voice {language!r}: {error}") from error
-    ipa = "".join(result.stdout.split())
-    if not ipa:
-        raise ValueError(f"{ESPEAK_PROGRAM} gave no phonemes for {word!r}")
-    return ipa
+    """Whether phonemizer can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name one)."""
+    return EspeakBackend.is_available()
 
 
 def resolve_front_end(name: str) -> str:

@@ -14,6 +14,7 @@ import re
 import unicodedata
 
 import numpy as np
+from num2words import num2words
 
 from avflow.data.tokens import BLANK, LABEL_INDEX, TOKEN_LABELS, WORD_DELIMITER
 
@@ -34,13 +35,7 @@ RUNNER_UP_LOGIT = 4.0
 LABEL_CENTRE_FRACTION = 0.5
 
 
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen").split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-SCALES = ((10 ** 9, "billion"), (10 ** 6, "million"), (1000, "thousand"), (100, "hundred"))
-ORDINALS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth", "nine": "ninth",
-            "twelve": "twelfth"}
-MAX_NUMBER = 10 ** 12 - 1
+MAX_NUMBER = 10 ** 12 - 1  # read up to the billions; a longer digit string is more likely an identifier
 # Abbreviations spelled out before punctuation is read; the trailing period is part of the match.
 ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "ms": "miz", "dr": "doctor", "st": "saint", "jr": "junior",
                  "sr": "senior", "prof": "professor", "vs": "versus", "etc": "et cetera", "e.g": "for example",
@@ -52,35 +47,32 @@ WORD_BREAKS = "-_/"  # separate words without a pause
 SHORT_PAUSE, LONG_PAUSE = "short", "long"
 
 
+def _american_reading(words: str) -> str:
+    """num2words writes British English ('one hundred and one', 'forty-two', commas between groups); the corpora
+    and models read numbers the American way: no 'and', words separated by single spaces."""
+    return " ".join(word for word in words.replace("-", " ").replace(",", " ").split() if word != "and")
+
+
 def number_words(value: int) -> str:
-    """English cardinal for 0 <= value < 10**12, e.g. 1042 -> 'one thousand forty two'."""
-    if not 0 <= value <= MAX_NUMBER:
-        raise ValueError(f"number {value} is out of range; expected 0 to {MAX_NUMBER}")
-    if value < 20:
-        return ONES[value]
-    if value < 100:
-        tens, ones = divmod(value, 10)
-        return TENS[tens] + (f" {ONES[ones]}" if ones else "")
-    for scale, name in SCALES:
-        if value >= scale:
-            high, rest = divmod(value, scale)
-            return f"{number_words(high)} {name}" + (f" {number_words(rest)}" if rest else "")
-    raise AssertionError("unreachable: every value >= 100 has a scale")
+    """English cardinal for 0 <= value <= MAX_NUMBER, e.g. 1042 -> 'one thousand forty two'."""
+    return _american_reading(num2words(_readable(value), lang="en"))
 
 
 def ordinal_words(value: int) -> str:
-    """'first', 'twenty second', 'one hundredth': the cardinal with its last word made ordinal."""
-    *head, last = number_words(value).split()
-    if last in ORDINALS:
-        last = ORDINALS[last]
-    elif last.endswith("y"):
-        last = last[:-1] + "ieth"
-    else:
-        last += "th"
-    return " ".join([*head, last])
+    """'first', 'twenty second', 'one hundredth'."""
+    return _american_reading(num2words(_readable(value), lang="en", to="ordinal"))
+
+
+def _readable(value: int) -> int:
+    if not 0 <= value <= MAX_NUMBER:
+        raise ValueError(f"number {value} is out of range; expected 0 to {MAX_NUMBER}")
+    return value
 
 
 def _spell_number(match: re.Match) -> str:
+    """A written number as words. Decimals and currency stay hand-written: num2words drops a decimal's trailing
+    zeros and cuts long fractions ('1.50' would be 'one point five'), and reads money always with cents ('five
+    dollars, zero cents' for $5)."""
     currency, digits, fraction, suffix = (match.group("currency"), match.group("int"), match.group("frac"),
                                           match.group("suffix"))
     value = int(digits.replace(",", ""))
@@ -90,7 +82,7 @@ def _spell_number(match: re.Match) -> str:
         return f" {ordinal_words(value)} "
     words = number_words(value)
     if fraction:
-        words += " point " + " ".join(ONES[int(d)] for d in fraction)
+        words += " point " + " ".join(number_words(int(digit)) for digit in fraction)
     if currency:
         words += " dollar" if value == 1 and not fraction else " dollars"
     return f" {words} "

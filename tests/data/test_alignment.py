@@ -52,6 +52,14 @@ def test_forced_alignment_refuses_too_few_frames():
         ctc_forced_align(frame_log_probs([{"L": 0.9}, {"L": 0.9}]), [LABEL_INDEX["L"], LABEL_INDEX["L"]])
 
 
+def test_forced_alignment_of_a_long_sentence():
+    # 70 labels make 141 CTC states, more than an int8 back-pointer plus state index can hold together.
+    letters = [TOKEN_LABELS[2 + i % 26] for i in range(70)]  # no blank, no word delimiter
+    rows = [row for letter in letters for row in ({letter: 0.9}, {BLANK: 0.9})]
+    path = ctc_forced_align(frame_log_probs(rows), [LABEL_INDEX[letter] for letter in letters])
+    assert path.tolist() == [value for i in range(70) for value in (i, -1)]
+
+
 @pytest.mark.parametrize("symbols, frames", [(1, 4), (3, 5), (4, 7), (5, 5)])
 def test_monotonic_alignment_search_finds_the_best_composition(symbols, frames):
     score = np.random.default_rng(symbols * 10 + frames).normal(size=(symbols, frames))

@@ -1,5 +1,8 @@
 """Front ends: espeak-ng phonemes when installed, letters as the fallback without it."""
 
+import shutil
+import subprocess
+
 import pytest
 
 from avflow.data.phonemes import (
@@ -12,13 +15,14 @@ from avflow.data.phonemes import (
     espeak_available,
     resolve_front_end,
     sequence_symbols,
+    with_primary_stress,
 )
 
 
 @pytest.fixture
 def no_espeak(monkeypatch, tmp_path):
-    """A PATH on which no espeak-ng can be found, as on a machine without it."""
-    monkeypatch.setenv("PATH", str(tmp_path))
+    """phonemizer pointed at an espeak-ng library that does not exist, as on a machine without it."""
+    monkeypatch.setenv("PHONEMIZER_ESPEAK_LIBRARY", str(tmp_path / "libespeak-ng.so.1"))
     assert not espeak_available()
 
 
@@ -30,7 +34,7 @@ def test_without_espeak_auto_falls_back_to_letters(no_espeak):
 
 
 def test_without_espeak_the_phoneme_front_end_says_what_is_missing(no_espeak):
-    with pytest.raises(RuntimeError, match="needs the espeak-ng program.*text2tokens.front_end=character"):
+    with pytest.raises(RuntimeError, match="needs the espeak-ng library.*text2tokens.front_end=character"):
         build_front_end("phoneme")
 
 
@@ -51,3 +55,22 @@ def test_espeak_phonemes_of_words():
     the, think = PhonemeFrontEnd().word_symbols(["THE", "THINK"])
     assert the[0] == "ð" and think[0] == "θ"  # the voiced and the voiceless 'th', which spelling does not show
     assert all(symbol in IPA_SYMBOLS for symbol in the + think)
+
+
+@pytest.mark.parametrize("phonemes, expected", [
+    (["ð", "ə"], "ðˈə"),  # no stress at all: the last vowel gets it
+    (["ð", "eɪ", "ɚ"], "ðeɪˈɚ"),
+    (["m", "ˌʌ", "l", "t", "ɪ", "p", "əl"], "mˈʌltɪpəl"),  # a secondary stress is promoted
+    (["s", "ˌuː", "p", "ɚ", "ɹ", "ɪ", "n", "ˌɪ", "t"], "sˌuːpɚɹɪnˈɪt"),  # the last of several
+    (["h", "ə", "l", "ˈoʊ"], "həlˈoʊ"),  # a primary stress stays where it is
+])
+def test_a_lone_word_gets_a_primary_stress(phonemes, expected):
+    assert with_primary_stress(phonemes) == expected
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="the espeak-ng program is not installed")
+def test_words_read_as_the_espeak_ng_program_reads_them_alone():
+    words = ["THE", "OF", "ANY", "THEY'RE", "MULTIPLE", "DON'T", "HELLO", "THOUGHT", "IV"]
+    program = [subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", word.lower()], capture_output=True,
+                              text=True, check=True).stdout for word in words]
+    assert PhonemeFrontEnd().word_symbols(words) == [list("".join(ipa.split())) for ipa in program]
