@@ -130,3 +130,18 @@ def test_every_choice_is_a_literal_whose_error_lists_the_allowed_values():
         with pytest.raises(ConfigError) as raised:
             cfg.validate()
         assert str(raised.value) == expected
+
+
+def test_metric_names_are_those_evaluate_defines_and_unknown_ones_are_refused():
+    import typing
+
+    from avflow.config import MetricName
+    from avflow.evaluate.metrics import METRICS
+
+    assert set(typing.get_args(MetricName)) == set(METRICS)
+    with pytest.raises(ConfigError, match=r"evaluate.val_metrics\[1\]: expected one of mel_l1, .*got 'mel_l3'"):
+        load_config(None, ["evaluate.val_metrics=[mel_l1, mel_l3]"])
+    cfg = load_config(None, [])
+    cfg.evaluate.val_metrics.append("mel_l3")
+    with pytest.raises(ConfigError, match=r"evaluate.val_metrics: expected names among mel_l1, .*got \['mel_l3'\]"):
+        cfg.validate()
