@@ -1,8 +1,9 @@
 """The training loop: one loop for every strategy (none, DDP, FSDP2, DeepSpeed), which only wraps.
 
 AdamW with warmup + cosine, bf16 autocast on CUDA, gradient accumulation and clipping, EMA weights,
-validation reduced over ranks, DCP checkpoints with the loader position and per-rank RNG states (so a
-resumed run continues exactly where an uninterrupted one would be), TensorBoard from rank 0 only.
+validation reduced over ranks. The CheckpointManager (avflow.train.checkpoint) decides when to save and
+holds every state, the loader position and per-rank RNG states included, so a resumed run continues
+exactly where an uninterrupted one would be; the MetricsLogger (avflow.train.metrics) owns TensorBoard.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def tiny_model(tmp_path_factory):
 
 def step_directories(run_dir, model_file, steps=(1, 2)) -> list:
     """Training-checkpoint step directories holding a model file's inference tensors, written by the
-    Checkpointer as training writes them (oldest first)."""
+    CheckpointManager as training writes them (oldest first)."""
     from avflow.model.io import load_inference_tensors
     from avflow.train.checkpoint import CheckpointManager
 
