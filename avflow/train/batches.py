@@ -93,6 +93,10 @@ def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True) ->
     elif vae_path.is_file():
         log.info("head-pose VAE: reusing %s", vae_path)
     elif is_main:
+        try:  # before training, not after: a run_dir that cannot be written fails in seconds
+            vae_path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            raise NotADirectoryError(f"trainer.run_dir={cfg.trainer.run_dir}: cannot be a folder ({error})") from None
         log.info("head-pose VAE stage: training it into %s first (`avflow train-head-vae` runs this stage alone)",
                  vae_path)
         train_head_vae_stage(cfg, vae_path, progress)

@@ -171,3 +171,16 @@ def test_training_runs_the_head_vae_as_a_stage_of_its_own_and_loading_never_trai
     assert messages == [f"head-pose VAE stage: training it into {trained} first (`avflow train-head-vae` runs this "
                         "stage alone)", f"head-pose VAE: reusing {trained}"]
     assert build_batch_encoder(cfg, trained, torch.device("cpu")).head_vae.cfg.ffn_hidden == 8
+
+
+def test_a_run_dir_under_a_file_fails_before_the_head_vae_trains(tmp_path, monkeypatch):
+    from avflow.train import batches
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run folder's parent should be")
+    trained = []
+    monkeypatch.setattr(batches, "train_head_vae_stage", lambda *args: trained.append(args))
+    cfg = load_config(None, [f"trainer.run_dir={blocker / 'run'}"])
+    with pytest.raises(NotADirectoryError, match=f"trainer.run_dir={blocker / 'run'}: cannot be a folder"):
+        ensure_head_vae(cfg, progress=False)
+    assert trained == [] and blocker.read_text().startswith("a file")
