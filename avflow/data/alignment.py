@@ -104,8 +104,9 @@ def monotonic_alignment_search(score: np.ndarray) -> np.ndarray:
 def batched_monotonic_alignment_search(scores: list[np.ndarray]) -> list[np.ndarray]:
     """`monotonic_alignment_search` of each score, all in one call of Glow-TTS's MAS (monotonic-alignment-search).
 
-    It sums in float32, so only alignments whose totals differ by less than float32 rounding could be chosen
-    otherwise than in float64; on an exact tie a symbol keeps the frame (its predecessor must score better).
+    It sums in float32 and marks impossible cells with -1e9, so each frame's best score is subtracted first: every
+    frame belongs to exactly one symbol, so that shifts every path's total alike and keeps the sums small. On an
+    exact tie a symbol keeps the frame (its predecessor must score better).
     """
     if not scores:
         return []
@@ -117,7 +118,8 @@ def batched_monotonic_alignment_search(scores: list[np.ndarray]) -> list[np.ndar
     value = torch.zeros(len(scores), max(n for n, _ in shapes), max(t for _, t in shapes))
     mask = torch.zeros_like(value)
     for index, (score, (symbols, frames)) in enumerate(zip(scores, shapes)):
-        value[index, :symbols, :frames] = torch.from_numpy(np.asarray(score, dtype=np.float32))
+        score = np.asarray(score, dtype=np.float64)
+        value[index, :symbols, :frames] = torch.from_numpy((score - score.max(axis=0)).astype(np.float32))
         mask[index, :symbols, :frames] = 1
     paths = maximum_path(value, mask).sum(dim=2).to(torch.int64).numpy()
     return [paths[index, :symbols] for index, (symbols, _) in enumerate(shapes)]

@@ -52,7 +52,8 @@ class PhonemeFrontEnd:
     def __init__(self, language: str = "en-us"):
         if not espeak_available():
             raise RuntimeError("the phoneme front end needs the espeak-ng library, which phonemizer cannot find; "
-                               "install it (apt-get install espeak-ng) or use text2tokens.front_end=character")
+                               "install it (apt-get install espeak-ng), name it in PHONEMIZER_ESPEAK_LIBRARY, or use "
+                               "text2tokens.front_end=character")
         self.language = language
         self._backend = EspeakBackend(language, with_stress=True)
         self._ipa: dict[str, str] = {}  # word -> IPA: a corpus says its common words thousands of times
@@ -100,8 +101,9 @@ def with_primary_stress(phonemes: list[str]) -> str:
 
 
 def espeak_available() -> bool:
-    """Whether phonemizer can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name one)."""
-    return EspeakBackend.is_available()
+    """Whether phonemizer can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name one); the older
+    espeak library does not count, its phonemes differ."""
+    return EspeakBackend.is_available() and EspeakBackend.is_espeak_ng()
 
 
 def resolve_front_end(name: str) -> str:

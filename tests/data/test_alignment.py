@@ -72,6 +72,16 @@ def test_monotonic_alignment_search_finds_the_best_composition(symbols, frames):
     assert monotonic_alignment_search(score).tolist() == best.tolist()
 
 
+def test_monotonic_alignment_search_ignores_a_large_score_offset_per_frame():
+    """Every frame belongs to exactly one symbol, so adding any constant to a frame's scores shifts every path's total
+    alike: the best path stays, however large the offset (as with squared distances of far-off features)."""
+    rng = np.random.default_rng(0)
+    score = rng.normal(size=(6, 40))
+    for scale in (2e4, 1e7):
+        offsets = -scale * rng.uniform(1, 2, size=(1, 40))
+        assert monotonic_alignment_search(score + offsets).tolist() == monotonic_alignment_search(score).tolist()
+
+
 def test_character_spans_of_rule_based_tokens():
     # At 100 fps "hi yo" is | 20, H 6, I 9, | 8, Y 6, O 11, | 20 frames. A letter of n frames is emitted on its
     # centre round(n / 2) frames starting (n - width) // 2 in, '|' on its first frame, so first emissions are
