@@ -121,21 +121,28 @@ def _is_main() -> bool:
 
 class RNGState:
     """This rank's torch random state (CPU, and the CUDA device's when training on one): the flow-matching noise
-    and dropout continue exactly where they were."""
+    and dropout continue exactly where they were.
+
+    The CUDA state is stored as bytes, empty when written on CPU: DCP checks a tensor's shape against the
+    checkpoint but loads bytes as they are, so a run written on CPU resumes on CUDA and the other way round.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
+    def state_dict(self) -> dict[str, torch.Tensor | bytes]:
+        cuda = torch.cuda.get_rng_state(self.device).numpy().tobytes() if self.device.type == "cuda" else b""
+        return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor | bytes]) -> None:
         torch.set_rng_state(state["cpu"])
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda"], self.device)
+        if self.device.type != "cuda":
+            return
+        if state["cuda"]:
+            torch.cuda.set_rng_state(torch.frombuffer(bytearray(state["cuda"]), dtype=torch.uint8), self.device)
+        else:
+            log.warning("the checkpoint holds no CUDA random state (written on CPU); CUDA noise continues from "
+                        "this run's seed, not from the saved run's")
 
 
 class CheckpointManager:
@@ -220,10 +227,14 @@ class CheckpointManager:
         if saved_world != world_size:
             raise ValueError(f"{path}: saved by {saved_world} ranks; resume with the same world size "
                              f"(this run has {world_size})")
-        if meta.get("layout") == STATE_LAYOUT:
+        layout = meta.get("layout")
+        if layout is None:
+            self._restore_first_layout(path, meta)
+        elif layout == STATE_LAYOUT:
             dcp_load(self.states, path)
         else:
-            self._restore_first_layout(path, meta)
+            raise CheckpointError(f"{path}: state layout {layout!r}; this avflow reads layout {STATE_LAYOUT} and the "
+                                  f"first one (written by another avflow version?)")
         return path
 
     def _restore_first_layout(self, path: Path, meta: dict[str, Any]) -> None:
@@ -244,7 +255,8 @@ class CheckpointManager:
         self.states[f"loader_rank{rank}"].load_state_dict(loader)
         self.states["train_state"].load_state_dict({"step": step})
         torch.set_rng_state(tensors[rng_key])
-        log.warning("%s: written before training state moved into DCP; restored from its meta.json", path)
+        log.warning("%s: written before training state moved into DCP; restored from its meta.json (it holds no "
+                    "CUDA random state: on CUDA the noise continues from this run's seed)", path)
 
 
 def require_same_model(saved: Config, current: Config, path: str | Path) -> None:

@@ -201,8 +201,9 @@ class TrainEngine:
             yield
 
     def checkpoint_states(self) -> dict[str, Any]:
-        """Model, optimizer and scheduler as DCP Stateful entries (restored in this order: DeepSpeed restores
-        its fp32 masters from the optimizer state after the module weights)."""
+        """Model, optimizer and scheduler as DCP Stateful entries. DCP restores entries in the sorted order of their
+        keys, so "model" comes before "optimizer": DeepSpeed restores its fp32 masters from the optimizer state
+        after the module weights."""
         return {"model": StateView(self.model_state_dict, self.load_model_state_dict),
                 "optimizer": StateView(self.optimizer_state_dict, self.load_optimizer_state_dict),
                 "scheduler": self.scheduler}

@@ -179,3 +179,46 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sha
         Trainer(config(shards, tmp_path / "run", "trainer.val_every=1000"), progress=False).fit()
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step-00000003"]
     assert read_meta(tmp_path / "run" / "checkpoints" / "step-00000003")["step"] == 3
+
+
+def test_random_state_resumes_across_cpu_and_cuda(tmp_path, monkeypatch, caplog):
+    """A run written on CPU resumes on CUDA and the other way round; a CUDA state is restored on CUDA. The CUDA
+    calls are stand-ins here: the point is what DCP stores and hands back, not the device."""
+    import logging
+
+    import torch.distributed.checkpoint as dcp
+
+    from avflow.train.checkpoint import RNGState
+
+    cuda_state = torch.arange(16, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: cuda_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(state.clone()))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    torch.manual_seed(1)
+    expected_cpu = torch.get_rng_state()
+    dcp.save({"rng": RNGState(cpu)}, checkpoint_id=tmp_path / "on-cpu")
+    dcp.save({"rng": RNGState(cuda)}, checkpoint_id=tmp_path / "on-cuda")
+
+    torch.manual_seed(2)
+    with caplog.at_level(logging.WARNING, logger="avflow.train.checkpoint"):
+        dcp.load({"rng": RNGState(cuda)}, checkpoint_id=tmp_path / "on-cpu")
+    assert torch.equal(torch.get_rng_state(), expected_cpu) and restored == []
+    assert "holds no CUDA random state" in caplog.text
+    dcp.load({"rng": RNGState(cuda)}, checkpoint_id=tmp_path / "on-cuda")
+    assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+    torch.manual_seed(3)
+    dcp.load({"rng": RNGState(cpu)}, checkpoint_id=tmp_path / "on-cuda")
+    assert torch.equal(torch.get_rng_state(), expected_cpu) and len(restored) == 1
+
+
+def test_a_checkpoint_of_an_unknown_layout_is_one_clear_error(tmp_path, shards):
+    import json
+
+    step_dir = Trainer(config(shards, tmp_path / "run"), progress=False).save()
+    meta = json.loads((step_dir / "meta.json").read_text())
+    meta.update(layout=3)
+    meta.pop("files")
+    (step_dir / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"step-00000000: state layout 3; this avflow reads layout 2"):
+        Trainer(config(shards, tmp_path / "run"), resume=True, progress=False)
