@@ -237,11 +237,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _parsers()[0]
+
+
+def subcommand_parser(name: str) -> argparse.ArgumentParser:
+    """One subcommand's own parser: launchers check the arguments they pass through to it with its checks."""
+    return _parsers()[1][name]
+
+
+def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `avflow` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="avflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    # each subcommand's parser by name: launchers check the arguments they pass through with it
-    parser.set_defaults(command_parsers=commands.choices)
 
     def with_config(sub: argparse.ArgumentParser, default: Path | None = None) -> None:
         sub.add_argument("--config", type=Path, default=default,
@@ -389,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sub, DEMO_CONFIG)
     sub.add_argument("-o", "--output", default="demo_out", help="where generated samples go")
     sub.set_defaults(run=cmd_demo)
-    return parser
+    return parser, commands.choices
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import submitit
 
-from avflow.cli import build_parser as avflow_parser
 from avflow.cli import main as avflow_main
+from avflow.cli import subcommand_parser
 from avflow.infer.artifacts import AVATAR_FILE, FACE_DECODER_FILE
 from avflow.infer.batch import results_name
 from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit_array
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 def infer_parser() -> argparse.ArgumentParser:
     """`avflow infer`'s own parser, taken from the avflow command line, so its checks and errors are the ones
     the tasks would meet."""
-    return avflow_parser().get_default("command_parsers")["infer"]
+    return subcommand_parser("infer")
 
 
 def manifest_lines(path: Path) -> int:
@@ -121,6 +121,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     args.infer = infer = infer_parser().parse_args(args.infer_argv, namespace=argparse.Namespace(device=None))
     if infer.shard is not None:
         parser.error(f"--shard {infer.shard}: each array task gets its own --shard I/{args.array}; leave it out")
+    if infer.device == "cuda" and not args.gpus_per_node:
+        parser.error("--device cuda: the array tasks get no GPU; add --gpus-per-node 1")
     if infer.inputs is None:
         parser.error("--inputs: the array splits a manifest; pass --inputs items.jsonl to avflow infer "
                      "(not --text, --audio or --tokens)")

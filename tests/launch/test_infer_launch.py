@@ -17,6 +17,7 @@ submitit = pytest.importorskip("submitit", reason="the SLURM launchers need subm
 
 from helpers import tiny_model_file  # noqa: E402
 
+from avflow.cli import build_parser  # noqa: E402
 from launch import infer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,6 +84,7 @@ def test_more_tasks_than_lines_are_cut_to_one_task_per_line(tmp_path, capsys):
     (["--array", "2"], lambda argv, tmp: argv + ["--shard", "0/2"], "each array task gets its own --shard"),
     (["--array", "2"], lambda argv, tmp: [arg for arg in argv if arg != "--inputs" and not arg.endswith(".jsonl")]
      + ["--text", "hello"], "--inputs: the array splits a manifest"),
+    (["--array", "2"], lambda argv, tmp: argv + ["--device", "cuda"], "--device cuda: the array tasks get no GPU"),
 ])
 def test_bad_arguments_stop_the_launch_with_the_reason(tmp_path, capsys, launcher, change, named):
     (tmp_path / "model.safetensors").touch()
@@ -112,12 +114,13 @@ def test_any_avflow_infer_option_reaches_every_task_unchanged(tmp_path):
              "--max-input-seconds", "30", "--avatar-pose", "relative", "--guidance-scale", "1.5"]
     task = infer.shard_task(infer.parse_arguments(["--array", "2", "--partition", "cpu", "--time", "10", "--", *given]))
     assert task.infer_argv == ["infer", *given, "--device", "cpu", "--quiet"]
-    parsed = infer.avflow_parser().parse_args([*task.infer_argv, "--shard", "1/2"])
+    parsed = build_parser().parse_args([*task.infer_argv, "--shard", "1/2"])
     assert (parsed.compile, parsed.max_input_seconds, parsed.avatar_pose, parsed.guidance_scale) == (True, 30.0,
                                                                                                      "relative", 1.5)
-    # A --device of the user's own, even abbreviated, is kept as the only one, whatever the task's GPUs.
-    for device in (["--device", "auto"], ["--dev", "cuda"]):
-        args = infer.parse_arguments(["--array", "2", "--partition", "cpu", "--time", "10", "--", *given, *device])
+    # A --device of the user's own, even abbreviated, is kept as the only one.
+    for device, gpus in ((["--device", "auto"], "0"), (["--dev", "cuda"], "1")):
+        args = infer.parse_arguments(["--array", "2", "--gpus-per-node", gpus, "--partition", "cpu", "--time", "10",
+                                      "--", *given, *device])
         assert infer.shard_task(args).infer_argv == ["infer", *given, *device, "--quiet"]
 
 
