@@ -45,10 +45,12 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used: incomplete, corrupted or unreadable."""
 
 
-def file_checksums(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file in a step directory except meta.json, which records them."""
-    return {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            for path in sorted(folder.iterdir()) if path.is_file() and path.name != META}
+def file_checksums(folder: Path, names: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the named files of a step directory, by default every file except meta.json, which
+    records them."""
+    if names is None:
+        names = sorted(path.name for path in folder.iterdir() if path.is_file() and path.name != META)
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -206,8 +206,9 @@ class CheckpointManager:
 
     def _finalize(self, staging: Path, final: Path, meta: dict) -> None:
         _barrier()  # every rank's shards are on disk
+        checksums = self._checksums(staging)
         if _is_main():
-            meta = {**meta, FILES_KEY: file_checksums(staging)}
+            meta = {**meta, FILES_KEY: checksums}
             with atomic_path(staging / META) as tmp:
                 tmp.write_text(json.dumps(meta, indent=1))
             if final.exists():
@@ -216,6 +217,23 @@ class CheckpointManager:
             for old in list_checkpoints(self.run_dir)[:-self.keep]:
                 shutil.rmtree(old)
         _barrier()
+
+    @staticmethod
+    def _checksums(staging: Path) -> dict[str, dict[str, Any]]:
+        """Every file's size and sha256, for meta.json (collective): each rank hashes the files DCP wrote for it
+        (`__<rank>_*.distcp`), in parallel, and rank 0 the rest (.metadata); the result is complete on rank 0."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return file_checksums(staging)
+        rank = dist.get_rank()
+        own = sorted(path.name for path in staging.glob(f"__{rank}_*.distcp"))
+        gathered: list[dict | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, file_checksums(staging, own))
+        if rank != 0:
+            return {}
+        checksums = {name: digest for part in gathered for name, digest in part.items()}
+        rest = sorted(path.name for path in staging.iterdir()
+                      if path.is_file() and path.name != META and path.name not in checksums)
+        return dict(sorted({**checksums, **file_checksums(staging, rest)}.items()))
 
     def resume(self, world_size: int, check: Callable[[Path, dict[str, Any]], None]) -> Path:
         """Restore every state from the newest checkpoint that verifies (collective) and return its path;

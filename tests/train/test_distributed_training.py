@@ -15,7 +15,7 @@ from helpers import packed_tiny_corpus
 from safetensors.numpy import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
-from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
+from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta, verify_checkpoint
 
 TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
         "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.log_every=5",
@@ -66,6 +66,10 @@ def test_strategy_trains_and_checkpoints(data, tmp_path, strategy, extra):
     saved = FileSystemReader(final).read_metadata().state_dict_metadata
     for rank in range(2):  # each rank's own position and random state
         assert f"loader_rank{rank}.batches" in saved and f"rng_rank{rank}.cpu" in saved
+    # the ranks hash their own files: together every file is recorded, and each digest is right
+    assert set(meta["files"]) == {path.name for path in final.iterdir()} - {"meta.json"}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(meta["files"])
+    verify_checkpoint(final)
     # complete step directories only: no staging leftovers, also when writes were asynchronous
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
     weights = final_weights(tmp_path / "run", tmp_path / "model.safetensors")
