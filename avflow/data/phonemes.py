@@ -13,7 +13,12 @@ Every input sequence has the same frame: SILENCE, the first word's symbols, WORD
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 from phonemizer.backend import EspeakBackend
+from phonemizer.backend.espeak.wrapper import EspeakWrapper
 from phonemizer.separator import Separator
 
 PAD, SILENCE, WORD_GAP = "<pad>", "<sil>", "<gap>"
@@ -22,6 +27,7 @@ LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ'")
 # Every character espeak-ng's en-us IPA output uses (measured on a few hundred words), plus the
 # neighbouring symbols its rules can produce; each character is one symbol, stress and length marks too.
 IPA_SYMBOLS = tuple("abdefhijklmnoprstuvwxzæçðŋɐɑɒɔəɚɛɜɡɪɫɬɹɾʃʊʌʒʔθᵻˈˌː\u0329")
+ESPEAK_PROGRAM = "espeak-ng"
 PRIMARY_STRESS, SECONDARY_STRESS = "ˈ", "ˌ"
 VOWEL_LETTERS = frozenset("aeiouæɐɑɒɔəɚɛɜɪʊʌᵻ")  # a phoneme starting with one of these is a syllable's vowel
 # Phonemes apart, so that a stress can be placed on a vowel; words apart only for the rare entry that espeak-ng
@@ -103,7 +109,21 @@ def with_primary_stress(phonemes: list[str]) -> str:
 def espeak_available() -> bool:
     """Whether phonemizer can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name one); the older
     espeak library does not count, its phonemes differ."""
+    if not EspeakBackend.is_available():
+        _use_library_beside_program()
     return EspeakBackend.is_available() and EspeakBackend.is_espeak_ng()
+
+
+def _use_library_beside_program() -> None:
+    """espeak-ng installed without root (conda, a user prefix) keeps its library beside the program, where the
+    system's library search does not look; use it there rather than silently falling back to letters."""
+    program = shutil.which(ESPEAK_PROGRAM)
+    if program is None or "PHONEMIZER_ESPEAK_LIBRARY" in os.environ:
+        return
+    prefix = Path(program).resolve().parent.parent
+    found = sorted(prefix.glob("lib*/libespeak-ng.so*")) + sorted(prefix.glob("lib*/libespeak-ng*.dylib"))
+    if found:
+        EspeakWrapper.set_library(str(found[0]))
 
 
 def resolve_front_end(name: str) -> str:

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,27 @@ def test_words_read_as_the_espeak_ng_program_reads_them_alone():
     program = [subprocess.run(["espeak-ng", "-q", "--ipa", "-v", "en-us", word.lower()], capture_output=True,
                               text=True, check=True).stdout for word in words]
     assert PhonemeFrontEnd().word_symbols(words) == [list("".join(ipa.split())) for ipa in program]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+def test_a_library_beside_the_program_is_found_where_the_system_search_does_not_look(tmp_path, monkeypatch):
+    """As with a conda or user-prefix install: PREFIX/bin/espeak-ng and PREFIX/lib/libespeak-ng.so.1, neither
+    in the system's library search."""
+    from phonemizer.backend.espeak import wrapper
+
+    system_library = next(Path("/usr/lib").rglob("libespeak-ng.so.1"), None)
+    if system_library is None:
+        pytest.skip("no libespeak-ng.so.1 under /usr/lib to stand in for a prefix install")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "lib").mkdir()
+    program = tmp_path / "bin" / "espeak-ng"
+    program.write_text(f'#!/bin/sh\nexec {shutil.which("espeak-ng")} "$@"\n')
+    program.chmod(0o755)
+    (tmp_path / "lib" / "libespeak-ng.so.1").symlink_to(system_library)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.delenv("PHONEMIZER_ESPEAK_LIBRARY", raising=False)
+    monkeypatch.setattr(wrapper, "_find_library", lambda name: None)  # the system search finds nothing
+    monkeypatch.setattr(wrapper.EspeakWrapper, "_ESPEAK_LIBRARY", None)
+    assert espeak_available()
+    assert Path(wrapper.EspeakWrapper.library()) == tmp_path / "lib" / "libespeak-ng.so.1"
+    assert resolve_front_end("auto") == "phoneme"
