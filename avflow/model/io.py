@@ -80,7 +80,17 @@ def dcp_load(tensors: dict[str, Any], path: Path) -> None:
         with quiet_single_process():
             dcp.load(tensors, checkpoint_id=path)
     except (Exception, CheckpointException) as error:
+        raise_interruption(error)
         raise CheckpointError(f"{path}: cannot load the checkpoint's tensors ({error_summary(error)})") from error
+
+
+def raise_interruption(error: BaseException) -> None:
+    """Raise again a SystemExit or KeyboardInterrupt that DCP caught on some rank and wrapped in its
+    CheckpointException: a preemption (submitit exits for its requeue) or Ctrl-C during a save or load must stop
+    the process as such, not turn into a checkpoint error that marks the job failed."""
+    for exception, _ in getattr(error, "failures", {}).values():
+        if isinstance(exception, (SystemExit, KeyboardInterrupt)):
+            raise exception from None
 
 
 def error_summary(error: BaseException) -> str:

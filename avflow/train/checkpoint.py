@@ -45,6 +45,7 @@ from avflow.model.io import (
     file_checksums,
     load_inference_tensors,
     quiet_single_process,
+    raise_interruption,
     read_meta,
     verify_checkpoint,
     write_model_file,
@@ -192,6 +193,7 @@ class CheckpointManager:
             with quiet_single_process():
                 dcp.save(self.states, checkpoint_id=staging)
         except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
+            raise_interruption(error)
             raise CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})") from error
         self._finalize(staging, final, meta)
         return final

@@ -152,3 +152,24 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
                        match=r"step-00000003.tmp: writing the checkpoint failed \(OSError: \[Errno 28\]"):
         checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
     assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
+
+
+@pytest.mark.parametrize("interruption", [SystemExit(-1), KeyboardInterrupt()])
+def test_a_preemption_during_a_save_stops_the_process_as_such(steps, monkeypatch, interruption):
+    """submitit requeues a preempted job and exits with SystemExit; DCP catches it on the rank and wraps it. It must
+    leave as itself (the job is requeued), not as a checkpoint error (the job would be marked failed)."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from avflow.train import checkpoint as checkpoint_module
+
+    def preempted(state, checkpoint_id):
+        try:
+            raise interruption
+        except BaseException as error:
+            raise CheckpointException("save", {0: _wrap_exception(error)}) from error
+
+    monkeypatch.setattr(checkpoint_module.dcp, "save", preempted)
+    _, tensors = load_inference_tensors(steps[1])
+    with pytest.raises(type(interruption)):
+        checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
+    assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
