@@ -151,8 +151,10 @@ class CheckpointManager:
     state. `states` maps each top-level key to a DCP Stateful (or a state dict filled in place): DCP calls
     their `state_dict()` when saving and `load_state_dict()` when restoring, so each entry restores itself
     and nothing is gathered across ranks by hand. Per-rank state (loader position, RNG) goes under per-rank
-    keys, which DCP writes from that rank only. `describe` gives what meta.json records beside the step
-    (config, world size, strategy): what inference and tools read without loading DCP.
+    keys, which DCP writes from that rank only. (DCP asks for the same keys on every rank, so that collective
+    entries run in the same order; per-rank entries make no collective calls, and the collective ones keep
+    one sorted order on every rank, as torchtitan's per-rank loader entries do.) `describe` gives what meta.json
+    records beside the step (config, world size, strategy): what inference and tools read without loading DCP.
 
     save and resume are collective: every rank calls them.
     """
