@@ -7,10 +7,11 @@ hidden temporary name and renamed by rank 0 only when every rank has finished, s
 directory that looks complete and never harms an earlier one. `latest_checkpoint` therefore only ever
 returns complete checkpoints.
 
-When the directory is complete, rank 0 records the size and sha256 of every file in `meta.json` before the
-rename. Resuming verifies the newest step and falls back to the newest one that verifies (logging what it
-skipped and why); loading a step directory for inference or consolidation verifies it too, so a truncated
-or bit-flipped file is reported by name instead of failing deep inside PyTorch or loading silently.
+When the directory is complete, the ranks hash the files they wrote and rank 0 records the size and sha256
+of every file in `meta.json` before the rename. Resuming verifies the newest step and falls back to the newest
+one that verifies (logging what it skipped and why); loading a step directory for inference or consolidation
+verifies it too, so a truncated or bit-flipped file is reported by name instead of failing deep inside PyTorch
+or loading silently.
 Steps written before checksums were recorded load with a warning.
 
 The DCP metadata file is a pickle written by PyTorch, unpickled when the directory is loaded: load step
@@ -83,8 +84,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def newest_verified_checkpoint(run_dir: str | Path) -> Path:
     """The newest step directory of a run that verifies; the newer ones that do not are logged with the reason.
     Collective under a process group: rank 0 verifies, every rank gets its answer (or the same error)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        answer = [_newest_verified(run_dir) if dist.get_rank() == 0 else None]
+    if _world_size() > 1:
+        answer = [_newest_verified(run_dir) if _rank() == 0 else None]
         dist.broadcast_object_list(answer, src=0)
         found = answer[0]
     else:
@@ -111,13 +112,21 @@ def _newest_verified(run_dir: str | Path) -> Path | str:
             f"start a new trainer.run_dir or restore a checkpoint")
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _in_group() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _in_group() else 1
+
+
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _in_group():
         dist.barrier()
-
-
-def _is_main() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class RNGState:
@@ -166,7 +175,7 @@ class CheckpointManager:
         self.states = states
         self.keep, self.every, self.last_step = keep, every, last_step
         self.describe = describe
-        self.async_save = async_save and dist.is_available() and dist.is_initialized()
+        self.async_save = async_save and _in_group()
         # Background writes run collectives while training runs its own; on one group their order would
         # interleave differently per rank and deadlock, so async saves get a group of their own.
         self._async_group = dist.new_group(backend="gloo") if self.async_save else None
@@ -182,7 +191,7 @@ class CheckpointManager:
         self.wait()
         final = self.folder / f"step-{step:08d}"
         staging = self.folder / f".step-{step:08d}.tmp"
-        if _is_main():
+        if _rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         _barrier()
@@ -211,7 +220,7 @@ class CheckpointManager:
     def _finalize(self, staging: Path, final: Path, meta: dict) -> None:
         _barrier()  # every rank's shards are on disk
         checksums = self._checksums(staging)
-        if _is_main():
+        if _rank() == 0:
             meta = {**meta, FILES_KEY: checksums}
             with atomic_path(staging / META) as tmp:
                 tmp.write_text(json.dumps(meta, indent=1))
@@ -226,11 +235,11 @@ class CheckpointManager:
     def _checksums(staging: Path) -> dict[str, dict[str, Any]]:
         """Every file's size and sha256, for meta.json (collective): each rank hashes the files DCP wrote for it
         (`__<rank>_*.distcp`), in parallel, and rank 0 the rest (.metadata); the result is complete on rank 0."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if _world_size() == 1:
             return file_checksums(staging)
-        rank = dist.get_rank()
+        rank = _rank()
         own = sorted(path.name for path in staging.glob(f"__{rank}_*.distcp"))
-        gathered: list[dict | None] = [None] * dist.get_world_size()
+        gathered: list[dict | None] = [None] * _world_size()
         dist.all_gather_object(gathered, file_checksums(staging, own))
         if rank != 0:
             return {}
@@ -262,7 +271,7 @@ class CheckpointManager:
     def _restore_first_layout(self, path: Path, meta: dict[str, Any]) -> None:
         """Checkpoints written before every state went through DCP kept the scheduler and each rank's loader
         position in meta.json, the step there too, and the CPU RNG state as the tensor `rng_rank<R>`."""
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        rank = _rank()
         try:
             scheduler, loader, step = meta["scheduler"], meta["loader"][rank], int(meta["step"])
         except (KeyError, IndexError, TypeError, ValueError) as error:
