@@ -86,12 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def infer_parser() -> argparse.ArgumentParser:
-    """`avflow infer`'s own parser, taken from the avflow command line, so its checks and errors are the ones
-    the tasks would meet."""
-    return subcommand_parser("infer")
-
-
 def manifest_lines(path: Path) -> int:
     """Lines of the manifest, counted as `avflow infer --shard` counts them (blank lines included)."""
     return len(path.read_text().splitlines())
@@ -117,8 +111,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     if args.array < 1:
         parser.error(f"--array: expected at least 1 task, got {args.array}")
     args.infer_argv = argv[separator + 1:]
-    # A namespace that already holds `device` keeps it unless --device is given: None means "not given".
-    args.infer = infer = infer_parser().parse_args(args.infer_argv, namespace=argparse.Namespace(device=None))
+    # `avflow infer`'s own parser, so its checks and errors are the ones the tasks would meet. A namespace that
+    # already holds `device` keeps it unless --device is given: None means "not given".
+    args.infer = infer = subcommand_parser("infer").parse_args(args.infer_argv,
+                                                               namespace=argparse.Namespace(device=None))
     if infer.shard is not None:
         parser.error(f"--shard {infer.shard}: each array task gets its own --shard I/{args.array}; leave it out")
     if infer.device == "cuda" and not args.gpus_per_node:
