@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from avflow.optional import MissingPackageError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -51,10 +53,11 @@ def load_torch(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not a loadable torch checkpoint ({error})") from error
 
 
-# What bad input, bad files and the file system raise: reported as one line with exit status 2.
-# ValueError covers ConfigError and BadDataError (a dataset with too many unreadable samples); OSError
-# covers missing, misplaced (an output path under a file) and unreadable files; EOFError a truncated file.
-USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)
+# What bad input, bad files, the file system and a missing optional package raise: reported as one line with
+# exit status 2. ValueError covers ConfigError and BadDataError (a dataset with too many unreadable samples);
+# OSError covers missing, misplaced (an output path under a file) and unreadable files; EOFError a truncated
+# file; MissingPackageError names the package a feature needs.
+USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError, MissingPackageError)
 
 
 def run_reporting_errors(command: str, run: Callable[[], object], verbose: bool) -> int:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import avflow
 
-BOTTOM = {"config", "runtime", "utils"}
+BOTTOM = {"config", "runtime", "utils", "optional"}
 # stage -> the stages it may import, as the README's layout section states them
 ALLOWED = {
-    "config": BOTTOM, "runtime": BOTTOM, "utils": BOTTOM,
+    "config": BOTTOM, "runtime": BOTTOM, "utils": BOTTOM, "optional": BOTTOM,
     "data": BOTTOM,
     "model": BOTTOM | {"data"},
     "render": BOTTOM | {"data", "model"},

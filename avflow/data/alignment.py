@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monotonic_alignment_search import maximum_path
 
 from avflow.data.phonemes import SILENCE, WORD_GAP, sequence_symbols
 from avflow.data.tokens import BLANK, TOKEN_LABELS, WORD_DELIMITER
+from avflow.optional import require
 
 MAS_ITERATIONS = 3  # re-estimations of the phoneme means; the alignment barely moves after the second
 
@@ -121,6 +121,7 @@ def batched_monotonic_alignment_search(scores: list[np.ndarray]) -> list[np.ndar
         score = np.asarray(score, dtype=np.float64)
         value[index, :symbols, :frames] = torch.from_numpy((score - score.max(axis=0)).astype(np.float32))
         mask[index, :symbols, :frames] = 1
+    maximum_path = require("monotonic_alignment_search", "phoneme durations by monotonic alignment").maximum_path
     paths = maximum_path(value, mask).sum(dim=2).to(torch.int64).numpy()
     return [paths[index, :symbols] for index, (symbols, _) in enumerate(shapes)]
 

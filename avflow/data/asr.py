@@ -14,11 +14,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 from tqdm import tqdm
 
-from avflow.data.features import load_wav, resample
+from avflow.data.features import audio_info, load_wav, resample
 from avflow.data.layouts.fifty_h import TOKEN_DIR
 from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
 from avflow.utils import atomic_path
@@ -179,10 +178,7 @@ def extract_recordings(pairs: list[tuple[Path, Path]], tokenizer: CTCTokenizer, 
     """`extract_directory` for an explicit list of (wav, token file) pairs, e.g. one array job's share."""
     counts = {"written": 0, "skipped": 0}
     for wav, token_path in tqdm(pairs, desc="extract-asr", unit="file", disable=not progress):
-        try:
-            info = soundfile.info(wav)
-        except (soundfile.LibsndfileError, RuntimeError) as error:
-            raise ValueError(f"{wav}: not a readable audio file ({error})") from error
+        info = audio_info(wav)
         samples = round(info.frames * ASR_SAMPLE_RATE / info.samplerate)  # soxr's output length
         try:
             frames = tokenizer.expected_frames(samples, chunk_seconds)

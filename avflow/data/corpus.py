@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
 from scipy.ndimage import gaussian_filter1d, uniform_filter1d
 from scipy.signal import butter, lfilter, sosfilt
 
 from avflow.config import CorpusConfig
+from avflow.data.features import save_wav
 from avflow.data.layouts.fifty_h import EXPRESSION_DIM, stream_paths
 from avflow.data.text import blank_token_logits, seconds_to_frames, symbol_seconds, token_logits_from_durations
 from avflow.utils import atomic_path
@@ -328,8 +328,7 @@ def write_corpus(root: str | Path, cfg: CorpusConfig) -> list[str]:
             name = segment_name(index, is_val)
             streams = synthesize_segment(cfg.seed, index, is_val, cfg.words_per_segment)
             paths = stream_paths(root, name)
-            with atomic_path(paths["audio"]) as tmp:
-                soundfile.write(tmp, streams.audio.T, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+            save_wav(paths["audio"], streams.audio, SAMPLE_RATE)
             _save_npy(paths["expression"], streams.expression)
             _save_npy(paths["headpose"], streams.headpose)
             _save_npy(paths["tokens"], streams.tokens)

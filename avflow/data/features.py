@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import soundfile
-import soxr
 import torch
 
 from avflow.config import MelConfig
+from avflow.optional import require
 from avflow.utils import atomic_path
 
 SLANEY_LINEAR_HZ_PER_MEL = 200.0 / 3.0
@@ -129,19 +128,26 @@ def load_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such audio file")
+    soundfile = require("soundfile", "reading audio files")
     try:
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
+    except RuntimeError as error:  # soundfile.LibsndfileError is one
         raise ValueError(f"{path}: not a readable audio file ({error})") from error
     return np.ascontiguousarray(audio.T), int(sample_rate)
 
 
+def audio_info(path: str | os.PathLike):
+    """An audio file's header (`frames`, `samplerate`, `channels`, `duration`), without reading the samples."""
+    soundfile = require("soundfile", "reading audio files")
+    try:
+        return soundfile.info(str(path))
+    except RuntimeError as error:
+        raise ValueError(f"{path}: not a readable audio file ({error})") from error
+
+
 def audio_seconds(path: str | os.PathLike) -> float:
     """An audio file's duration from its header, without reading the samples."""
-    try:
-        return float(soundfile.info(str(path)).duration)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise ValueError(f"{path}: not a readable audio file ({error})") from error
+    return float(audio_info(path).duration)
 
 
 def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> None:
@@ -159,6 +165,7 @@ def save_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int) -> No
     frames_by_channel = np.clip(audio.astype(np.float32), -1.0, 1.0)
     if frames_by_channel.ndim == 2:
         frames_by_channel = frames_by_channel.T
+    soundfile = require("soundfile", "writing wav files")
     with atomic_path(path) as tmp:
         soundfile.write(tmp, frames_by_channel, int(sample_rate), subtype="PCM_16", format="WAV")
 
@@ -176,7 +183,7 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
         audio = audio.astype(np.float32)
     leading = audio.shape[:-1]
     samples_by_channel = np.ascontiguousarray(audio.reshape(-1, audio.shape[-1]).T)
-    resampled = soxr.resample(samples_by_channel, sr_in, sr_out, quality="HQ")
+    resampled = require("soxr", "resampling audio").resample(samples_by_channel, sr_in, sr_out, quality="HQ")
     return np.ascontiguousarray(resampled.T).reshape(*leading, -1)
 
 

@@ -17,9 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from phonemizer.backend import EspeakBackend
-from phonemizer.backend.espeak.wrapper import EspeakWrapper
-from phonemizer.separator import Separator
+from avflow.optional import available, require
 
 PAD, SILENCE, WORD_GAP = "<pad>", "<sil>", "<gap>"
 SPECIAL_SYMBOLS = (PAD, SILENCE, WORD_GAP)
@@ -32,7 +30,7 @@ PRIMARY_STRESS, SECONDARY_STRESS = "ˈ", "ˌ"
 VOWEL_LETTERS = frozenset("aeiouæɐɑɒɔəɚɛɜɪʊʌᵻ")  # a phoneme starting with one of these is a syllable's vowel
 # Phonemes apart, so that a stress can be placed on a vowel; words apart only for the rare entry that espeak-ng
 # reads as several words (roman numerals).
-PHONEME_SEPARATOR = Separator(phone="|", word=" ", syllable="")
+PHONE_SEPARATOR, WORD_SEPARATOR = "|", " "
 
 
 class CharacterFrontEnd:
@@ -56,12 +54,15 @@ class PhonemeFrontEnd:
     symbols = SPECIAL_SYMBOLS + IPA_SYMBOLS
 
     def __init__(self, language: str = "en-us"):
+        require("phonemizer", "the phoneme front end")
         if not espeak_available():
             raise RuntimeError("the phoneme front end needs the espeak-ng library, which phonemizer cannot find; "
                                "install it (apt-get install espeak-ng), name it in PHONEMIZER_ESPEAK_LIBRARY, or use "
                                "text2tokens.front_end=character")
         self.language = language
-        self._backend = EspeakBackend(language, with_stress=True)
+        self._backend = _espeak_backend()(language, with_stress=True)
+        self._separator = require("phonemizer.separator", "the phoneme front end").Separator(
+            phone=PHONE_SEPARATOR, word=WORD_SEPARATOR, syllable="")
         self._ipa: dict[str, str] = {}  # word -> IPA: a corpus says its common words thousands of times
 
     def word_symbols(self, words: list[str]) -> list[list[str]]:
@@ -79,8 +80,9 @@ class PhonemeFrontEnd:
     def _phonemize(self, words: list[str]) -> list[str]:
         """Each word's IPA string; espeak-ng reads each one alone, the way a dictionary would."""
         ipa = []
-        for word, phonemized in zip(words, self._backend.phonemize(words, separator=PHONEME_SEPARATOR, strip=True)):
-            phonemes = [phoneme for phoneme in phonemized.replace(" ", "|").split("|") if phoneme]
+        for word, phonemized in zip(words, self._backend.phonemize(words, separator=self._separator, strip=True)):
+            joined = phonemized.replace(WORD_SEPARATOR, PHONE_SEPARATOR)
+            phonemes = [phoneme for phoneme in joined.split(PHONE_SEPARATOR) if phoneme]
             if not phonemes:
                 raise ValueError(f"espeak-ng gave no phonemes for {word!r} with voice {self.language!r}")
             ipa.append(with_primary_stress(phonemes))
@@ -106,12 +108,19 @@ def with_primary_stress(phonemes: list[str]) -> str:
     return "".join(stressed)
 
 
+def _espeak_backend():
+    return require("phonemizer.backend", "the phoneme front end").EspeakBackend
+
+
 def espeak_available() -> bool:
-    """Whether phonemizer can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name one); the older
-    espeak library does not count, its phonemes differ."""
-    if not EspeakBackend.is_available():
+    """Whether phonemizer is installed and can load the espeak-ng library (PHONEMIZER_ESPEAK_LIBRARY may name
+    one); the older espeak library does not count, its phonemes differ."""
+    if not available("phonemizer"):
+        return False
+    backend = _espeak_backend()
+    if not backend.is_available():
         _use_library_beside_program()
-    return EspeakBackend.is_available() and EspeakBackend.is_espeak_ng()
+    return backend.is_available() and backend.is_espeak_ng()
 
 
 def _use_library_beside_program() -> None:
@@ -123,7 +132,7 @@ def _use_library_beside_program() -> None:
     prefix = Path(program).resolve().parent.parent
     found = sorted(prefix.glob("lib*/libespeak-ng.so*")) + sorted(prefix.glob("lib*/libespeak-ng*.dylib"))
     if found:
-        EspeakWrapper.set_library(str(found[0]))
+        require("phonemizer.backend.espeak.wrapper", "the phoneme front end").EspeakWrapper.set_library(str(found[0]))
 
 
 def resolve_front_end(name: str) -> str:

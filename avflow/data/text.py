@@ -14,9 +14,9 @@ import re
 import unicodedata
 
 import numpy as np
-from num2words import num2words
 
 from avflow.data.tokens import BLANK, LABEL_INDEX, TOKEN_LABELS, WORD_DELIMITER
+from avflow.optional import require
 
 PUNCTUATION = ".,;:!?-"
 APOSTROPHES = "'\u2019"
@@ -55,18 +55,19 @@ def _american_reading(words: str) -> str:
 
 def number_words(value: int) -> str:
     """English cardinal for 0 <= value <= MAX_NUMBER, e.g. 1042 -> 'one thousand forty two'."""
-    return _american_reading(num2words(_readable(value), lang="en"))
+    return _spelled(value, "cardinal")
 
 
 def ordinal_words(value: int) -> str:
     """'first', 'twenty second', 'one hundredth'."""
-    return _american_reading(num2words(_readable(value), lang="en", to="ordinal"))
+    return _spelled(value, "ordinal")
 
 
-def _readable(value: int) -> int:
+def _spelled(value: int, form: str) -> str:
     if not 0 <= value <= MAX_NUMBER:
         raise ValueError(f"number {value} is out of range; expected 0 to {MAX_NUMBER}")
-    return value
+    num2words = require("num2words", "reading numbers in text").num2words
+    return _american_reading(num2words(value, lang="en", to=form))
 
 
 def _spell_number(match: re.Match) -> str:

@@ -29,6 +29,11 @@ class StateCodec:
         std = expression_frames.double().std(0).clamp_min(1e-4)
         return cls(mean.float(), std.float(), mel_cfg.norm_mean, mel_cfg.norm_std, model_cfg)
 
+    def to(self, device: torch.device) -> "StateCodec":
+        """The codec with its statistics on `device`, moved once rather than copied at every encode."""
+        return StateCodec(self.expression_mean.to(device), self.expression_std.to(device), self.mel_mean, self.mel_std,
+                          self.model_cfg)
+
     def encode(self, expression: torch.Tensor, head_latent: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         expression = (expression - self.expression_mean.to(expression)) / self.expression_std.to(expression)
         mel = (mel - self.mel_mean) / self.mel_std

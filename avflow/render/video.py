@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import soundfile
 import torch
 
+from avflow.optional import require
 from avflow.utils import atomic_path
 
 
@@ -36,10 +36,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps:
     Uses the ffmpeg bundled with imageio-ffmpeg so no system ffmpeg is needed; odd sizes are padded by one
     black row/column (yuv420p needs even sizes); the file appears under `path` only once complete.
     """
-    try:
-        import imageio_ffmpeg
-    except ImportError as error:
-        raise RuntimeError("write_video needs the imageio-ffmpeg package (pip install imageio-ffmpeg)") from error
+    imageio_ffmpeg = require("imageio_ffmpeg", "writing videos")
     frames = np.asarray(frames.cpu() if isinstance(frames, torch.Tensor) else frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] == 0:
         raise ValueError(f"frames: expected a non-empty (T, H, W, 3) uint8 array, got {frames.shape} {frames.dtype}")
@@ -58,7 +55,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps:
         writer.close()
         if audio is not None:
             wav, muxed = Path(scratch) / "audio.wav", Path(scratch) / "muxed.mp4"
-            soundfile.write(wav, np.asarray(audio, dtype=np.float32), int(sample_rate))
+            require("soundfile", "a video's audio track").write(wav, np.asarray(audio, dtype=np.float32),
+                                                                 int(sample_rate))
             command = [ffmpeg, "-y", "-loglevel", "error", "-i", str(video), "-i", str(wav), "-map", "0:v:0",
                        "-map", "1:a:0", "-c:v", "copy", "-c:a", "aac", "-shortest", str(muxed)]
             result = subprocess.run(command, capture_output=True, text=True)

@@ -39,7 +39,7 @@ class BatchEncoder:
     def __init__(self, cfg: Config, codec: StateCodec, head_vae: HeadVAE, pose_mean: torch.Tensor,
                  pose_std: torch.Tensor, device: torch.device):
         self.cfg = cfg
-        self.codec = codec
+        self.codec = codec.to(device)
         self.head_vae = head_vae.to(device).eval()
         self.pose_mean, self.pose_std = pose_mean.to(device), pose_std.to(device)
         self.device = device

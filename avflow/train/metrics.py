@@ -51,10 +51,11 @@ def gpu_memory_gib(device: torch.device) -> float | None:
 class StepMetrics:
     """Loss parts, frames and gradient norms accumulated on the training device between logging steps.
 
-    Adding a step launches device ops only: no host sync. `flush` reduces the window over ranks with one
-    all-reduce (on the training device, as NCCL requires), reads it back once, and resets. A non-finite loss
-    is remembered with its step on the device and raised at the next flush (the loop flushes before every
-    checkpoint, so a checkpoint never holds weights trained on it).
+    Adding a step launches device ops only: no host sync, and no host value copied to the device (a pageable
+    copy waits for the device too). `flush` reduces the window over ranks with one all-reduce (on the training
+    device, as NCCL requires), reads it back once, and resets. A non-finite loss is remembered on the device by
+    its micro-batch's place in the window, counted there, and raised at the next flush with that micro-batch's
+    step (the loop flushes before every checkpoint, so a checkpoint never holds weights trained on it).
     """
 
     def __init__(self, loss_parts: tuple[str, ...], device: torch.device, reduce_sum, reduce_min):
@@ -66,9 +67,11 @@ class StepMetrics:
     def _reset(self) -> None:
         # loss and its parts, frames, gradient norm (summed over steps)
         self.sums = torch.zeros(len(self.names) + 2, dtype=torch.float64, device=self.device)
-        self.first_bad = torch.full((2,), math.inf, dtype=torch.float64, device=self.device)  # step, its loss
+        # place in the window of the first micro-batch with a non-finite loss, and that loss
+        self.first_bad = torch.full((2,), math.inf, dtype=torch.float64, device=self.device)
+        self.micro_batch_index = torch.zeros((), dtype=torch.float64, device=self.device)  # counted on the device
+        self.micro_batch_steps: list[int] = []  # the step of each micro-batch in the window, on the host
         self.steps = 0
-        self.micro_batches = 0
         self.data_wait_s = 0.0
 
     def add_micro_batch(self, step: int, loss: torch.Tensor, parts: list[torch.Tensor], frames: torch.Tensor) -> None:
@@ -76,8 +79,9 @@ class StepMetrics:
         self.sums[:len(self.names)] += values
         self.sums[-2] += frames.sum()
         bad = ~torch.isfinite(values[0]) & torch.isinf(self.first_bad[0])
-        self.first_bad.copy_(torch.where(bad, torch.stack([values.new_tensor(float(step)), values[0]]), self.first_bad))
-        self.micro_batches += 1
+        self.first_bad.copy_(torch.where(bad, torch.stack([self.micro_batch_index, values[0]]), self.first_bad))
+        self.micro_batch_index += 1
+        self.micro_batch_steps.append(step)
 
     def add_step(self, grad_norm: torch.Tensor | float, data_wait_s: float) -> None:
         self.sums[-1] += grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm
@@ -88,10 +92,12 @@ class StepMetrics:
         """Means over this window's steps (loss parts also over ranks), its frames summed over ranks."""
         sums = self.reduce_sum(self.sums.clone()).tolist()
         first_bad = self.reduce_min(self.first_bad.clone()).tolist()
-        micro, steps, wait = self.micro_batches, self.steps, self.data_wait_s
+        micro_batch_steps, steps, wait = self.micro_batch_steps, self.steps, self.data_wait_s
         self._reset()
         if math.isfinite(first_bad[0]):
-            raise FloatingPointError(f"step {int(first_bad[0])}: the loss is {first_bad[1]} on at least one rank")
+            raise FloatingPointError(f"step {micro_batch_steps[int(first_bad[0])]}: the loss is {first_bad[1]} "
+                                     "on at least one rank")
+        micro = len(micro_batch_steps)
         metrics = {name: sums[i] / max(1, micro * world_size) for i, name in enumerate(self.names)}
         metrics.update(frames=sums[-2], grad_norm=sums[-1] / max(1, steps), data_wait_s=wait / max(1, steps),
                        steps=steps)

@@ -1,12 +1,19 @@
-"""CPU guards for the GPU training paths: no host sync in a training step outside logging steps, collectives
-on the training device, fused EMA, the MFU formula by hand, the NCCL group taking CPU tensors too."""
+"""CPU guards for the GPU training paths: no host sync or host copy in a training step outside logging steps,
+collectives on the training device, fused EMA, the MFU formula by hand, the NCCL group taking CPU tensors too."""
+
+import contextlib
+from unittest.mock import patch
 
 import pytest
 import torch
 from helpers import packed_tiny_corpus
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from avflow.config import ModelConfig, load_config
 from avflow.model.avflow import AVFlowNet
+from avflow.model.head_vae import HeadVAE
+from avflow.model.state import StateCodec
+from avflow.train.batches import BatchEncoder
 from avflow.train.distributed import pick_backend
 from avflow.train.loop import EMA, Trainer
 from avflow.train.metrics import StepMetrics, per_sequence_parameters, training_flops_per_frame
@@ -16,7 +23,6 @@ TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hi
         "trainer.val_every=100", "trainer.log_every=4", "head_vae.ffn_hidden=8", "head_vae.steps=2",
         "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=3", "corpus.val_segments=1",
         "corpus.words_per_segment=[2, 3]"]
-HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
 
 
 @pytest.fixture(scope="module")
@@ -24,28 +30,98 @@ def shards(tmp_path_factory):
     return packed_tiny_corpus(tmp_path_factory.mktemp("data"), TINY)
 
 
-def test_a_training_step_reads_nothing_back_from_the_device_until_the_logging_step(tmp_path, shards, monkeypatch):
-    """Every read of a tensor's value on the host (item, bool, tolist, ...) is a GPU sync; outside the loader,
-    whose batches are host data, steps between logging steps make none, and a logging step makes one flush."""
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "numpy")
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records what waits on the device when run there: a value read back to the host (item, bool, tolist, ...)
+    and a tensor made from host data (torch.tensor, new_tensor: a pageable copy to the device). `paused()`
+    leaves out host work that is not device work (the loader's)."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.events: list[str] = []
+        self.recording = True
+        for name in HOST_READS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda tensor, *a, _real=real, _name=name, **k:
+                                self._record(_name) or _real(tensor, *a, **k))
+
+    def _record(self, event: str) -> None:
+        if self.recording:
+            self.events.append(event)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.lift_fresh.default:
+            self._record("host copy")
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.recording = False
+        try:
+            with _disable_current_modes():
+                yield
+        finally:
+            self.recording = True
+
+
+def test_a_training_step_with_its_loader_waits_on_the_device_only_at_the_logging_step(tmp_path, shards, monkeypatch):
+    """The whole `avflow train` step, loader included (its batches are host data, read outside the recording):
+    steps between logging steps neither read a device value back nor copy a host value in; the logging step's
+    flush reads its window once."""
     trainer = Trainer(load_config(None, TINY + shards + [f"trainer.run_dir={tmp_path / 'run'}"]), progress=False)
-    batches = [next(trainer.train_iter) for _ in range(8)]
-    trainer.train_iter = iter(batches)
-    reads = []
-    for name in HOST_READS:
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
-                            reads.append(_name) or _real(self, *a, **k))
+    loader = trainer.train_iter
+    recorder = HostTraffic(monkeypatch)
+
+    def loader_outside_the_recording():
+        while True:
+            with recorder.paused():
+                batch = next(loader)
+            yield batch
+
+    trainer.train_iter = loader_outside_the_recording()
     per_step = []
-    for step in range(8):
-        before = len(reads)
-        trainer.train_step(step)
-        per_step.append(len(reads) - before)
-    flush_start = len(reads)
-    metrics = trainer.flush_metrics()
+    with recorder:
+        for step in range(8):
+            before = len(recorder.events)
+            trainer.train_step(step)
+            per_step.append(recorder.events[before:])
+        flush_start = len(recorder.events)
+        metrics = trainer.flush_metrics()
     monkeypatch.undo()
-    assert per_step == [0] * 8
-    assert reads[flush_start:] == ["tolist", "tolist"]  # the window's sums and its first non-finite step
+    assert per_step == [[]] * 8
+    assert recorder.events[flush_start:] == ["tolist", "tolist"]  # the window's sums and its first non-finite step
     assert metrics["steps"] == 8 and metrics["loss"] > 0
+
+
+def test_the_batch_encoder_keeps_the_codec_statistics_on_the_training_device():
+    """Only the batch itself crosses to the device at each step (`meta` stands for it): the expression statistics
+    were moved there once."""
+    cfg = load_config(None, TINY)
+    dim = cfg.model.expression_dim
+    codec = StateCodec(torch.zeros(dim), torch.ones(dim), cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+    pose_dim = cfg.head_vae.pose_dim
+    encoder = BatchEncoder(cfg, codec, HeadVAE(cfg.head_vae), torch.zeros(pose_dim), torch.ones(pose_dim),
+                           torch.device("meta"))
+    frames = 6
+    batch = {"valid": torch.ones(2, frames, dtype=torch.bool), "pose": torch.zeros(2, frames, pose_dim),
+             "expression": torch.zeros(2, frames, dim), "mel": torch.zeros(2, frames, cfg.model.mel_dim),
+             "tokens": torch.zeros(2, frames, cfg.model.token_dim),
+             "expression_valid": torch.ones(2, frames, dtype=torch.bool)}
+    copied = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        moved = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and moved.device.type == "meta":
+            copied.append(self.shape)
+        return moved
+
+    with patch.object(torch.Tensor, "to", recording_to):
+        encoded = encoder(batch)
+    assert encoded.state.device.type == "meta"
+    assert sorted(copied) == sorted(value.shape for value in batch.values())
 
 
 def test_step_metrics_build_and_reduce_on_the_training_device():

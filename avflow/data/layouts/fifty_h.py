@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import soundfile
 
 from avflow.config import DataConfig
-from avflow.data.features import rigid_to_pose7
+from avflow.data.features import load_wav, rigid_to_pose7
 from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.utils import load_numeric_array
@@ -93,14 +92,11 @@ def _check_shape(path: Path, array: np.ndarray, expected: str, ok: bool) -> None
 def _read_audio(path: Path) -> tuple[np.ndarray, int]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing audio (expected a 48 kHz wav, channel 0 actor)")
-    try:
-        audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: not a readable audio file ({error})") from error
-    if audio.shape[0] == 0:
+    audio, sample_rate = load_wav(path)
+    if audio.shape[1] == 0:
         raise ValueError(f"{path}: empty audio; expected at least one sample")
     _check_finite(path, audio)
-    return np.ascontiguousarray(audio.T), sample_rate
+    return audio, sample_rate
 
 
 def _read_optional(path: Path, what: str) -> np.ndarray | None:
