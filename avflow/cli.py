@@ -7,15 +7,20 @@ applies. Errors in user input end the command with one line on stderr and exit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
 from pathlib import Path
 
 from avflow.config import Config, load_config
+from avflow.runtime import fp32_matmul_precision
 from avflow.utils import run_reporting_errors
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+# Inference commands run fp32 matmuls in TF32 on CUDA (the network itself runs in bf16 by default); the choice is
+# the command's, made for its whole run, never a library call's.
+TF32_COMMANDS = {"generate", "infer", "evaluate"}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -405,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     input, 1 for anything else; -v shows the traceback instead."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    return run_reporting_errors(f"avflow {args.command}", lambda: args.run(args), args.verbose)
+    precision = fp32_matmul_precision("tf32") if args.command in TF32_COMMANDS else contextlib.nullcontext()
+    with precision:
+        return run_reporting_errors(f"avflow {args.command}", lambda: args.run(args), args.verbose)
 
 
 if __name__ == "__main__":

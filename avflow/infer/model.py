@@ -97,7 +97,8 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
 
     `dtype` (fp32 | bf16) is the network's precision, by default bf16 on CUDA (the sampler keeps its state in
-    fp32) and fp32 elsewhere; an export directory fixes it at export time. On CUDA, fp32 matmuls use TF32.
+    fp32) and fp32 elsewhere; an export directory fixes it at export time. Global precision settings are left
+    to the caller (the `avflow` inference commands take TF32 for fp32 matmuls).
     `compile_network` compiles the whole network (fullgraph, static shapes: once per length bucket and row
     count) for the eager sampler, which the CUDA graph then captures.
     """
@@ -106,8 +107,6 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     meta = read_export_meta(checkpoint) if exported else None
     if exported and dtype is not None and dtype != meta["dtype"]:
         raise ValueError(f"{checkpoint} was exported in {meta['dtype']}; --dtype {dtype} needs another export")
-    if target.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
     dtype = meta["dtype"] if exported else (dtype or default_dtype(target))
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")

@@ -132,3 +132,27 @@ def test_cuda_graph_warm_up_captures_every_shape_once():
     runner = GraphSampler(lambda x0, cond, valid: seen.append(tuple(x0.shape[:2])) or x0, torch.device("cpu"))
     runner.warm_up([32, 64], [1, 2], 5, 3, torch.device("cpu"))
     assert seen == [(1, 32), (2, 32), (1, 64), (2, 64)]
+
+
+def test_loading_a_model_leaves_the_fp32_matmul_precision_to_the_caller(tmp_path, monkeypatch):
+    """A library call never flips the process-wide TF32 switch (the fp32 work after it would silently lose
+    precision, and compiled functions guarding on it would recompile); the inference commands set it for their
+    run only. The CUDA branch is taken with the device faked as CUDA and the moves kept on the CPU."""
+    import avflow.infer.model as infer_model
+    from avflow.cli import main
+    from avflow.runtime import fp32_matmul_precision
+
+    model_file = tiny_model_file(tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(infer_model, "pick_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    with fp32_matmul_precision("ieee"):
+        try:
+            infer_model.load_inference_model(model_file, "cuda", "fp32")
+        except (RuntimeError, AssertionError):
+            pass  # whatever needs a real CUDA device after the precision choice
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+        seen = []
+        monkeypatch.setattr("avflow.cli.cmd_generate",
+                            lambda args: seen.append(torch.backends.cuda.matmul.fp32_precision))
+        main(["generate", "--model", str(model_file), "--text", "hi", "-o", str(tmp_path / "out")])
+        assert seen == ["tf32"] and torch.backends.cuda.matmul.fp32_precision == "ieee"
