@@ -9,7 +9,7 @@ setup(
     # torch is deliberately a range the locally installed CPU wheel satisfies, so pip never swaps it for
     # a multi-GB CUDA build; install torch first (see README).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",  # the oldest release CI tests (its device-image job); FSDP2 and FlexAttention need it
         "numpy",
         "scipy",
         "pyyaml",

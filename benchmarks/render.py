@@ -1,7 +1,8 @@
 """Codec Avatar rendering speed at the published 1024 x 1024: decode, rasterize + texture, and both together.
 
-    python benchmarks/render.py                         # CPU: 4-frame chunks, 3 timed runs each
-    python benchmarks/render.py --device cuda --frames 60 --json render.json   # the published chunk size
+    python3 benchmarks/render.py                         # CPU: 4-frame chunks, 3 timed runs each
+    python3 benchmarks/render.py --device cuda --frames 60 --json render.json   # the published chunk size
+    python3 benchmarks/render.py --quick                 # 2-frame chunks, one timed run: a smoke run
 
 The avatar is the published decoder with random weights (every parameter drawn, real shapes: 7306
 vertices, 1024 x 1024 texture) on a 7306-vertex ellipsoid head with a UV seam, or the real one with
@@ -36,6 +37,7 @@ from avflow.render.codec_avatar import (
     project,
 )
 from avflow.render.raster import drtk_module, render_textured
+from avflow.utils import atomic_path
 
 
 def ellipsoid_head(rings: int = 83, columns: int = 88) -> TexturedMesh:
@@ -108,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--frames", type=int, help="frames per chunk (default: 60 on CUDA as published, 4 on CPU)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="2-frame chunks, one timed run: a smoke run")
     parser.add_argument("--avatar", help="a released 50h dataset root (default: random weights, real shapes)")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--json", help="also write the results to this file, rewritten after every row")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    frames = args.frames or (60 if device.type == "cuda" else 4)
+    frames = args.frames or (2 if args.quick else 60 if device.type == "cuda" else 4)
+    repeats = args.repeats or (1 if args.quick else 3)
     avatar = CodecAvatar.from_dataset(args.avatar, device) if args.avatar else random_avatar(device)
     generator = torch.Generator().manual_seed(1)
     expression = torch.randn(frames, 256, generator=generator)
@@ -127,27 +131,27 @@ def main(argv: list[str] | None = None) -> int:
         return render_textured(screen, avatar.faces, avatar.uv, avatar.uv_faces, texture, 1024, 1024)
 
     coverage = (rasterize_decoded().sum(-1) > 0).float().mean().item()
-    seconds = {"decode": median_seconds(lambda: avatar.decode(expression, view), args.repeats, device),
-               "raster": median_seconds(rasterize_decoded, args.repeats, device),
-               "render": median_seconds(lambda: avatar.render(expression, transforms, chunk=frames),
-                                        args.repeats, device)}
     results = {
-        "command": "python benchmarks/render.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        "command": "python3 benchmarks/render.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)", "torch": torch.__version__,
         "rasterizer": "drtk" if device.type == "cuda" and drtk_module() is not None else "pytorch",
         "size": [1024, 1024], "frames_per_chunk": frames, "face_coverage": round(coverage, 3),
-        "frames_per_s": {part: round(frames / value, 3) for part, value in seconds.items()},
-        "ms_per_frame": {part: round(1000 * value / frames, 2) for part, value in seconds.items()},
+        "frames_per_s": {}, "ms_per_frame": {},
     }
-    for part in seconds:
-        print(f"{part:>6}: {results['frames_per_s'][part]:9.2f} frames/s  "
-              f"{results['ms_per_frame'][part]:9.1f} ms/frame")
     print(f"{results['device']}, rasterizer {results['rasterizer']}, {frames} frames per chunk, face covers "
-          f"{100 * coverage:.0f}% of the frame")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+          f"{100 * coverage:.0f}% of the frame", flush=True)
+    parts = {"decode": lambda: avatar.decode(expression, view), "raster": rasterize_decoded,
+             "render": lambda: avatar.render(expression, transforms, chunk=frames)}
+    for part, work in parts.items():
+        seconds = median_seconds(work, repeats, device)
+        results["frames_per_s"][part] = round(frames / seconds, 3)
+        results["ms_per_frame"][part] = round(1000 * seconds / frames, 2)
+        print(f"{part:>6}: {results['frames_per_s'][part]:9.2f} frames/s  "
+              f"{results['ms_per_frame'][part]:9.1f} ms/frame", flush=True)
+        if args.json:
+            with atomic_path(args.json) as tmp:
+                tmp.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Sampling speed of the AV-Flow network per execution mode, and the real-time factor of text -> wav + motion.
 
-    python benchmarks/sample.py --json sample.json           # full-size model; one GPU, under 5 minutes
-    python benchmarks/sample.py --quick --json quick.json    # tiny sizes on CPU, under a minute (a smoke run)
+    python3 benchmarks/sample.py --json sample.json           # full-size model; one GPU, about 4 minutes
+    python3 benchmarks/sample.py --quick --json quick.json    # tiny sizes on CPU, about 2 minutes (a smoke run)
 
 Sampling rows: 3 samples (one batch) and 1 sample of `--frames` frames (default 1725, one 20 s pass),
 `--nfe` Euler steps (default 16), the whole fixed-step loop (`FixedStepSampler`: state in fp32, network
@@ -23,7 +23,12 @@ not rendered.
 
 Times are medians over `--repeats` calls after warm-up calls (which compile and capture), taken with CUDA
 events on GPU and the wall clock on CPU; the pipeline's on the wall clock everywhere. A row whose warm-up would
-not fit in what is left of `--budget-s` is skipped with a note, so the run ends in time.
+not fit in what is left of `--budget-s` is skipped with a note, so the run ends in time. Each row is printed, and
+the JSON rewritten, as soon as it is measured: a run cut short keeps every row it finished.
+
+Every row runs with its fp32 matmul precision set before it and restored after: true fp32 ("ieee") for the
+sampling rows, TF32 for the pipeline as `avflow generate` runs it. Dynamo's recompile limit is raised to cover
+every shape and precision the rows compile for, so no row falls back to unfused attention.
 """
 
 from __future__ import annotations
@@ -56,17 +61,21 @@ from avflow.model.flow import FixedStepSampler
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.state import StateCodec
+from avflow.runtime import fp32_matmul_precision
 from avflow.utils import atomic_path
 
-# The published code on one H200 (shared/reference/avflow-facts.md): 3 x 1725 frames x 16 NFE, fp32 eager,
-# 3 sequential samples. One sample of that run is a third of it.
+# The published code on one H200 (docs/performance.md): 3 x 1725 frames x 16 NFE, fp32 eager, 3 sequential
+# samples. One sample of that run is a third of it.
 PUBLISHED_MS = 592.0
 PUBLISHED_WORK = (1725, 16)  # frames, NFE
 TARGET_MS = 30.0  # 3 x 20 s, 20x faster than published
 TARGET_RTF = 0.005
 WEIGHT_STD = 0.02  # every parameter drawn: zero adaLN gates would leave the sublayers out of the numerics
-FULL_BUDGET_S = 240.0  # leaves a 5-minute device call time to start and to build the models
-QUICK_BUDGET_S = 50.0  # a CI-like check must end within a minute
+FULL_BUDGET_S = 240.0  # benchmarks/gpu_check.sh passes its own, fitted into the check's 7 minutes
+QUICK_BUDGET_S = 120.0  # enough on 2 CPU cores for one compiled row (about 45 s to compile)
+# Compiled shapes: 2 sample counts x (fp32, bf16) x (eager-style flex, whole network) x 2 precisions, and the
+# pipeline's; Dynamo's default of 8 per function would leave FlexAttention unfused for the later rows.
+RECOMPILE_LIMIT = 64
 SENTENCE = "The quick brown fox jumps over the lazy dog, and then it runs back home again. "
 
 
@@ -85,12 +94,12 @@ class Settings:
 
 
 FULL = Settings(model={}, frames=1725, nfe=16, warmup=2, repeats=7, vocoder=BigVGANConfig(),
-                first_warmup_s={"eager": 10.0, "compiled": 90.0, "graph": 20.0, "pipeline": 60.0})
+                first_warmup_s={"eager": 10.0, "compiled": 90.0, "graph": 20.0, "pipeline": 30.0})
 QUICK = Settings(model=dict(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64), frames=128, nfe=4, warmup=1,
                  repeats=3, head_vae=dict(ffn_hidden=8),
                  vocoder=BigVGANConfig(upsample_initial_channel=16, resblock_kernel_sizes=(3,),
                                        resblock_dilation_sizes=((1,),)),
-                 first_warmup_s={"eager": 1.0, "compiled": 15.0, "graph": 1.0, "pipeline": 5.0})
+                 first_warmup_s={"eager": 1.0, "compiled": 45.0, "graph": 1.0, "pipeline": 5.0})
 
 
 class Budget:
@@ -177,6 +186,7 @@ class Row:
     repeats: int = 0
     warmup_s: float | None = None
     deviation: float | None = None  # max |x1 - x1_fp32| / max |x1_fp32 - x0|
+    fp32_matmul: str = "ieee"  # the row's fp32 matmul precision on CUDA
     note: str = ""
 
 
@@ -252,11 +262,13 @@ class SamplingBench:
              lambda: self.captured(samples), graph_skip),
         ]
 
-    def rows(self, samples: int, budget: Budget, warmup_estimates: dict[str, float]) -> list[Row]:
-        rows = []
+    def rows(self, samples: int, kinds: tuple[str, ...], budget: Budget, warmup_estimates: dict[str, float],
+             report: "Report") -> None:
+        """Measure the rows for `samples` samples whose kind is in `kinds`, each reported as soon as it is done."""
         for name, kind, build, skip in self.plans(samples):
+            if kind not in kinds:
+                continue
             row = Row(name, samples, kind)
-            rows.append(row)
             expected_warmup = warmup_estimates.get(kind, self.settings.first_warmup_s.get(kind, 0.0))
             if skip:
                 row.note = skip
@@ -264,13 +276,13 @@ class SamplingBench:
                 row.note = (f"skipped: {budget.left():.0f} s of the budget left, its warm-up takes "
                             f"~{expected_warmup:.0f} s")
             else:
-                run_row(row, build(), self.inputs[samples], lambda: self.reference(samples), self.settings,
-                        self.device, budget)
+                with fp32_matmul_precision(row.fp32_matmul):
+                    run_row(row, build(), self.inputs[samples], lambda: self.reference(samples), self.settings,
+                            self.device, budget)
                 warmup_estimates[kind] = row.warmup_s
                 if kind == "graph" and not self.graph_samplers[samples].use_cuda_graph:
                     row.note = "capture failed: this row ran eagerly (see the warning above)"
-            report_progress(row)
-        return rows
+            report.add(row)
 
 
 def run_row(row: Row, sampler: Callable, inputs: tuple[torch.Tensor, ...], reference: Callable[[], torch.Tensor],
@@ -288,11 +300,6 @@ def run_row(row: Row, sampler: Callable, inputs: tuple[torch.Tensor, ...], refer
         row.frames_per_s = row.samples * settings.frames / (row.ms / 1e3)
         published = published_ms_for(row.samples, settings)
         row.speedup = published / row.ms if published else None
-
-
-def report_progress(row: Row) -> None:
-    shown = f"{row.ms:.2f} ms" if row.ms is not None else "-"
-    print(f"  {row.configuration}: {shown} {row.note}".rstrip(), flush=True)
 
 
 def random_model_file(cfg: Config, path: Path) -> Path:
@@ -315,17 +322,26 @@ def text_for_frames(frames: int, frame_rate: float) -> str:
 
 
 def pipeline_row(settings: Settings, args: argparse.Namespace, device: torch.device, budget: Budget,
-                 warmup_estimates: dict[str, float]) -> tuple[Row, dict]:
+                 report: "Report") -> None:
     samples = 3
     sampler = "CUDA-graph" if cuda_graphs_wanted(device) else "eager"
     row = Row(f"pipeline: text -> {samples} x (wav + motion), {'compiled ' if args.pipeline_compile else ''}bf16 "
-              f"network, {sampler} sampler, {args.vocoder_dtype} BigVGAN", samples, "pipeline")
-    details: dict = {}
+              f"network, {sampler} sampler, {args.vocoder_dtype} BigVGAN", samples, "pipeline", fp32_matmul="tf32")
     expected_warmup = settings.first_warmup_s["pipeline"]
     if budget.left() < expected_warmup:
         row.note = f"skipped: {budget.left():.0f} s of the budget left, its set-up takes ~{expected_warmup:.0f} s"
-        report_progress(row)
-        return row, details
+        report.add(row)
+        return
+    with fp32_matmul_precision(row.fp32_matmul):
+        report.pipeline = measure_pipeline(row, settings, args, device, budget)
+    report.add(row)
+
+
+def measure_pipeline(row: Row, settings: Settings, args: argparse.Namespace, device: torch.device,
+                     budget: Budget) -> dict:
+    """Fill in `row` with the timed text -> wav + motion calls; returns the real-time factor and stage times."""
+    samples = row.samples
+    details: dict = {}
     overrides = [f"model.{key}={value}" for key, value in settings.model.items()]
     overrides += [f"head_vae.{key}={value}" for key, value in settings.head_vae.items()]
     # One pass of exactly `frames` frames: one window, so no overlap (and no padding to a larger length bucket).
@@ -370,21 +386,20 @@ def pipeline_row(settings: Settings, args: argparse.Namespace, device: torch.dev
     if cuda_graphs_wanted(device) and not all(runner.use_cuda_graph for runner in model.samplers.values()):
         row.note = "; ".join(filter(None, [row.note,
                                            "capture failed: the sampler ran eagerly (see the warning above)"]))
-    warmup_estimates["pipeline"] = row.warmup_s
-    report_progress(row)
-    return row, details
+    return details
 
 
 def cell(value: float | None, form: str) -> str:
     return "-" if value is None else format(value, form)
 
 
-def markdown_table(rows: list[Row]) -> str:
-    lines = ["| configuration | ms per call | speedup vs published 592 ms | frames/s |", "| --- | ---: | ---: | ---: |"]
-    for row in rows:
-        speedup = f"{row.speedup:.1f}x" if row.speedup is not None else ("n/a" if row.ms is not None else "-")
-        lines.append(f"| {row.configuration} | {cell(row.ms, '.2f')} | {speedup} | {cell(row.frames_per_s, ',.0f')} |")
-    return "\n".join(lines)
+TABLE_HEADER = ("| configuration | ms per call | speedup vs published 592 ms | frames/s |\n"
+                "| --- | ---: | ---: | ---: |")
+
+
+def markdown_row(row: Row) -> str:
+    speedup = f"{row.speedup:.1f}x" if row.speedup is not None else ("n/a" if row.ms is not None else "-")
+    return f"| {row.configuration} | {cell(row.ms, '.2f')} | {speedup} | {cell(row.frames_per_s, ',.0f')} |"
 
 
 def notes(rows: list[Row]) -> list[str]:
@@ -395,6 +410,7 @@ def notes(rows: list[Row]) -> list[str]:
             parts.append(f"max |x1 - x1_eager_fp32| / max |x1_eager_fp32 - x0| = {row.deviation:.2e}")
         if row.warmup_s is not None:
             parts.append(f"warm-up {row.warmup_s:.1f} s, {row.repeats} timed calls")
+        parts.append(f"fp32 matmuls {row.fp32_matmul}")
         lines.append(f"- {row.configuration}: {'; '.join(parts)}")
     return lines
 
@@ -445,9 +461,46 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BigVGAN precision (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--no-pipeline", action="store_true", help="only the sampling rows")
     parser.add_argument("--budget-s", type=float,
-                        help="seconds for the whole run; rows that would not fit are skipped (default 240; --quick 50)")
+                        help="seconds for the run; rows that would not fit are skipped (default 240, --quick 120)")
     parser.add_argument("--json", type=Path, help="write every number and setting to this JSON file")
     return parser
+
+
+class Report:
+    """The run's rows, each printed as a table line and saved (the JSON rewritten whole) the moment it is added."""
+
+    def __init__(self, path: Path | None, header: dict, settings: Settings, budget: Budget):
+        self.path, self.header, self.settings, self.budget = path, header, settings, budget
+        self.rows: list[Row] = []
+        self.pipeline: dict = {}
+        print(TABLE_HEADER, flush=True)
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        print(markdown_row(row), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        report = {**self.header, "rows": [dataclasses.asdict(row) for row in self.rows], "pipeline": self.pipeline,
+                  "targets": verdicts(self.rows, self.pipeline, self.settings),
+                  "seconds": self.header["arguments"]["budget_s"] - self.budget.left()}
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
+
+    def summary(self) -> None:
+        print()
+        print("\n".join(notes(self.rows)))
+        if self.pipeline:
+            stages = ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in self.pipeline["stage_ms"].items())
+            print(f"\npipeline: {self.pipeline['audio_seconds']:.2f} s of audio in total, real-time factor "
+                  f"{self.pipeline['rtf']:.5f} ({stages})")
+        targets = verdicts(self.rows, self.pipeline, self.settings)
+        print(f"target 3 x 20 s in <= {TARGET_MS:.0f} ms: {targets['sampling_3x20s_ms']}")
+        print(f"target pipeline RTF < {TARGET_RTF}: {targets['pipeline_rtf']}")
+        if self.path is not None:
+            print(f"wrote {self.path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,8 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and device.type == "cpu":
         # A smoke run on shared CI machines: one thread, so competing processes do not stall its OpenMP barriers.
         torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     args.vocoder_dtype = args.vocoder_dtype or ("bf16" if device.type == "cuda" else "fp32")
-    command = "python benchmarks/sample.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python3 benchmarks/sample.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"device: {device_name(device)}; torch {torch.__version__}; {started:%Y-%m-%d %H:%M} UTC")
     print(f"work: {settings.frames} frames x {settings.nfe} NFE per sample; {settings.warmup} warm-up and "
@@ -473,34 +527,18 @@ def main(argv: list[str] | None = None) -> int:
 
     warmup_estimates: dict[str, float] = {}
     bench = SamplingBench(settings, args, device)
-    # The two targets first (3 samples, then the pipeline), so a tight budget drops 1-sample rows instead.
-    rows = bench.rows(3, budget, warmup_estimates)
-    pipeline: dict = {}
+    header = {"command": command, "date_utc": started.isoformat(timespec="seconds"), "device": device_name(device),
+              "torch": torch.__version__, "settings": dataclasses.asdict(settings), "arguments": vars(args),
+              "published_ms": PUBLISHED_MS}
+    report = Report(args.json, header, settings, budget)
+    # The two targets first: 3 samples eagerly, the pipeline (which compiles nothing unless asked), then the
+    # compiled and captured 3-sample rows; a tight budget drops 1-sample rows instead.
+    bench.rows(3, ("eager",), budget, warmup_estimates, report)
     if not args.no_pipeline:
-        pipeline_result, pipeline = pipeline_row(settings, args, device, budget, warmup_estimates)
-    rows += bench.rows(1, budget, warmup_estimates)
-    if not args.no_pipeline:
-        rows.append(pipeline_result)
-    targets = verdicts(rows, pipeline, settings)
-
-    print()
-    print(markdown_table(rows))
-    print()
-    print("\n".join(notes(rows)))
-    if pipeline:
-        stages = ", ".join(f"{stage} {ms:.1f} ms" for stage, ms in pipeline["stage_ms"].items())
-        print(f"\npipeline: {pipeline['audio_seconds']:.2f} s of audio in total, real-time factor "
-              f"{pipeline['rtf']:.5f} ({stages})")
-    print(f"target 3 x 20 s in <= {TARGET_MS:.0f} ms: {targets['sampling_3x20s_ms']}")
-    print(f"target pipeline RTF < {TARGET_RTF}: {targets['pipeline_rtf']}")
-    if args.json:
-        report = {"command": command, "date_utc": started.isoformat(timespec="seconds"), "device": device_name(device),
-                  "torch": torch.__version__, "settings": dataclasses.asdict(settings), "arguments": vars(args),
-                  "published_ms": PUBLISHED_MS, "rows": [dataclasses.asdict(row) for row in rows],
-                  "pipeline": pipeline, "targets": targets, "seconds": args.budget_s - budget.left()}
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2, default=str))
-        print(f"wrote {args.json}")
+        pipeline_row(settings, args, device, budget, report)
+    bench.rows(3, ("compiled", "graph"), budget, warmup_estimates, report)
+    bench.rows(1, ("eager", "compiled", "graph"), budget, warmup_estimates, report)
+    report.summary()
     return 0
 
 

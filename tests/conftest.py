@@ -7,6 +7,17 @@ import torch
 from helpers import PUBLISHED_VOCAB
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a CUDA device is; elsewhere they are skipped, not deselected, so that
+    `pytest -m cuda` on a CPU still collects them and succeeds."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_wav2vec2(tmp_path_factory):
     """A random Wav2Vec2ForCTC directory with the real 320-sample stride (20 ms at 16 kHz) and the published

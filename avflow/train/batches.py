@@ -74,14 +74,16 @@ def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
 
 
-def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True) -> dict:
+def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True, device: str | torch.device = "cpu") -> dict:
     """The head-pose VAE stage: a VAE trained on the poses of data.shards' train split, written to `output`.
-    `avflow train-head-vae` runs it alone; `avflow train` runs it first when it has no VAE yet."""
+    `avflow train-head-vae` runs it alone; `avflow train` runs it first, on its training device, when it has no VAE
+    yet."""
     poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
-    return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, progress=progress)
+    return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, device=str(device), progress=progress)
 
 
-def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True) -> Path:
+def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True,
+                    device: str | torch.device = "cpu") -> Path:
     """The head VAE the batch encoder needs, as an explicit step of training that says in the log what it does:
     data.head_vae when set (it must exist), else <run_dir>/head_vae.pt, reused when there (a resumed run)
     and otherwise trained once by rank 0 while the other ranks wait."""
@@ -99,7 +101,7 @@ def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True) ->
             raise NotADirectoryError(f"trainer.run_dir={cfg.trainer.run_dir}: cannot be a folder ({error})") from None
         log.info("head-pose VAE stage: training it into %s first (`avflow train-head-vae` runs this stage alone)",
                  vae_path)
-        train_head_vae_stage(cfg, vae_path, progress)
+        train_head_vae_stage(cfg, vae_path, progress, device)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's VAE
     return vae_path

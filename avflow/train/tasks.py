@@ -65,7 +65,7 @@ class AVFlowTask:
 
     def load_data(self) -> None:
         """The head VAE (its own stage, `ensure_head_vae`), the batch encoder and this rank's training stream."""
-        vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main)
+        vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main, self.info.device)
         self.encoder = build_batch_encoder(self.cfg, vae_path, self.device)
         self.train_batches = training_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
         self.avatar = None  # only the main rank logs samples

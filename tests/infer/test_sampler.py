@@ -78,7 +78,7 @@ def test_fixed_step_sampler_scripts_to_the_same_function(tiny_net):
     torch.testing.assert_close(scripted(x0, cond, valid)[:, :20], eager(x0, cond, valid)[:, :20])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.cuda
 def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
     monkeypatch.delenv("AVFLOW_NO_CUDA_GRAPH", raising=False)
     loop = FixedStepSampler(AVFlowNet(TINY).cuda().eval(), "euler", 4)

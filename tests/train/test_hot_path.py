@@ -95,6 +95,26 @@ def test_a_training_step_with_its_loader_waits_on_the_device_only_at_the_logging
     assert metrics["steps"] == 8 and metrics["loss"] > 0
 
 
+@pytest.mark.cuda
+def test_cuda_training_steps_make_no_synchronizing_call(tmp_path, shards):
+    """The real thing the tests above approximate on a CPU (run by benchmarks/gpu_check.sh): between logging
+    steps, a training step on a CUDA device makes no call that waits for it."""
+    trainer = Trainer(load_config(None, TINY + shards + [f"trainer.run_dir={tmp_path / 'run'}"]), progress=False)
+    assert trainer.device.type == "cuda"
+    for step in range(2):  # warm-up: allocator, cuBLAS handles, fused optimizer state
+        trainer.train_step(step)
+    trainer.flush_metrics()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2, 6):
+            trainer.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    metrics = trainer.flush_metrics()
+    assert metrics["steps"] == 4 and metrics["loss"] > 0
+
+
 def test_the_batch_encoder_keeps_the_codec_statistics_on_the_training_device():
     """Only the batch itself crosses to the device at each step (`meta` stands for it): the expression statistics
     were moved there once."""
