@@ -3,6 +3,7 @@
 Defaults reproduce the published AV-Flow system (the comment beside a value names its origin); a YAML
 file overrides any subset, and `section.key=value` arguments override the YAML. Unknown keys are errors
 that name the closest valid key. `Config.validate` is the single place that checks values.
+The published values behind the defaults, with their units and layouts: docs/reference.md.
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ def check_resume_matches_uninterrupted(make_config, tmp_path, steps: int):
 
 
 
-# The released Codec Avatar's decoder keys and shapes, stated from the published description (facts,
-# "Renderer"), independently of avflow.render: (key prefix, kind, shapes of v, g, bias).
+# The released Codec Avatar's decoder keys and shapes, stated from the published description
+# (docs/reference.md, "The 50h Codec Avatar"), independently of avflow.render: (key prefix, kind, shapes of
+# v, g, bias).
 AVATAR_VERTICES = 7306
 _TEXTURE_CHANNELS, _WARP_CHANNELS = (256, 256, 128, 128, 64, 64, 32, 8, 3), (256, 256, 128, 128, 64, 64, 2)
 

@@ -5,6 +5,7 @@ a vocab.json, and otherwise by the fixed ids of the published model's 32-entry v
 processed in chunks (100 s by default, as the reference does) so hours-long files fit in memory.
 `extract_directory` writes the token file of every recording of a dataset folder, as the 50h and
 Audio2Photoreal layouts expect it: one (channels, M, 29) float32 .npy per recording.
+The published label order, vocabulary ids and file shape: docs/reference.md, "ASR tokens".
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ log clamp): the model predicts these mels and a pretrained BigVGAN vocoder turns
 so any drift here shows up as vocoder artefacts. The remaining helpers (wav I/O, resampling, frame-rate
 interpolation, rigid transform <-> pose conversion) bring raw recordings and tracked head motion onto
 the single mel frame rate that every stream uses.
+The published mel recipe and frame rates: docs/reference.md, "State and normalization" and "Rates and
+alignment" (which also says how avflow's zero-aligned interpolation differs from the published one).
 """
 
 from __future__ import annotations

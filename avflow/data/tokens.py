@@ -2,6 +2,7 @@
 
 The order is the published one ('-' is the CTC blank, '|' the word delimiter); token logit arrays
 everywhere in avflow use it.
+The order and the Hugging Face vocabulary ids it maps from: docs/reference.md, "ASR tokens".
 """
 
 TOKEN_LABELS = ("-", "|", "E", "T", "A", "O", "N", "I", "H", "S", "R", "D", "L", "U", "M", "W", "C", "F",

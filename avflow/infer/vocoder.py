@@ -11,6 +11,7 @@ The module and buffer names reproduce the official state-dict keys, so `load_big
 
 `vocode` turns a frames-first natural-log mel into audio with a BigVGAN when one is given, and with the
 weight-free Griffin-Lim fallback otherwise.
+The published configuration and key names: docs/reference.md, "BigVGAN vocoder".
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Module and parameter names follow the published network (`self_attn.ada_ln.linear`,
 `self_attn.self_attn.qkv`, `feedforward.block.0`, ...) so released checkpoints map one-to-one.
+The published shapes and weight layouts: docs/reference.md, "Network" and "The AV-Flow checkpoint".
 """
 
 from __future__ import annotations

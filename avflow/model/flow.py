@@ -6,6 +6,7 @@ with configurable weights (published: 1, 0.2, 3). Sampling integrates dx/dt = v 
 uniform grid (Euler or midpoint) for all samples of all inputs as one batch; optional classifier-free
 guidance mixes conditional and unconditional velocities (the unconditional branch sees zeroed
 conditioning, which training produces with `cond_dropout`).
+The published path, loss weights and sampler settings: docs/reference.md, "Flow matching".
 """
 
 from __future__ import annotations

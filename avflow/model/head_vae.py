@@ -4,6 +4,7 @@ the flow model generates, and back.
 Module names follow the published `head_vae/iter-0500000.pt` exactly, so its `model_state_dict`
 loads with strict=True. Inputs are already z-normalized; normalization statistics live with the
 caller (see avflow.train.head_vae).
+The published file's layout: docs/reference.md, "Head VAE".
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Expression codes are z-normalized per dimension with statistics of the training data (stored in every
 checkpoint); the mel uses the published constants; the head latent is the VAE's mu, already O(1).
 Training encodes with this codec and inference decodes with the same one, so both agree by construction.
+The published state layout and mel constants: docs/reference.md, "State and normalization".
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ stack of DiT blocks (windowed RoPE attention, adaLN-Zero from a timestep embeddi
 decoder it predicts a velocity at time t, as a regression decoder it is called once at t = 0 with a
 zero input and predicts the tokens directly, so both variants share one network and one set of names.
 Each decoder frame also sees where it lies in its symbol's span and how long that span is.
+The published front end's settings: docs/reference.md, "Text front end".
 """
 
 from __future__ import annotations

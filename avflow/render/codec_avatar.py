@@ -2,8 +2,8 @@
 
 The 256-d expression codes AV-Flow generates are latent codes of this personalized decoder, shipped in
 the released 50h dataset (decoder/dec_params.pt, decoder/vert_mean.bin, decoder/vert_var.txt and
-face_topo_small_neck.obj). Everything here follows the published system as recorded in
-shared/reference/avflow-facts.md, section "Renderer": its layers, its weight norm (over the whole tensor,
+face_topo_small_neck.obj). Everything here follows the published system as docs/reference.md states it
+("The 50h Codec Avatar", "Camera and rasterization"): its layers, its weight norm (over the whole tensor,
 not torch's per-channel one), its untied biases, its view-conditioned texture and warp field, its camera
 and its rasterization conventions. A model directory stores the same avatar in one safetensors file
 (`save` / `load`), so inference needs no dataset.
@@ -25,7 +25,7 @@ from avflow.data.features import pose7_to_rigid
 from avflow.render.obj import TexturedMesh, load_textured_obj
 from avflow.render.raster import render_textured
 
-# Published decoder sizes (facts, "Renderer").
+# Published decoder sizes (docs/reference.md, "The 50h Codec Avatar").
 EXPRESSION_DIM = 256
 PUBLISHED_VERTICES = 7306
 VIEW_FEATURES = 8

@@ -8,6 +8,7 @@ Screen convention used throughout, DRTK's: x grows to the right, y grows downwar
 and column c has its centre at (x, y) = (c, r) (so the image's top-left corner is at (-0.5, -0.5)), and z
 is the depth in front of the camera (smaller is nearer). Coverage, depth and barycentrics are evaluated at
 pixel centres.
+The published conventions: docs/reference.md, "Camera and rasterization".
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ avflow's network keeps the published module names and tensor layouts (per-head i
 RoPE pairs, adaLN split as gate/shift/scale, time features sin-then-cos, fusion over concat[audio,
 visual]), so importing is a prefix strip plus strict checks. The result is an avflow model file that
 every inference path loads, with a config reproducing the published settings.
+The released files' keys, shapes and meanings: docs/reference.md, "The AV-Flow checkpoint" and "Head VAE".
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from avflow.model.head_vae import HeadVAE
 
 
 def published_shapes(pose_dim: int) -> dict[str, tuple[int, ...]]:
-    """The key/shape list of head_vae/iter-0500000.pt (hidden 16, latent 8, FFN 2048), from the facts file."""
+    """The key/shape list of head_vae/iter-0500000.pt (hidden 16, latent 8, FFN 2048), from docs/reference.md."""
     layer = {
         "self_attn.in_proj_weight": (48, 16),
         "self_attn.in_proj_bias": (48,),

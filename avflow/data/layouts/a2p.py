@@ -11,6 +11,7 @@ Layout under the subject root, per scene (e.g. scene01):
 Codes at missing face frames are not data: they are kept as stored and marked False in
 `expression_valid` (no interpolation, no zeroing), so the loss can leave them out. Every stream is
 checked once here; errors name the file and what was expected.
+The published layout and its rules: docs/reference.md, "The Audio2Photoreal layout".
 """
 
 from __future__ import annotations

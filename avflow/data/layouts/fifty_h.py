@@ -9,6 +9,7 @@ Layout under the root, per segment:
 
 Every stream is checked once here (shapes, finite values, matching durations) so that later stages can
 trust what they get; errors name the file and what was expected.
+The published layout and its rules: docs/reference.md, "The 50h dataset layout".
 """
 
 from __future__ import annotations
