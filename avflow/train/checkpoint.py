@@ -51,7 +51,7 @@ from avflow.model.io import (
     verify_checkpoint,
     write_model_file,
 )
-from avflow.utils import atomic_path
+from avflow.utils import atomic_path, disk_error
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class CheckpointManager:
                 dcp.save(self.states, checkpoint_id=staging)
         except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
             raise_interruption(error)
-            raise CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})") from error
+            raise (disk_error(staging, error)
+                   or CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})")) from error
         self._finalize(staging, final, meta)
         return final
 
