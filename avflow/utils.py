@@ -159,16 +159,18 @@ def file_sha256(path: str | os.PathLike, block_bytes: int = 1 << 20) -> str:
 
 
 def load_numeric_array(path: str | os.PathLike, what: str) -> np.ndarray:
-    """A plain numeric .npy (never a pickle), or ValueError naming the file and what it should have held."""
+    """A plain .npy of real floating-point numbers (never a pickle), or ValueError naming the file and what it
+    should have held. Every array avflow reads this way (features, codes, poses, logits) is real-valued: integer
+    or complex values mean the wrong file, and casting them would pack or generate from garbage silently."""
     try:
         array = np.load(path, allow_pickle=False)
     except EOFError as error:
         raise ValueError(f"{path}: empty file; expected a .npy of {what}") from error
     except (ValueError, OSError) as error:
         raise ValueError(f"{path}: not a readable .npy of {what} ({error})") from error
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.number):
+    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
         found = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-        raise ValueError(f"{path}: expected numeric {what}, got {found}")
+        raise ValueError(f"{path}: expected numeric {what} as real floating-point values, got {found}")
     return array
 
 
