@@ -19,6 +19,7 @@ from avflow.train.checkpoint import (
     newest_verified_checkpoint,
     verify_checkpoint,
 )
+from avflow.utils import DiskError
 
 
 def _truncate(path):
@@ -148,8 +149,7 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
 
     monkeypatch.setattr(checkpoint_module.dcp, "save", disk_full)
     _, tensors = load_inference_tensors(steps[1])
-    with pytest.raises(CheckpointError,
-                       match=r"step-00000003.tmp: writing the checkpoint failed \(OSError: \[Errno 28\]"):
+    with pytest.raises(DiskError, match=r"step-00000003.tmp: no space left on the device \(OSError: \[Errno 28\]"):
         checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
     assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
 
