@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import math
@@ -103,8 +104,11 @@ def _write_artifact(staging: Path, fmt: str, velocity: torch.nn.Module, method: 
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(velocity, args, check_trace=False)
-            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)),
-                           str(staging / TORCHSCRIPT_FILE))
+            # Through memory: torch.jit.save to a file aborts the whole process when a write fails (a full disk),
+            # and a failed Python write is an error avflow reports
+            buffer = io.BytesIO()
+            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)), buffer)
+            (staging / TORCHSCRIPT_FILE).write_bytes(buffer.getbuffer())
         elif fmt == "aoti":
             program = torch.export.export(velocity, args)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_FILE))

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from avflow.config import load_config
 from avflow.train.distributed import DistInfo, init_distributed, shutdown
 from avflow.train.loop import Trainer
-from avflow.utils import hold_folder
+from avflow.utils import hold_folder, reporting_disk_errors
 
 
 def run_training(config_path: str | Path | None, overrides: list[str], resume: bool = False,
@@ -24,7 +24,8 @@ def run_training(config_path: str | Path | None, overrides: list[str], resume: b
     cfg = load_config(config_path, overrides)
     info = init_distributed(cfg)
     try:
-        with holding_run_dir(Path(cfg.trainer.run_dir), info):
+        run_dir = Path(cfg.trainer.run_dir)
+        with holding_run_dir(run_dir, info), reporting_disk_errors(run_dir):  # TensorBoard's writes name no file
             final = Trainer(cfg, resume=resume, progress=progress, info=info).fit()
     except BaseException:
         shutdown(info, synchronize=False)
