@@ -19,7 +19,6 @@ from avflow.train.checkpoint import (
     newest_verified_checkpoint,
     verify_checkpoint,
 )
-from avflow.utils import DiskError
 
 
 def _truncate(path):
@@ -140,6 +139,7 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
     from avflow.train import checkpoint as checkpoint_module
+    from avflow.utils import DiskError
 
     def disk_full(state, checkpoint_id):
         try:
