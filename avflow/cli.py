@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,9 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
         if is_subject_folder(args.input):  # -i .../PXB184: the subject is the folder itself
             cfg.data.root, cfg.data.subject = str(args.input.resolve().parent), args.input.resolve().name
-    if args.workers:
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ValueError(f"--workers: expected at least 1 packing process, got {args.workers}")
         cfg.pack.workers = args.workers
     if args.skip_bad:
         cfg.pack.skip_bad = True
@@ -153,6 +156,13 @@ def _face_decoder(args: argparse.Namespace, model):
     return model.face_decoder
 
 
+def _check_speaking(args: argparse.Namespace) -> None:
+    """--rate and --pause-scale of a --text input, refused by name before the model is loaded."""
+    for option, value in (("--rate", args.rate), ("--pause-scale", args.pause_scale)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{option}: expected a positive number, got {value}")
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from avflow.infer.generate import generate
     from avflow.infer.inputs import (
@@ -164,6 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
     from avflow.infer.outputs import write_outputs
 
+    _check_speaking(args)
     model = _load_model(args)
     face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
     cfg = model.cfg
@@ -195,6 +206,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from avflow.infer.batch import parse_shard, run_batch
 
     shard = parse_shard(args.shard) if args.shard else None
+    _check_speaking(args)
     model = _load_model(args)
     items = args.inputs
     with tempfile.TemporaryDirectory() as scratch:

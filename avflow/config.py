@@ -520,6 +520,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not dataclasses.is_dataclass(cls):
             raise ConfigError(f"config key '{'.'.join(parts[:depth + 1])}' is a value, not a section")
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # `trainer=5` (or a file's `trainer: 5`) before `trainer.lr=...`
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])}: expected a mapping of {cls.__name__} fields, "
+                              f"got {node!r}")
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:

@@ -81,7 +81,8 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     t2t_trainer = Trainer(t2t_cfg, resume=True)
     text2tokens = load_text2tokens(t2t_trainer.fit(), t2t_trainer.device)
     held_out_names = sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns))
-    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
+    frames = [arrays["tokens"].shape[0]
+              for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",), cfg.data.max_bad_fraction)]
     t2t_scores = evaluate_text2tokens(text2tokens, [transcripts[name] for name in held_out_names], frames)
     print(f"  held-out sentences: CER of the generated tokens {t2t_scores['cer']:.1%}, "
           f"total duration error {t2t_scores['duration_error']:.1%}")

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.dataset import AlignedSegment, align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
-from avflow.utils import atomic_path, file_sha256
+from avflow.utils import atomic_path, file_sha256, hold_folder, reporting_disk_errors
 
 FORMAT = "avflow-shards-v1"
 SIDECAR_FORMAT = "avflow-shard-sidecar-v1"
@@ -124,7 +124,11 @@ def pack(cfg: Config, output_dir: str | os.PathLike, *, workers: int | None = No
     if workers < 1:
         raise ValueError(f"pack: workers expected at least 1, got {workers}")
     output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    with hold_folder(output):  # one pack writes a shard folder at a time
+        return _pack_locked(cfg, output, workers, skip_bad, progress)
+
+
+def _pack_locked(cfg: Config, output: Path, workers: int, skip_bad: bool, progress: bool) -> dict[str, Any]:
     _remove_stale_temporaries(output, cfg.pack.name)
 
     names = list_segment_names(cfg.data)
@@ -326,7 +330,7 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
     bad = []
     samples = frames = 0
     try:
-        with tarfile.open(temporary, "w:", format=tarfile.PAX_FORMAT) as tar:
+        with reporting_disk_errors(job.path), tarfile.open(temporary, "w:", format=tarfile.PAX_FORMAT) as tar:
             for name in job.segments:
                 try:
                     segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg,

@@ -33,7 +33,7 @@ from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import InferenceModel, load_inference_model
 from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.model.io import checkpoint_config, read_meta
-from avflow.utils import atomic_path
+from avflow.utils import atomic_path, hold_folder
 
 GROUND_TRUTH = "ground_truth"
 SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory
@@ -261,32 +261,34 @@ def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], 
     """Score every model (column name -> model) and the ground truth on the segments; write and return the report."""
     out_dir = Path(out_dir)
     m.check_metric_names(settings.metrics, "metrics")
-    _check_settings(out_dir, settings, sources or {column: "in memory" for column in models})
-    asr = CTCTokenizer(settings.asr_model) if settings.asr_model and "cer" in settings.metrics else None
-    cfg = next(iter(models.values())).cfg
-    truth_store = ItemStore(out_dir, GROUND_TRUTH)
-    _score_ground_truth(segments, settings, cfg, truth_store, vocoder, asr)
-    stores = {column: ItemStore(out_dir, column) for column in models}
-    pending = sum(not store.done(segment.key) for store in stores.values() for segment in segments)
-    with tqdm(total=pending, desc="evaluate", unit="segment", disable=not progress) as bar:
-        for column, model in models.items():
-            _score_model(model, segments, settings, stores[column], vocoder, asr, bar)
-    truth, truth_stats = _summary(truth_store, segments)
-    columns = {}
-    for column, store in stores.items():
-        summary, stats = _summary(store, segments)
-        if "expression_frechet" in settings.metrics:
-            summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(), *truth_stats.mean_covariance())
-        columns[column] = {name: summary[name] for name in settings.metrics if name in summary}
-    report = {"settings": dataclasses.asdict(settings), "segments": [segment.key for segment in segments],
-              "columns": columns, GROUND_TRUTH: {name: truth[name] for name in settings.metrics if name in truth},
-              "metrics": {name: dataclasses.asdict(m.METRICS[name]) for name in settings.metrics}}
-    with atomic_path(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
-    with atomic_path(out_dir / "report.md") as tmp:
-        tmp.write_text(markdown_table(report) + "\n")
-    _write_tensorboard(out_dir, report, steps or {})
-    return report
+    with hold_folder(out_dir):  # one evaluation writes a report folder at a time
+        _check_settings(out_dir, settings, sources or {column: "in memory" for column in models})
+        asr = CTCTokenizer(settings.asr_model) if settings.asr_model and "cer" in settings.metrics else None
+        cfg = next(iter(models.values())).cfg
+        truth_store = ItemStore(out_dir, GROUND_TRUTH)
+        _score_ground_truth(segments, settings, cfg, truth_store, vocoder, asr)
+        stores = {column: ItemStore(out_dir, column) for column in models}
+        pending = sum(not store.done(segment.key) for store in stores.values() for segment in segments)
+        with tqdm(total=pending, desc="evaluate", unit="segment", disable=not progress) as bar:
+            for column, model in models.items():
+                _score_model(model, segments, settings, stores[column], vocoder, asr, bar)
+        truth, truth_stats = _summary(truth_store, segments)
+        columns = {}
+        for column, store in stores.items():
+            summary, stats = _summary(store, segments)
+            if "expression_frechet" in settings.metrics:
+                summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(),
+                                                                   *truth_stats.mean_covariance())
+            columns[column] = {name: summary[name] for name in settings.metrics if name in summary}
+        report = {"settings": dataclasses.asdict(settings), "segments": [segment.key for segment in segments],
+                  "columns": columns, GROUND_TRUTH: {name: truth[name] for name in settings.metrics if name in truth},
+                  "metrics": {name: dataclasses.asdict(m.METRICS[name]) for name in settings.metrics}}
+        with atomic_path(out_dir / "report.json") as tmp:
+            tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
+        with atomic_path(out_dir / "report.md") as tmp:
+            tmp.write_text(markdown_table(report) + "\n")
+        _write_tensorboard(out_dir, report, steps or {})
+        return report
 
 
 def _format(value: float | None) -> str:

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from avflow.export.exporter import ExportOptions, export
+from avflow.utils import run_reporting_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,19 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--avatar", metavar="DATASET_ROOT",
                         help="the released 50h dataset root: include its Codec Avatar, for videos without the dataset")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks instead of one line")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     options = ExportOptions(args.format, args.dtype, args.nfe, args.method, args.max_seconds, args.batch, args.device,
                             args.vocoder, args.text2tokens, args.face_decoder, args.avatar, args.force)
-    try:
+
+    def run() -> None:
         meta = export(args.checkpoint, args.output, options)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
-        print(f"avflow.export: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output}: {meta['format']} {meta['dtype']}, {meta['rows']} x {meta['frames']} frames, "
-          f"{meta['sampler']['method']} nfe={meta['sampler']['nfe']}, parity: relative error "
-          f"{meta['parity']['relative_error']:.3g} (tolerance {meta['parity']['tolerance']})")
-    return 0
+        print(f"wrote {args.output}: {meta['format']} {meta['dtype']}, {meta['rows']} x {meta['frames']} frames, "
+              f"{meta['sampler']['method']} nfe={meta['sampler']['nfe']}, parity: relative error "
+              f"{meta['parity']['relative_error']:.3g} (tolerance {meta['parity']['tolerance']})")
+
+    return run_reporting_errors("python -m avflow.export", run, args.verbose)
 
 
 if __name__ == "__main__":

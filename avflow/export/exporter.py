@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import io
 import json
 import logging
 import math
@@ -21,11 +22,13 @@ from pathlib import Path
 import torch
 
 import avflow
+from avflow.config import Config
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.infer.artifacts import (
     AOTI_FILE,
     AVATAR_FILE,
     CONFIG_FILE,
+    DIGESTS_KEY,
     EXPORT_FORMAT_VERSION,
     FACE_DECODER_FILE,
     FORMATS,
@@ -34,7 +37,9 @@ from avflow.infer.artifacts import (
     TORCHSCRIPT_FILE,
     VOCODER_FILE,
     WEIGHTS_FILE,
+    file_digests,
     load_compiled_sampler,
+    read_export_meta,
 )
 from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
@@ -42,6 +47,7 @@ from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.io import load_inference_tensors, write_model_file
 from avflow.render import CodecAvatar, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
+from avflow.utils import reporting_disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ PARITY_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 PARITY_SEED = 0
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The export could not be made or failed its parity check; nothing was written under the output name."""
 
 
@@ -98,8 +104,11 @@ def _write_artifact(staging: Path, fmt: str, velocity: torch.nn.Module, method: 
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.trace(velocity, args, check_trace=False)
-            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)),
-                           str(staging / TORCHSCRIPT_FILE))
+            # Through memory: torch.jit.save to a file aborts the whole process when a write fails (a full disk),
+            # and a failed Python write is an error avflow reports
+            buffer = io.BytesIO()
+            torch.jit.save(torch.jit.script(FixedStepSampler(traced, method, nfe, dtype)), buffer)
+            (staging / TORCHSCRIPT_FILE).write_bytes(buffer.getbuffer())
         elif fmt == "aoti":
             program = torch.export.export(velocity, args)
             torch._inductor.aoti_compile_and_package(program, package_path=str(staging / AOTI_FILE))
@@ -136,7 +145,22 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
     rows, frames = options.batch, sample.max_frames
     example = _parity_inputs(rows, frames, cfg.model.state_dim, cfg.model.cond_dim, device)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(f"-o {output}: {output.parent} is a file, not a folder") from None
+    with reporting_disk_errors(output):
+        return _write_export(checkpoint, output, options, cfg, tensors, avatar, example, reference, network,
+                             compiled_attention)
+
+
+def _write_export(checkpoint: str | Path, output: Path, options: ExportOptions, cfg: Config, tensors: dict,
+                  avatar: CodecAvatar | None, example: tuple[torch.Tensor, ...], reference: AVFlowNet,
+                  network: AVFlowNet, compiled_attention: str) -> dict:
+    """Write the directory under a staging name, check it (parity; digests read back), then rename it to `output`;
+    returns its export.json contents."""
+    sample, dtype, device = cfg.sample, DTYPES[options.dtype], example[0].device
+    rows, frames = example[0].shape[:2]
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         log.info("exporting %s as %s %s, %s x %d frames, %s nfe=%d", checkpoint, options.format, options.dtype, rows,
@@ -183,7 +207,9 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
         if avatar is not None:
             avatar.save(staging / AVATAR_FILE)
         meta["files"] = sorted(path.name for path in staging.iterdir()) + [META_FILE]
+        meta[DIGESTS_KEY] = file_digests(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        read_export_meta(staging)  # what was written reads back with the digests it records
         _replace_directory(staging, output)
     finally:
         if staging.exists():

@@ -1,7 +1,9 @@
 """The model directory written by `python -m avflow.export`, and loading its compiled sampler.
 
 A model directory is self-contained: it needs avflow and torch, never the training checkpoint or the
-original config file.
+original config file. export.json records the sha256 of every other file; loading checks them before anything
+is read, so a damaged file (a flipped bit in sampler.ts would run silently) is refused, named. Directories
+exported before digests were recorded load unchecked.
 
     export.json            what was exported: format, dtype, sampler, fixed shape, parity error, versions
     config.yaml            the full config (model, mel, normalization settings, sampler defaults)
@@ -25,9 +27,11 @@ import torch
 
 from avflow.model.flow import FixedStepSampler
 from avflow.runtime import DTYPES
+from avflow.utils import file_sha256
 
 EXPORT_FORMAT_VERSION = 1
 META_FILE = "export.json"
+DIGESTS_KEY = "sha256"  # export.json: {file name: sha256} of every other file
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT_FILE = "sampler.ts"
@@ -44,6 +48,8 @@ def is_model_directory(path: str | Path) -> bool:
 
 
 def read_export_meta(directory: str | Path) -> dict:
+    """export.json of a model directory whose files match their recorded digests; ValueError naming the first
+    file that does not (or the unreadable export.json)."""
     path = Path(directory) / META_FILE
     try:
         meta = json.loads(path.read_text())
@@ -52,7 +58,20 @@ def read_export_meta(directory: str | Path) -> dict:
     if meta.get("format_version") != EXPORT_FORMAT_VERSION or meta.get("format") not in FORMATS:
         raise ValueError(f"{path}: expected an avflow export of format version {EXPORT_FORMAT_VERSION} with format "
                          f"one of {FORMATS}, got version {meta.get('format_version')} format {meta.get('format')}")
+    for name, digest in sorted(meta.get(DIGESTS_KEY, {}).items()):
+        file = Path(directory) / name
+        if not file.is_file():
+            raise ValueError(f"{file}: missing (the export lists it)")
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file}: sha256 differs from the one recorded at export (damaged or replaced); "
+                             "export the model again")
     return meta
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file of a model directory except export.json, which records them."""
+    return {path.name: file_sha256(path) for path in sorted(directory.iterdir())
+            if path.is_file() and path.name != META_FILE}
 
 
 @dataclass

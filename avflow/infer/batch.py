@@ -14,6 +14,12 @@ reason and never stop the job; a repeated id is recorded once, under its line (l
 first item's result. With a shard I/N the
 job takes the items whose line index % N == I and writes results.shard-I-of-N.jsonl, so SLURM array
 tasks never write the same file.
+
+Each results file has one writer: a job holds its lock (avflow.utils.hold_folder) while it runs, and a second
+job on the same folder and shard is refused. A failed item's entry says the failure's cause: "input" (the item
+itself: its file, text or shape) is skipped by a rerun unless `retry_errors`; "output" (writing its outputs
+failed) is retried by every rerun. A full or read-only disk stops the job with a DiskError after recording the
+item it hit, so nothing is sampled only to fail again.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from avflow.infer.inputs import (
 from avflow.infer.model import InferenceModel
 from avflow.infer.outputs import write_outputs
 from avflow.render import CodecAvatar, FaceDecoder
+from avflow.utils import DiskError, disk_error, hold_folder, reporting_disk_errors
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,8 @@ SOURCES = ("text", "audio", "tokens")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ITEMS_PER_ROUND = 32  # items prepared and sampled together: enough to fill length buckets, bounded memory
 STAGING_PREFIX = ".staging-"
+RESULTS_FILE = re.compile(r"^results(\.shard-\d+-of-\d+)?\.jsonl$")  # ids that would name a results file
+RETRIED_CAUSES = ("output",)  # failures outside the item: a rerun tries the item again
 
 
 @dataclass
@@ -57,6 +66,7 @@ class Item:
     id: str
     spec: dict
     error: str | None = None
+    cause: str = "input"  # of the error: "input" (the item's own data) or "output" (writing its outputs)
     cond: np.ndarray | None = None
     seed: int = 0
     timings: dict = field(default_factory=dict)
@@ -89,7 +99,15 @@ def read_items(path: str | Path, shard: tuple[int, int] | None = None) -> list[I
         except json.JSONDecodeError as error:
             items.append(Item(index, f"line-{index + 1}", {}, f"{where}: not JSON ({error.msg})"))
             continue
-        item_id = str(spec.get("id", "")) if isinstance(spec, dict) else ""
+        if not isinstance(spec, dict):
+            items.append(Item(index, f"line-{index + 1}", {}, f"{where}: expected a JSON object with an \"id\" and "
+                                                              f"one of {', '.join(SOURCES)}, got {line.strip()[:60]}"))
+            continue
+        item_id = str(spec.get("id", ""))
+        if RESULTS_FILE.match(item_id):
+            items.append(Item(index, f"line-{index + 1}", {}, f"{where}: id {item_id!r} is the name of a results "
+                                                              "file; choose another id"))
+            continue
         if not ID_PATTERN.match(item_id):
             items.append(Item(index, f"line-{index + 1}", {}, f"{where}: expected an \"id\" of letters, digits, "
                                                               f"'.', '_' or '-' (max 128), got {item_id!r}"))
@@ -159,7 +177,7 @@ class ResultsLog:
                 self.recorded[entry["id"]] = entry
 
     def record(self, entry: dict) -> None:
-        with open(self.path, "a") as handle:
+        with reporting_disk_errors(self.path), open(self.path, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
@@ -169,9 +187,21 @@ class ResultsLog:
 def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *,
               shard: tuple[int, int] | None = None, face_decoder: FaceDecoder | CodecAvatar | None = None,
               asr_model: str | None = None, retry_errors: bool = False, progress: bool = True) -> dict[str, int]:
-    """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items."""
+    """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items.
+    Raises FolderInUseError when another job writes this folder's results file, DiskError when the disk is full
+    or read-only."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with hold_folder(out_dir, f".{results_name(shard)}.lock"):
+        return _run_locked(model, items_path, out_dir, shard, face_decoder, asr_model, retry_errors, progress)
+
+
+def _retried(previous: dict, retry_errors: bool) -> bool:
+    return previous["status"] != "ok" and (retry_errors or previous.get("cause") in RETRIED_CAUSES)
+
+
+def _run_locked(model: InferenceModel, items_path: str | Path, out_dir: Path, shard: tuple[int, int] | None,
+                face_decoder: FaceDecoder | CodecAvatar | None, asr_model: str | None, retry_errors: bool,
+                progress: bool) -> dict[str, int]:
     for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale)
     results = ResultsLog(out_dir, shard)
@@ -180,7 +210,7 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
     pending = []
     for item in items:
         previous = results.recorded.get(item.id)
-        if previous is not None and (previous["status"] == "ok" or not retry_errors):
+        if previous is not None and not _retried(previous, retry_errors):
             counts["skipped"] += 1
         elif item.error is None and (out_dir / item.id).is_dir():
             # Renamed into place but not recorded (stopped in between): the folder is complete.
@@ -207,11 +237,12 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
             for item in good:
                 item.timings["sample_s"] = round(share, 4)
         for item in round_items:
+            stop = None
             if item.error is None:
-                _write_item(item, generated[item.id], model, out_dir, face_decoder)
+                stop = _write_item(item, generated[item.id], model, out_dir, face_decoder)
             entry = {"id": item.id, "status": "error" if item.error else "ok", "timings": item.timings}
             if item.error:
-                entry["error"] = item.error
+                entry["error"], entry["cause"] = item.error, item.cause
                 log.warning("item %s: %s", item.id, item.error)
             else:
                 entry["outputs"] = _listing(out_dir, item.id)
@@ -221,6 +252,9 @@ def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path
             results.record(entry)
             counts[entry["status"]] += 1
             bar.update(1)
+            if stop is not None:
+                bar.close()
+                raise stop
     bar.close()
     return counts
 
@@ -229,9 +263,12 @@ def _listing(out_dir: Path, item_id: str) -> list[str]:
     return sorted(str(path.relative_to(out_dir)) for path in (out_dir / item_id).iterdir())
 
 
-def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, face_decoder) -> None:
+def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, face_decoder) -> DiskError | None:
+    """Write the item's outputs, or set its error (cause "output"); returns the DiskError that stops the job
+    when the disk is full or read-only."""
     started = time.perf_counter()
     staging = out_dir / f"{STAGING_PREFIX}{item.id}"
+    full_disk = None
     try:
         write_outputs(generated, staging, item.id, model.cfg, model.vocoder, face_decoder, plot=False)
         final = out_dir / item.id
@@ -239,8 +276,10 @@ def _write_item(item: Item, generated, model: InferenceModel, out_dir: Path, fac
             shutil.rmtree(final)  # an unrecorded earlier attempt (retry of a failed item)
         staging.rename(final)
     except (ValueError, OSError, RuntimeError) as error:
-        item.error = f"writing outputs: {error}"
+        full_disk = disk_error(out_dir / item.id, error)
+        item.error, item.cause = f"writing outputs: {full_disk or error}", "output"
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     item.timings["write_s"] = round(time.perf_counter() - started, 4)
+    return full_disk

@@ -3,6 +3,7 @@ rate, and the length limits that refuse an input before it is sampled."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ def check_duration(frames: int, cfg: Config, what: str) -> None:
 
 
 def check_text_length(text: str, rate: float, cfg: Config) -> None:
-    """Refuse text far longer than sample.max_input_seconds allows early, before its timing is computed."""
+    """Refuse text far longer than sample.max_input_seconds allows early, before its timing is computed (and a
+    speaking rate that is not a positive number)."""
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate (--rate): expected a positive speaking rate, got {rate}")
     limit = int(cfg.sample.max_input_seconds * TEXT_CHARACTERS_PER_SECOND * max(rate, 1.0))
     if len(text) > limit:
         raise ValueError(f"text: {len(text)} characters, far more than sample.max_input_seconds="

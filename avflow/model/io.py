@@ -5,7 +5,10 @@
   torch.distributed.checkpoint after every file is verified. A step's DCP metadata file is a pickle that
   PyTorch unpickles: load step directories only from trusted sources.
 - Model files (`.safetensors`): the EMA weights, the codec's statistics and the head VAE with its pose
-  statistics, plus the config as metadata; they hold tensors only and execute nothing when loaded.
+  statistics, plus the config as metadata; they hold tensors only and execute nothing when loaded. The
+  metadata also holds a sha256 of every tensor (name, dtype, shape, bytes) and of the rest of the metadata,
+  checked on load, so a damaged copy is refused by name instead of generating with changed weights. Files
+  written before the digest load unchecked, with a warning.
 - Head-VAE checkpoints (avflow's and the published `head_vae/iter-*.pt`), loaded with weights_only.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +43,7 @@ META = "meta.json"
 FILES_KEY = "files"  # meta.json: {file name: {"bytes": size, "sha256": hex digest}} of every other file
 INFERENCE_GROUPS = ("ema", "codec", "head_vae")  # what generation needs from a training checkpoint
 MODEL_FILE_FORMAT = "avflow-model-v1"
+MODEL_DIGEST_KEY = "sha256"  # model file metadata: tensors_digest of its tensors and other metadata
 
 
 class CheckpointError(ValueError):
@@ -199,6 +204,12 @@ def load_inference_tensors(path: str | Path, task: str | None = None) -> tuple[C
                          f"model: {error})") from error
     if metadata.get("format") != MODEL_FILE_FORMAT:
         raise ValueError(f"{path}: not an avflow model file (expected format '{MODEL_FILE_FORMAT}')")
+    recorded = metadata.get(MODEL_DIGEST_KEY)
+    if recorded is None:
+        log.warning("%s: written before model files recorded a digest; loading it unverified", path)
+    elif tensors_digest(flat, metadata) != recorded:
+        raise CheckpointError(f"{path}: tensors differ from the sha256 recorded when the file was written (damaged "
+                              "or altered); restore the file or write it again")
     cfg = _require_task(checkpoint_config({"config": json.loads(metadata["config"])}, path), task, path)
     return cfg, _unflatten(flat)
 
@@ -214,9 +225,24 @@ def write_model_file(cfg: Config, tensors: dict[str, Any], output: str | Path, s
     from safetensors.torch import save_file
 
     metadata = {"format": MODEL_FILE_FORMAT, "config": json.dumps(cfg.checkpoint_dict()), "source": source}
+    flat = _flatten(tensors)
+    metadata[MODEL_DIGEST_KEY] = tensors_digest(flat, metadata)
     with atomic_path(output) as tmp:
-        save_file(_flatten(tensors), str(tmp), metadata=metadata)
+        save_file(flat, str(tmp), metadata=metadata)
     return Path(output)
+
+
+def tensors_digest(flat: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a model file's content as loaded: each tensor's name, dtype, shape and bytes in name order, then
+    the metadata other than the digest itself. Independent of the order safetensors lays them out in."""
+    digest = hashlib.sha256()
+    for name in sorted(flat):
+        tensor = flat[name].detach().cpu().contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    digest.update(json.dumps({key: value for key, value in sorted(metadata.items()) if key != MODEL_DIGEST_KEY},
+                             sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def load_head_vae(

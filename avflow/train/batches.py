@@ -78,7 +78,8 @@ def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True, devic
     """The head-pose VAE stage: a VAE trained on the poses of data.shards' train split, written to `output`.
     `avflow train-head-vae` runs it alone; `avflow train` runs it first, on its training device, when it has no VAE
     yet."""
-    poses = [arrays["pose"] for arrays in iter_split_arrays(cfg.data.shards, "train", ("pose",))]
+    split = iter_split_arrays(cfg.data.shards, "train", ("pose",), cfg.data.max_bad_fraction)
+    poses = [arrays["pose"] for arrays in split]
     return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, device=str(device), progress=progress)
 
 

@@ -51,7 +51,7 @@ from avflow.model.io import (
     verify_checkpoint,
     write_model_file,
 )
-from avflow.utils import atomic_path
+from avflow.utils import atomic_path, disk_error
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
+    return [path for path in _step_directories(run_dir) if (path / META).is_file()]
+
+
+def _step_directories(run_dir: str | Path) -> list[Path]:
+    """Every step-N entry of a run, complete or not, oldest first."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name) and (p / META).is_file())
+    return sorted(path for path in folder.iterdir() if _STEP_DIR.match(path.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -98,9 +103,9 @@ def newest_verified_checkpoint(run_dir: str | Path) -> Path:
 def _newest_verified(run_dir: str | Path) -> Path | str:
     """The path, or the error message when no checkpoint verifies."""
     problems = []
-    for path in reversed(list_checkpoints(run_dir)):
+    for path in reversed(_step_directories(run_dir)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path)  # a step without meta.json (copied in part, or not by avflow) fails here
         except (ValueError, OSError) as error:
             log.warning("skipping checkpoint %s: %s", path.name, error)
             problems.append(f"{path.name}: {error}")
@@ -205,7 +210,8 @@ class CheckpointManager:
                 dcp.save(self.states, checkpoint_id=staging)
         except CheckpointException as error:  # a BaseException: reported as a CheckpointError naming the folder
             raise_interruption(error)
-            raise CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})") from error
+            raise (disk_error(staging, error)
+                   or CheckpointError(f"{staging}: writing the checkpoint failed ({error_summary(error)})")) from error
         self._finalize(staging, final, meta)
         return final
 

@@ -136,7 +136,8 @@ class AVFlowTask:
         streams = ("mel", "expression", "pose", "expression_valid", *conditioning)
         one = dataclasses.replace(cfg.sample, num_samples=1)
         generated_scores, truth_scores = [], []
-        for arrays in itertools.islice(iter_split_arrays(cfg.data.shards, "val", streams), x.val_items):
+        split = iter_split_arrays(cfg.data.shards, "val", streams, cfg.data.max_bad_fraction)
+        for arrays in itertools.islice(split, x.val_items):
             frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in arrays.items()}
             cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))

@@ -17,6 +17,7 @@ from avflow.data.dataset import align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
 from avflow.data.layouts.fifty_h import SMIRK_DIR, stream_paths
 from avflow.data.shards import chunk_bounds, iter_shard_samples, load_manifest, pack, verify
+from avflow.utils import LOCK_FILE
 
 TINY = CorpusConfig(train_segments=3, val_segments=1, words_per_segment=[2, 3])
 SMIRK_WIDTHS = {"expression": 55, "headpose": 3}
@@ -252,7 +253,7 @@ def test_bad_segments_are_all_listed_before_anything_is_written(damaged, tmp_pat
     assert "NaN" in reasons[bad["nan"]] and "expression_codes" in reasons[bad["nan"]]
     assert "missing token logits" in reasons[bad["missing tokens"]]
     assert "disagree" in reasons[bad["length mismatch"]] and "headpose" in reasons[bad["length mismatch"]]
-    assert list((tmp_path / "out").iterdir()) == []
+    assert [path.name for path in (tmp_path / "out").iterdir()] == [LOCK_FILE]  # only the pack's lock: no shard
 
 
 def test_skip_bad_counts_them_and_packs_the_rest(damaged, tmp_path):

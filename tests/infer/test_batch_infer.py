@@ -69,7 +69,7 @@ def test_interrupted_batch_resumes_and_produces_every_good_item_once(model_file,
     for name in ("hello", "take", "bye"):
         assert sorted(by_id[name]["outputs"]) == sorted(f"{name}/{name}_s{k}{ext}" for k in range(2)
                                                         for ext in (".wav", ".npz"))
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]  # no staging
     assert main(arguments) == 0 and results(out)[1] == order  # a third run has nothing left to do
 
 

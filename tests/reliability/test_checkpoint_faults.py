@@ -139,6 +139,7 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
     from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
     from avflow.train import checkpoint as checkpoint_module
+    from avflow.utils import DiskError
 
     def disk_full(state, checkpoint_id):
         try:
@@ -148,8 +149,7 @@ def test_a_failed_write_is_one_error_and_keeps_the_earlier_steps(steps, monkeypa
 
     monkeypatch.setattr(checkpoint_module.dcp, "save", disk_full)
     _, tensors = load_inference_tensors(steps[1])
-    with pytest.raises(CheckpointError,
-                       match=r"step-00000003.tmp: writing the checkpoint failed \(OSError: \[Errno 28\]"):
+    with pytest.raises(DiskError, match=r"step-00000003.tmp: no space left on the device \(OSError: \[Errno 28\]"):
         checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
     assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
 
@@ -173,3 +173,11 @@ def test_a_preemption_during_a_save_stops_the_process_as_such(steps, monkeypatch
     with pytest.raises(type(interruption)):
         checkpoint_module.CheckpointManager(steps[0].parent.parent, tensors, keep=2).save(3)
     assert newest_verified_checkpoint(steps[0].parent.parent) == steps[1]
+
+
+def test_a_step_without_meta_json_is_skipped_with_a_log_line(steps, caplog):
+    (steps[1] / "meta.json").unlink()  # copied in part, or an interrupted copy
+    with caplog.at_level(logging.WARNING, logger="avflow.train.checkpoint"):
+        assert newest_verified_checkpoint(steps[0].parent.parent) == steps[0]
+    assert f"skipping checkpoint {steps[1].name}: {steps[1]}: not a complete avflow checkpoint (no meta.json" in \
+        caplog.text

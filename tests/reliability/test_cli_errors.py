@@ -52,6 +52,16 @@ CASES = [  # (name, command line with {place} fields, what the one line must say
      "{truncated_step}/.metadata: 10 bytes"),
     ("truncated checkpoint metadata (consolidate)", "checkpoint consolidate {truncated_step} -o {root}/m.safetensors",
      "{truncated_step}/.metadata: 10 bytes"),
+    ("a section set to a value before its keys", "train trainer=5 trainer.lr=1",
+     "trainer: expected a mapping of TrainerConfig fields, got 5"),
+    ("NaN speaking rate (generate)", "generate --checkpoint {model} --text hi --rate nan -o {root}/g",
+     "--rate: expected a positive number, got nan"),
+    ("NaN speaking rate (infer)", "infer --checkpoint {model} --text hi --rate nan --no-video -o {root}/i",
+     "--rate: expected a positive number, got nan"),
+    ("zero pause scale", "generate --checkpoint {model} --text hi --pause-scale 0 -o {root}/g",
+     "--pause-scale: expected a positive number, got 0.0"),
+    ("zero pack workers", "pack -i {corpus} -o {root}/w --workers 0",
+     "--workers: expected at least 1 packing process, got 0"),
 ]
 
 

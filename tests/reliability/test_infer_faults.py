@@ -107,3 +107,18 @@ def test_generate_refuses_a_bad_token_file_in_one_line(tiny_model, tmp_path, cap
                  str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and reason in error[0] and "bad.npy" in error[0]
+
+
+def test_lines_that_are_not_items_are_named_as_such(tiny_model, tmp_path):  # noqa: F811
+    np.save(tmp_path / "good.npy", GOOD_TOKENS)
+    (tmp_path / "items.jsonl").write_text("[1, 2]\n" + "".join(json.dumps(line) + "\n" for line in [
+        {"id": "results.jsonl", "tokens": "good.npy"}, {"id": "results.shard-0-of-2.jsonl", "tokens": "good.npy"},
+        {"id": "fine", "tokens": "good.npy"}]))
+    out = tmp_path / "out"
+    assert run(tiny_model, tmp_path / "items.jsonl", out) == 0
+    by_id, _ = results(out)
+    assert "items.jsonl line 1: expected a JSON object with an \"id\"" in by_id["line-1"]["error"]
+    assert "got [1, 2]" in by_id["line-1"]["error"]
+    for line, name in ((2, "results.jsonl"), (3, "results.shard-0-of-2.jsonl")):
+        assert f"items.jsonl line {line}: id '{name}' is the name of a results file" in by_id[f"line-{line}"]["error"]
+    assert by_id["fine"]["status"] == "ok" and (out / "results.jsonl").is_file()

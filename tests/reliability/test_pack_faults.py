@@ -47,9 +47,19 @@ def _not_npy(path):
     path.write_text("expression codes, as text\n")
 
 
+def _integers(path):
+    np.save(path, np.load(path).astype(np.int64))
+
+
+def _complex(path):
+    np.save(path, np.load(path).astype(np.complex64))
+
+
 BAD_FILES = [("empty", _empty, "empty file"), ("truncated", _truncated, "not a readable .npy"),
              ("string dtype", _strings, "expected numeric"), ("wrong shape", _wrong_shape, "(N, 256)"),
-             ("non-finite", _not_finite, "NaN or inf"), ("not .npy", _not_npy, "not a readable .npy")]
+             ("non-finite", _not_finite, "NaN or inf"), ("not .npy", _not_npy, "not a readable .npy"),
+             ("int64", _integers, "as real floating-point values, got int64"),
+             ("complex64", _complex, "as real floating-point values, got complex64")]
 
 
 @pytest.fixture

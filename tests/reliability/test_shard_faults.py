@@ -74,3 +74,16 @@ def test_the_command_line_reports_it_in_one_line(shards, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "bad samples in" in error[0] and "mel bytes differ" in error[0]
     assert not (shards.parent / "vae.pt").exists()
+
+
+@pytest.mark.parametrize("fraction, passes", [(0.5, True), (0.1, False)])
+def test_the_head_vae_stage_honours_max_bad_fraction(shards, capsys, fraction, passes):
+    damaged = corrupt_mel(sorted(shards.glob("*-train-*.tar"))[0])  # 4 of the 20 training samples: 20%
+    assert len(damaged) == 4
+    out = shards.parent / "vae.pt"
+    argv = ["train-head-vae", f"data.shards={shards}", f"data.max_bad_fraction={fraction}", "head_vae.steps=2",
+            "head_vae.ffn_hidden=8", "head_vae.segment_length=32", "head_vae.batch_size=2", "-o", str(out)]
+    assert main(argv) == (0 if passes else 2)
+    assert out.exists() == passes
+    if not passes:
+        assert f"more than data.max_bad_fraction={fraction}" in capsys.readouterr().err
