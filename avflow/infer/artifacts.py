@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from avflow.model.flow import FixedStepSampler
+from avflow.model.sampling import FixedStepSampler
 from avflow.runtime import DTYPES
 
 EXPORT_FORMAT_VERSION = 1

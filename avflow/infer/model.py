@@ -21,12 +21,18 @@ from avflow.infer.artifacts import (
     load_compiled_sampler,
     read_export_meta,
 )
-from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
+from avflow.model.sampling import (
+    FixedStepSampler,
+    GraphSampler,
+    PreparedVelocity,
+    guided,
+    length_buckets,
+    row_buckets,
+)
 from avflow.model.state import StateCodec
 from avflow.render import CodecAvatar, FaceDecoder, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
