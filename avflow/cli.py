@@ -104,9 +104,16 @@ def cmd_extract_asr(args: argparse.Namespace) -> None:
     print(f"token logits: {counts['written']} written, {counts['skipped']} already complete")
 
 
+SAMPLER_OPTIONS = ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds")
+
+
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
-    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds"):
-        value = getattr(args, key)
+    """cfg with the command's `sample.key=value` overrides, then its sampler options (--nfe, ...), applied."""
+    from avflow.config import with_overrides
+
+    cfg = with_overrides(cfg, getattr(args, "overrides", None) or [], ("sample",))
+    for key in SAMPLER_OPTIONS:
+        value = getattr(args, key, None)
         if value is not None:
             setattr(cfg.sample, key, value)
     return cfg.validate()
@@ -117,7 +124,7 @@ def _load_model(args: argparse.Namespace):
     from avflow.infer.model import load_inference_model
 
     model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile)
-    _sample_overrides(args, model.cfg)
+    model.cfg = _sample_overrides(args, model.cfg)
     if args.text2tokens:
         from avflow.infer.text2tokens import load_text2tokens
 
@@ -212,6 +219,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from avflow.config import SampleConfig
     from avflow.evaluate.run import evaluate_checkpoints, markdown_table
 
     vocoder = None
@@ -220,9 +228,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         vocoder = load_bigvgan(args.vocoder)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split,
-                                  num_samples=args.num_samples, nfe=args.nfe, seed=args.seed, method=args.method,
-                                  temperature=args.temperature, max_items=args.max_items,
+    sample = _sample_overrides(args, Config(sample=SampleConfig())).sample
+    report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split, sample=sample,
+                                  max_items=args.max_items,
                                   metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
                                   progress=not args.quiet)
     print(markdown_table(report))
@@ -308,7 +316,18 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("--device", default="cpu")
     sub.set_defaults(run=cmd_extract_asr)
 
+    def with_sampler_options(sub: argparse.ArgumentParser) -> None:
+        """The sampler options, with SampleConfig's defaults (`sample.key=value` overrides set the others)."""
+        from avflow.model.sampling.methods import METHODS
+
+        sub.add_argument("--num-samples", type=int, help="samples per input (default sample.num_samples)")
+        sub.add_argument("--nfe", type=int, help="network evaluations per sample (default sample.nfe)")
+        sub.add_argument("--method", choices=tuple(METHODS), help="ODE sampler (default sample.method)")
+        sub.add_argument("--temperature", type=float, help="scale of the initial noise (default sample.temperature)")
+        sub.add_argument("--seed", type=int, help="noise seed (default sample.seed)")
+
     def with_model(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("overrides", nargs="*", metavar="sample.key=value", help="sampler config overrides")
         sub.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                          help="an export directory (python -m avflow.export), a .safetensors model "
                               "or RUN/checkpoints/step-N")
@@ -329,12 +348,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                          help="Codec Avatar head poses: camera = the 50h capture camera's head transforms (mm), as a "
                               "model trained on the 50h data generates; relative = only their rotation, on the "
                               "published default pose (models trained on other data, e.g. the demo corpus)")
-        sub.add_argument("--num-samples", type=int)
-        sub.add_argument("--nfe", type=int)
-        sub.add_argument("--method", choices=("euler", "midpoint"))
-        sub.add_argument("--temperature", type=float)
-        sub.add_argument("--guidance-scale", type=float)
-        sub.add_argument("--seed", type=int)
+        with_sampler_options(sub)
+        sub.add_argument("--guidance-scale", type=float, help="default sample.guidance_scale")
         sub.add_argument("--max-input-seconds", type=float,
                          help="longest input accepted, in seconds of speech (default sample.max_input_seconds: 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -378,16 +393,13 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                      help="a training step directory, .safetensors model or export directory; repeat to compare")
     sub.add_argument("--shards", required=True, type=Path, help="packed shards (avflow pack) with held-out segments")
     sub.add_argument("--split", default="val", help="the shard split to evaluate on (default val)")
-    sub.add_argument("--num-samples", type=int, default=3, help="samples per segment (default 3)")
-    sub.add_argument("--nfe", type=int, default=16, help="network evaluations per sample (default 16)")
-    sub.add_argument("--method", choices=("euler", "midpoint"), default="euler", help="ODE sampler (default euler)")
-    sub.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (default 1.0)")
+    with_sampler_options(sub)
+    sub.add_argument("overrides", nargs="*", metavar="sample.key=value", help="sampler config overrides")
     sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
     sub.add_argument("--vocoder", type=Path,
                      help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")
     sub.add_argument("--metrics", help="comma-separated subset (default: every metric that applies)")
-    sub.add_argument("--seed", type=int, default=0, help="segment i is sampled with seed + i")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sub.add_argument("-o", "--output", type=Path, required=True, help="report folder (resumable)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
