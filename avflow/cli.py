@@ -218,6 +218,51 @@ def cmd_infer(args: argparse.Namespace) -> None:
           f"results in {Path(args.output) / 'results*.jsonl'}")
 
 
+def cmd_stream(args: argparse.Namespace) -> None:
+    from avflow.config import parse_overrides
+    from avflow.infer.inputs import participant_features_from_file, tokens_from_file
+    from avflow.infer.stream import stream_sample_config
+    from avflow.infer.stream_writer import StreamWriter
+
+    if args.num_samples not in (None, 1):
+        raise ValueError(f"--num-samples {args.num_samples}: avflow stream speaks one sample")
+    if args.realtime and args.text is not None:
+        raise ValueError("--realtime feeds --tokens and --audio files at their real pace; text arrives as it is "
+                         "given (--text - reads it line by line from stdin)")
+    given = {key for key, _ in parse_overrides(args.overrides)}
+    model = _load_model(args)
+    face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
+    cfg = model.cfg
+    windows_given = bool(given & {"sample.max_frames", "sample.window_overlap"})
+    options = {"sample_cfg": stream_sample_config(cfg.sample, cfg.mel.frame_rate, windows_given),
+               "first_window_s": args.first_window, "face_decoder": face, "realtime": args.realtime,
+               "rate": args.rate, "pause_scale": args.pause_scale}
+    if args.participant_tokens:
+        options["participant_tokens"] = tokens_from_file(args.participant_tokens, cfg.data.token_fps,
+                                                         cfg.mel.frame_rate)
+    if args.participant_features:
+        options["participant_features"] = participant_features_from_file(args.participant_features, cfg)
+    if args.text == "-":
+        stream = model.stream(lines=sys.stdin, **options)
+    elif args.text is not None:
+        stream = model.stream(args.text, **options)
+    elif args.tokens:
+        stream = model.stream(tokens=tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate), **options)
+    else:
+        stream = model.stream(audio=args.audio, asr_model=args.asr_model, **options)
+    writer = StreamWriter(args.output, cfg, video=face is not None)
+    try:
+        for chunk in stream:
+            writer.add(chunk)
+    finally:
+        summary = stream.summary()
+        written = writer.close(summary)
+    first = summary["first_audio_s"]
+    print(f"{summary['audio_seconds']:.2f} s of speech, first audio after "
+          f"{'-' if first is None else f'{first:.3f}'} s, real-time factor {summary['real_time_factor'] or 0:.3f}; "
+          f"wrote {', '.join(path.name for path in written)} to {args.output}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from avflow.config import SampleConfig
     from avflow.evaluate.run import evaluate_checkpoints, markdown_table
@@ -362,7 +407,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     def with_source(sub: argparse.ArgumentParser, required: bool) -> None:
         source = sub.add_mutually_exclusive_group(required=required)
         source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
-        source.add_argument("--text", help="text to speak")
+        source.add_argument("--text", help="text to speak (avflow stream: - reads it line by line from stdin)")
         sub.add_argument("--rate", type=float, default=1.0, help="speaking rate for --text (2.0: twice as fast)")
         sub.add_argument("--pause-scale", type=float, default=1.0,
                          help="pause length for --text (needs a text-to-tokens model)")
@@ -387,6 +432,19 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("--retry-errors", action="store_true", help="retry items recorded as failed")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=cmd_infer)
+
+    sub = commands.add_parser("stream", help="speech and motion out while the input arrives: stream.wav as it "
+                                             "grows, then stream.npz, stream.mp4 and latency.json")
+    with_model(sub)
+    with_source(sub, required=True)
+    sub.add_argument("-o", "--output", type=Path, required=True, help="folder for stream.wav, .npz, .mp4, latency.json")
+    sub.add_argument("--realtime", action="store_true", help="feed --tokens/--audio files at their real pace")
+    sub.add_argument("--first-window", type=float, metavar="SECONDS",
+                     help="a shorter first window, to cut the wait for the first audio (default: off)")
+    sub.add_argument("--participant-tokens", type=Path, help="dyadic models: the participant's token logits .npy")
+    sub.add_argument("--participant-features", type=Path,
+                     help="dyadic models: the participant's SMIRK features .npy (frames, 58) at 30 fps")
+    sub.set_defaults(run=cmd_stream)
 
     sub = commands.add_parser("evaluate", help="held-out metrics (speech, motion, synchrony) of models side by side")
     sub.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True, type=Path,

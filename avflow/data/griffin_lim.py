@@ -62,11 +62,14 @@ def _linear_magnitude(mel_magnitude: torch.Tensor, filterbank: torch.Tensor) -> 
     return magnitude
 
 
-def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: int = 0) -> torch.Tensor:
+def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: int = 0,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
     """(n_mels, frames) natural-log mel (NOT model-normalized) -> (frames * hop,) float32 CPU waveform.
 
     The linear magnitude is a non-negative least-squares inverse of the filterbank applied to exp(mel);
-    its phase comes from fast Griffin-Lim started at random phases drawn from `seed`.
+    its phase comes from fast Griffin-Lim started at random phases drawn from `seed`. `prefix`: the output's
+    first samples, already known (audio a stream has played): every iteration keeps them, so the phases of the
+    frames after them continue that audio instead of starting a seam.
     """
     if log_mel.dim() != 2 or log_mel.shape[0] != cfg.n_mels:
         raise ValueError(f"log_mel: expected shape ({cfg.n_mels}, frames), got {tuple(log_mel.shape)}")
@@ -84,10 +87,22 @@ def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: 
     generator = torch.Generator().manual_seed(seed)
     phase = torch.polar(torch.ones_like(magnitude),
                         2.0 * math.pi * torch.rand(magnitude.shape, generator=generator, dtype=torch.float64))
+    known = None if prefix is None else prefix.detach().to(dtype=torch.float64, device="cpu").reshape(-1)
+    if known is not None:  # start the frames over the known audio at its phases
+        padded = torch.zeros(log_mel.shape[1] * cfg.hop_length, dtype=torch.float64)
+        padded[:known.numel()] = known
+        spectrum = complex_stft(padded, cfg)
+        covered = min(known.numel() // cfg.hop_length, spectrum.shape[-1])
+        phase[:, :covered] = spectrum[:, :covered] / spectrum[:, :covered].abs().clamp(min=1e-16)
+
+    def signal(spectrum: torch.Tensor) -> torch.Tensor:
+        audio = _inverse_stft(spectrum, cfg)
+        return audio if known is None else torch.cat([known, audio[known.numel():]])
+
     previous_rebuilt = torch.zeros_like(phase)
     for _ in range(n_iter):
-        rebuilt = complex_stft(_inverse_stft(magnitude * phase, cfg), cfg)
+        rebuilt = complex_stft(signal(magnitude * phase), cfg)
         accelerated = rebuilt - (FAST_GRIFFIN_LIM_MOMENTUM / (1.0 + FAST_GRIFFIN_LIM_MOMENTUM)) * previous_rebuilt
         phase = accelerated / accelerated.abs().clamp(min=1e-16)
         previous_rebuilt = rebuilt
-    return _inverse_stft(magnitude * phase, cfg).to(torch.float32)
+    return signal(magnitude * phase).to(torch.float32)

@@ -90,6 +90,16 @@ class InferenceModel:
             self.samplers[key] = runner
         return self.samplers[key], frames, buckets, rows, counts
 
+    def stream(self, text: str | None = None, **options):
+        """Speech and motion chunk by chunk while the input arrives: a `avflow.infer.stream.Stream` of
+        StreamChunks. Exactly one of `text` (whole), `lines=` (an iterable of text lines, each spoken as it
+        arrives), `tokens=` ((T, 29) logits at the mel frame rate) or `audio=` (a speech file, with `asr_model=`);
+        options: realtime, participant_tokens, participant_features, rate, pause_scale, sample_cfg,
+        first_window_s, face_decoder (see `avflow.infer.stream.open_stream`)."""
+        from avflow.infer.stream import open_stream
+
+        return open_stream(self, text, **options)
+
 
 def default_dtype(device: torch.device) -> str:
     """The network's precision when none is asked: bf16 on CUDA (tensor cores; the sampler's state stays fp32,

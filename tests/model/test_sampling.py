@@ -3,6 +3,7 @@ windows, noise and buckets."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import randomized
@@ -16,6 +17,8 @@ from avflow.model.sampling import (
     NoiseStream,
     PreparedVelocity,
     SamplingMethod,
+    StreamSampler,
+    WindowPlan,
     bucket_for,
     crossfade_weights,
     guided,
@@ -25,6 +28,7 @@ from avflow.model.sampling import (
     sample_sequences,
     sampling_method,
     sequence_noise,
+    stitch,
     window_spans,
 )
 
@@ -226,3 +230,52 @@ def test_noise_of_a_prefix_does_not_depend_on_the_length():
     stream = NoiseStream(7, 2, 5)
     assert torch.equal(torch.cat([stream.frames(0, 70), stream.frames(70, 200), stream.frames(200, 300)], 1), whole)
     assert not torch.equal(sequence_noise(8, 2, 300, 5), whole)
+
+
+@pytest.mark.parametrize("first_frames", [None, 25])
+def test_a_stream_fed_in_any_pieces_equals_the_whole_sequence_at_every_window_edge(tiny_net, first_frames):
+    """Lengths on and around every window edge (and shorter than one window), fed whole, one frame at a time
+    or in uneven pieces: the streamed frames come out in order, without gaps, each once, and equal sampling
+    the whole sequence on the same windows (the plan a length gives) from the same noise."""
+    plan = WindowPlan(60, 10, first_frames)
+    loop = FixedStepSampler(tiny_net, "euler", 2)
+
+    def sample_window(noise, cond):
+        return loop(noise, cond.expand(noise.shape[0], -1, -1), torch.ones(noise.shape[:2], dtype=torch.bool))
+
+    edges = sorted({edge + shift for span in plan.spans(140) for edge in span for shift in (-1, 0, 1)} | {1, 7})
+    for frames in [edge for edge in edges if edge > 0]:
+        cond = torch.randn(frames, TINY.cond_dim)
+        spans = plan.spans(frames)
+        noise = 0.5 * sequence_noise(3, 1, frames, TINY.state_dim)
+        expected = stitch(spans, [sample_window(noise[:, s:e], cond[s:e]) for s, e in spans], 0, frames)
+        for pieces in ([frames], [1] * frames, [7, 1, 30, 2, 13, 60, 5, 90][:frames]):
+            stream = StreamSampler(sample_window, plan, NoiseStream(3, 1, TINY.state_dim), 0.5)
+            finals, fed = [], 0
+            for size in pieces:
+                finals += list(stream.push(cond[fed:fed + size]))
+                fed += size
+            finals += list(stream.push(cond[fed:])) + list(stream.end_utterance())
+            assert [final.start for final in finals] == list(np.cumsum([0] + [f.states.shape[1] for f in finals]))[:-1]
+            got = torch.cat([final.states for final in finals], dim=1)
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=f"{frames} frames, {pieces}")
+
+
+def test_a_stream_emits_frames_before_its_input_ends(tiny_net):
+    """While the input is still arriving, frames come out once no later window can reach them: a window's
+    length behind the input (the shifted last window), or, after a shorter first window, at once."""
+    loop = FixedStepSampler(tiny_net, "euler", 2)
+
+    def sample_window(noise, cond):
+        return loop(noise, cond.expand(noise.shape[0], -1, -1), torch.ones(noise.shape[:2], dtype=torch.bool))
+
+    cond = torch.randn(400, TINY.cond_dim)
+    for plan, first_out in ((WindowPlan(60, 10), 0), (WindowPlan(60, 10, 25), 15)):
+        stream = StreamSampler(sample_window, plan, NoiseStream(0, 1, TINY.state_dim), 1.0)
+        emitted = 0
+        for arrived in range(1, 401):
+            emitted += sum(final.states.shape[1] for final in stream.push(cond[arrived - 1:arrived]))
+            if arrived == plan.first:
+                assert emitted == first_out
+            if arrived >= 200:
+                assert emitted >= arrived - 60 - 50  # at most a window behind, plus one step of windows
