@@ -11,6 +11,7 @@ in the same padded coordinates, so sample n of the output lines up with sample n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,13 +50,27 @@ def _inverse_stft(spectrum: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     return signal[start:start + frames * cfg.hop_length]
 
 
-def _linear_magnitude(mel_magnitude: torch.Tensor, filterbank: torch.Tensor) -> torch.Tensor:
+def _filterbank_and_inverse(cfg: MelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 filterbank and its pseudo-inverse, computed once per filterbank (a stream vocodes chunk by
+    chunk, and the pseudo-inverse costs more than a short chunk's Griffin-Lim)."""
+    return _cached_inverse(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_inverse(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float):
+    cfg = MelConfig(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    filterbank = mel_filterbank(cfg).to(torch.float64)
+    return filterbank, torch.linalg.pinv(filterbank)
+
+
+def _linear_magnitude(mel_magnitude: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     """Non-negative linear magnitude whose mel projection approximates `mel_magnitude`.
 
     Starts from the clamped least-squares (pseudo-inverse) solution, whose clamping adds energy, then
     applies multiplicative non-negative least-squares updates (Lee & Seung), which keep it >= 0.
     """
-    magnitude = torch.clamp(torch.linalg.pinv(filterbank) @ mel_magnitude, min=0.0) + 1e-12
+    filterbank, inverse = _filterbank_and_inverse(cfg)
+    magnitude = torch.clamp(inverse @ mel_magnitude, min=0.0) + 1e-12
     projected_target = filterbank.T @ mel_magnitude
     for _ in range(NON_NEGATIVE_REFINEMENT_STEPS):
         magnitude = magnitude * projected_target / (filterbank.T @ (filterbank @ magnitude) + 1e-12)
@@ -82,7 +97,7 @@ def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: 
     # do not amplify: values above log(win_length / 2) are not audio (e.g. an untrained model's output).
     ceiling = math.log(cfg.win_length / 2)
     mel_magnitude = torch.exp(log_mel.detach().to(device="cpu", dtype=torch.float64).clamp(max=ceiling))
-    magnitude = _linear_magnitude(mel_magnitude, mel_filterbank(cfg).to(torch.float64))
+    magnitude = _linear_magnitude(mel_magnitude, cfg)
 
     generator = torch.Generator().manual_seed(seed)
     phase = torch.polar(torch.ones_like(magnitude),
