@@ -50,6 +50,7 @@ STREAM_OVERLAP_SECONDS = 0.25
 BIGVGAN_CONTEXT_FRAMES = 16  # the base generator's receptive field is +-13 mel frames (tests/infer/test_stream.py)
 GRIFFIN_LIM_CONTEXT_FRAMES = 16
 MIN_AUDIO_CHUNK_FRAMES = 8  # fewer new frames wait for the next chunk (the stream's end excepted)
+FIRST_AUDIO_FRAMES = 32  # the first audio chunk is vocoded alone and sent, the rest of its frames right after
 REALTIME_PIECE_SECONDS = 0.1  # file inputs fed at their real pace arrive in pieces of this length
 ASR_CHUNK_SECONDS = 1.0  # speech is turned into tokens in chunks of this length, with context on both sides
 ASR_LEFT_CONTEXT_SECONDS = 2.0
@@ -105,14 +106,17 @@ class ChunkVocoder:
         self.done = 0  # mel frames whose audio is out
         self.history = np.zeros(0, np.float32)  # the last `context` frames of audio out (Griffin-Lim's prefix)
 
-    def audio(self, mel: np.ndarray, edge: bool) -> np.ndarray:
-        """New audio for the final mel frames `mel` (all of them so far); `edge`: no frame follows them yet."""
+    def audio(self, mel: np.ndarray, edge: bool, limit: int | None = None) -> np.ndarray:
+        """New audio for the final mel frames `mel` (all of them so far), at most `limit` frames of it; `edge`: no
+        frame follows them yet."""
         final = mel.shape[0]
         target = final if edge else final - self.context
-        if target <= self.done or (not edge and target - self.done < MIN_AUDIO_CHUNK_FRAMES):
+        if limit is not None:
+            target = min(target, self.done + limit)
+        if target <= self.done or (target < final and target - self.done < MIN_AUDIO_CHUNK_FRAMES):
             return np.zeros(0, np.float32)
         lo = max(0, self.done - self.context)
-        hi = final if edge else target + self.context
+        hi = final if edge and target == final else min(final, target + self.context)
         chunk = torch.from_numpy(np.ascontiguousarray(mel[lo:hi]))
         if self.vocoder is None:
             from avflow.data.griffin_lim import mel_to_audio
@@ -168,7 +172,7 @@ class Stream:
 
     def __init__(self, model: InferenceModel, pieces: Iterable[Piece], sample_cfg: SampleConfig,
                  first_window_s: float | None = None, face_decoder: FaceDecoder | CodecAvatar | None = None,
-                 realtime: bool = False, skipped: list[dict] | None = None):
+                 realtime: bool = False, skipped: list[dict] | None = None, preparation_s: float = 0.0):
         self.model, self.pieces, self.cfg = model, pieces, sample_cfg
         frame_rate = model.cfg.mel.frame_rate
         first = None if first_window_s is None else round(first_window_s * frame_rate)
@@ -185,7 +189,8 @@ class Stream:
         self.runner, _, self.buckets, _, row_counts = model.sampler(sample_cfg)
         self.rows = min(row_counts)
         self._warm_up()
-        self.started = self.reference = time.perf_counter()
+        # the clock runs from the request: work done on the input before the stream opened (text timing) counts
+        self.started = self.reference = time.perf_counter() - preparation_s
         self._iterator = self._run()
 
     def _sample_window(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -253,13 +258,15 @@ class Stream:
     def _emit(self, finals, sampler: StreamSampler, utterance_ended: bool = False,
               complete: bool = False) -> Iterator[StreamChunk]:
         for final in finals:
-            chunk = self.state.add(final.states[0].float().cpu(), edge=False)
-            if chunk is not None:
-                yield self._stamp(chunk, sampler)
+            yield from self._chunks(self.state.add(final.states[0].float().cpu(), edge=False), sampler, False)
         if utterance_ended:
-            chunk = self.state.add(None, edge=True, complete=complete)
-            if chunk is not None:
-                yield self._stamp(chunk, sampler)
+            yield from self._chunks(self.state.add(None, edge=True, complete=complete), sampler, True)
+
+    def _chunks(self, chunk: StreamChunk | None, sampler: StreamSampler, edge: bool) -> Iterator[StreamChunk]:
+        if chunk is not None:
+            yield self._stamp(chunk, sampler)
+        while (extra := self.state.more_audio(edge)) is not None:
+            yield self._stamp(extra, sampler)
 
     def _stamp(self, chunk: StreamChunk, sampler: StreamSampler) -> StreamChunk:
         now = time.perf_counter()
@@ -296,6 +303,27 @@ class Stream:
         }
 
 
+class _Rows:
+    """An (n, width) float32 array that rows are appended to in amortized constant time."""
+
+    def __init__(self, width: int):
+        self.data = np.zeros((1024, width), np.float32)
+        self.size = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        needed = self.size + rows.shape[0]
+        if needed > self.data.shape[0]:
+            grown = np.zeros((max(needed, 2 * self.data.shape[0]), self.data.shape[1]), np.float32)
+            grown[:self.size] = self.data[:self.size]
+            self.data = grown
+        self.data[self.size:needed] = rows
+        self.size = needed
+
+    @property
+    def rows(self) -> np.ndarray:
+        return self.data[:self.size]
+
+
 class _Outputs:
     """The final frames so far, decoded, vocoded, resampled to 30 fps and rendered chunk by chunk."""
 
@@ -303,31 +331,32 @@ class _Outputs:
         self.model, self.face_decoder = model, face_decoder
         self.vocoder = ChunkVocoder(model.vocoder, model.cfg.mel)
         self.motion = FrameResampler(model.cfg.mel.frame_rate, VISUAL_OUTPUT_FPS)
-        self.mel = np.zeros((0, model.cfg.model.mel_dim), np.float32)
-        self.expression = np.zeros((0, model.cfg.model.expression_dim), np.float32)
-        self.latent = np.zeros((0, model.cfg.model.head_latent_dim), np.float32)
-        self.pose = np.zeros((0, model.cfg.head_vae.pose_dim), np.float32)
+        self.mel = _Rows(model.cfg.model.mel_dim)
+        self.expression = _Rows(model.cfg.model.expression_dim)
+        self.latent = _Rows(model.cfg.model.head_latent_dim)
+        self.pose = _Rows(model.cfg.head_vae.pose_dim)
         self.audio_done = 0
 
     def add(self, states: torch.Tensor | None, edge: bool, complete: bool = False) -> StreamChunk | None:
         model = self.model
-        mel_start = self.mel.shape[0]
+        mel_start = self.mel.size
         if states is not None:
             parts = model.codec.decode(states)
-            self.mel = np.concatenate([self.mel, parts["mel"].numpy()])
-            self.expression = np.concatenate([self.expression, parts["expression"].numpy()])
-            self.latent = np.concatenate([self.latent, parts["head_latent"].numpy()])
+            self.mel.append(parts["mel"].numpy())
+            self.expression.append(parts["expression"].numpy())
+            self.latent.append(parts["head_latent"].numpy())
             context = max(0, mel_start - model.cfg.head_vae.segment_length)
-            pose = decode_latents(model.head_vae, model.pose_mean, model.pose_std, self.latent[context:])
-            self.pose = np.concatenate([self.pose, pose[mel_start - context:].astype(np.float32)])
-        final = self.mel.shape[0]
+            pose = decode_latents(model.head_vae, model.pose_mean, model.pose_std, self.latent.rows[context:])
+            self.pose.append(pose[mel_start - context:])
+        final = self.mel.size
         if final == 0:
             return None
-        audio = self.vocoder.audio(self.mel, edge)
+        first = FIRST_AUDIO_FRAMES if self.vocoder.done == 0 else None
+        audio = self.vocoder.audio(self.mel.rows, edge, first)
         motion_start = self.motion.done
         total = motion_frames_30(final, model.cfg.mel.frame_rate)
         count = total if complete else min(self.motion.ready(final), total)
-        expression, pose = self.motion.frames([self.expression, self.pose], final, count)
+        expression, pose = self.motion.frames([self.expression.rows, self.pose.rows], final, count)
         if not (final - mel_start or audio.size or expression.shape[0]):
             return None
         frames = None
@@ -335,8 +364,19 @@ class _Outputs:
             from avflow.infer.outputs import render_frames
 
             frames = render_frames(self.face_decoder, expression, pose)
-        chunk = StreamChunk(0, mel_start, self.mel[mel_start:], self.audio_done, audio, motion_start, expression, pose,
-                            frames, 0.0, 0.0)
+        chunk = StreamChunk(0, mel_start, self.mel.rows[mel_start:].copy(), self.audio_done, audio, motion_start,
+                            expression, pose, frames, 0.0, 0.0)
+        self.audio_done += audio.size
+        return chunk
+
+    def more_audio(self, edge: bool) -> StreamChunk | None:
+        """The audio `add` held back after a short first chunk, as a chunk of its own."""
+        audio = self.vocoder.audio(self.mel.rows, edge)
+        if not audio.size:
+            return None
+        empty = np.zeros((0, self.expression.data.shape[1]), np.float32)
+        chunk = StreamChunk(0, self.mel.size, self.mel.rows[:0].copy(), self.audio_done, audio, self.motion.done,
+                            empty, np.zeros((0, self.pose.data.shape[1]), np.float32), None, 0.0, 0.0)
         self.audio_done += audio.size
         return chunk
 
@@ -462,6 +502,7 @@ def open_stream(model: InferenceModel, text: str | None = None, *, lines: Iterab
         sample_cfg = stream_sample_config(model.cfg.sample, frame_rate, windows_given=False)
     sample_cfg = dataclasses.replace(sample_cfg, num_samples=1)
     skipped: list[dict] = []
+    requested = time.perf_counter()
     if text is not None:
         pieces = text_pieces(model, text, rate, pause_scale)
     elif lines is not None:
@@ -470,4 +511,5 @@ def open_stream(model: InferenceModel, text: str | None = None, *, lines: Iterab
         pieces = token_pieces(model, tokens, realtime, participant_tokens, participant_features)
     else:
         pieces = audio_pieces(model, audio, asr_model, realtime)
-    return Stream(model, pieces, sample_cfg, first_window_s, face_decoder, realtime, skipped)
+    return Stream(model, pieces, sample_cfg, first_window_s, face_decoder, realtime, skipped,
+                  preparation_s=time.perf_counter() - requested)

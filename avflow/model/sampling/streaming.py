@@ -44,7 +44,7 @@ class StreamSampler:
         self._start_utterance()
 
     def _start_utterance(self) -> None:
-        self.cond: torch.Tensor | None = None
+        self.buffer: torch.Tensor | None = None  # conditioning of the utterance, grown by doubling
         self.arrived = 0
         self.ended = False
         self.spans: list[tuple[int, int]] = []
@@ -59,8 +59,15 @@ class StreamSampler:
     def push(self, cond: torch.Tensor) -> Iterator[FinalFrames]:
         """Append conditioning frames (frames, C) to the current utterance."""
         if cond.shape[0]:
-            self.cond = cond if self.cond is None else torch.cat([self.cond, cond])
-            self.arrived += cond.shape[0]
+            needed = self.arrived + cond.shape[0]
+            if self.buffer is None or needed > self.buffer.shape[0]:
+                grown = cond.new_empty(max(needed, 2 * (0 if self.buffer is None else self.buffer.shape[0])),
+                                       cond.shape[1])
+                if self.buffer is not None:
+                    grown[:self.arrived] = self.buffer[:self.arrived]
+                self.buffer = grown
+            self.buffer[self.arrived:needed] = cond
+            self.arrived = needed
         yield from self._advance()
 
     def end_utterance(self) -> Iterator[FinalFrames]:
@@ -97,7 +104,7 @@ class StreamSampler:
         while (span := self._next_span()) is not None:
             start, end = span
             noise = self.temperature * self.noise.frames(self.offset + start, self.offset + end)
-            self.windows.append(self.sample_window(noise, self.cond[start:end]))
+            self.windows.append(self.sample_window(noise, self.buffer[start:end]))
             self.spans.append(span)
             yield from self._emit()
         yield from self._emit()

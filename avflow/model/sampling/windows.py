@@ -69,23 +69,26 @@ def window_spans(frames: int, max_frames: int, overlap: int) -> list[tuple[int, 
     return WindowPlan(max_frames, overlap).spans(frames)
 
 
-def crossfade_weights(spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Per-window frame weights: linear ramps across each overlap with the previous and the next window
+def window_weight(spans: list[tuple[int, int]], index: int) -> torch.Tensor:
+    """Frame weights of window `index`: linear ramps across its overlaps with the previous and the next window
     (normalized by their sum when stitching, since the shifted last window can overlap two earlier ones).
 
     A window's weights before the next window's start do not depend on that window, which is what lets a
     stream weigh frames before it knows the next window."""
-    weights = []
-    for index, (start, end) in enumerate(spans):
-        weight = torch.ones(end - start)
-        if index > 0 and spans[index - 1][1] > start:
-            shared = spans[index - 1][1] - start
-            weight[:shared] = torch.arange(1, shared + 1) / (shared + 1)
-        if index + 1 < len(spans) and spans[index + 1][0] < end:
-            shared = end - spans[index + 1][0]
-            weight[-shared:] = torch.minimum(weight[-shared:], torch.arange(shared, 0, -1) / (shared + 1))
-        weights.append(weight)
-    return weights
+    start, end = spans[index]
+    weight = torch.ones(end - start)
+    if index > 0 and spans[index - 1][1] > start:
+        shared = spans[index - 1][1] - start
+        weight[:shared] = torch.arange(1, shared + 1) / (shared + 1)
+    if index + 1 < len(spans) and spans[index + 1][0] < end:
+        shared = end - spans[index + 1][0]
+        weight[-shared:] = torch.minimum(weight[-shared:], torch.arange(shared, 0, -1) / (shared + 1))
+    return weight
+
+
+def crossfade_weights(spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """`window_weight` of every window."""
+    return [window_weight(spans, index) for index in range(len(spans))]
 
 
 def stitch(spans: list[tuple[int, int]], windows: list[torch.Tensor | None], first: int, last: int) -> torch.Tensor:
@@ -93,15 +96,14 @@ def stitch(spans: list[tuple[int, int]], windows: list[torch.Tensor | None], fir
 
     Only windows that overlap [first, last) are read (the others may be None); `spans` may end before the
     sequence does, as long as no window after it reaches back before `last`."""
-    weights = crossfade_weights(spans)
-    reference = next(window for (start, end), window in zip(spans, windows) if start < last and end > first)
+    overlapping = [index for index, (start, end) in enumerate(spans) if start < last and end > first]
+    reference = windows[overlapping[0]]
     out = reference.new_zeros(reference.shape[0], last - first, reference.shape[-1])
     total = reference.new_zeros(last - first)
-    for (start, end), weight, window in zip(spans, weights, windows):
+    for index in overlapping:
+        (start, end), window = spans[index], windows[index]
         lo, hi = max(start, first), min(end, last)
-        if lo >= hi:
-            continue
-        part = weight[lo - start:hi - start].to(window)
+        part = window_weight(spans, index)[lo - start:hi - start].to(window)
         out[:, lo - first:hi - first] += window[:, lo - start:hi - start] * part.view(1, -1, 1)
         total[lo - first:hi - first] += part.to(total)
     return out / total.view(1, -1, 1)
