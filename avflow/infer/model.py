@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,8 +34,10 @@ from avflow.model.sampling import (
     row_buckets,
 )
 from avflow.model.state import StateCodec
-from avflow.render import CodecAvatar, FaceDecoder, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
+
+if TYPE_CHECKING:  # rendering is loaded only for a model that renders (benchmarks run without its packages)
+    from avflow.render import CodecAvatar, FaceDecoder
 
 
 @dataclass
@@ -146,8 +148,12 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
         if (directory / VOCODER_FILE).is_file():
             model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
         if (directory / FACE_DECODER_FILE).is_file():
+            from avflow.render import load_face_decoder
+
             model.face_decoder = load_face_decoder(directory / FACE_DECODER_FILE)
         if (directory / AVATAR_FILE).is_file():
+            from avflow.render import CodecAvatar
+
             model.face_decoder = CodecAvatar.load(directory / AVATAR_FILE, target)
         if (directory / TEXT2TOKENS_FILE).is_file():
             from avflow.infer.text2tokens import load_text2tokens

@@ -277,7 +277,8 @@ class Stream:
         arrived = self._arrivals[min(position, len(self._arrivals) - 1)][1] if self._arrivals else self.started
         chunk.latency_s = now - max(arrived, self.reference)
         self.chunks.append({"emitted_s": chunk.emitted_s, "latency_s": chunk.latency_s,
-                            "audio_samples": int(chunk.audio.size), "motion_frames": int(chunk.expression.shape[0])})
+                            "audio_start": int(chunk.audio_start), "audio_samples": int(chunk.audio.size),
+                            "motion_frames": int(chunk.expression.shape[0])})
         return chunk
 
     def summary(self) -> dict:
@@ -289,11 +290,18 @@ class Stream:
         latencies = np.array([c["latency_s"] for c in self.chunks]) if self.chunks else np.zeros(1)
         audio_seconds = sum(c["audio_samples"] for c in self.chunks) / sample_rate
         compute = (self.finished_at or time.perf_counter()) - self.started - self.waited
+        # played from the first audio on without a pause, each chunk is due when the audio before it has played
+        stall = 0.0
+        for chunk in self.chunks:
+            if chunk["audio_samples"] and first_audio is not None:
+                due = first_audio + stall + chunk["audio_start"] / sample_rate
+                stall += max(0.0, chunk["emitted_s"] - due)
         return {
             "first_audio_s": first_audio, "first_motion_s": first_motion,
             "chunk_latency_s": {name: float(np.percentile(latencies, q))
                                 for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
             "real_time_factor": compute / audio_seconds if audio_seconds else None,
+            "playback_stall_s": stall,
             "audio_seconds": audio_seconds, "compute_seconds": compute, "chunks": len(self.chunks),
             "window_frames": self.plan.max_frames, "overlap_frames": self.plan.overlap,
             "first_window_frames": self.plan.first, "nfe": self.cfg.nfe, "method": self.cfg.method,

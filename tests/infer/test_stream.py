@@ -223,3 +223,28 @@ def test_bad_stream_options_fail_with_one_line(model_file, tmp_path, capsys, arg
                  *arguments]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
+
+
+def test_tokens_fed_in_real_time_come_out_before_the_input_ends_and_as_the_whole_input_would(model):
+    """Fed at its real pace (3.5 s), the input's first chunks come out while it is still arriving, the latency is
+    measured from its first piece, and the result is the stream of the whole input (the same windows)."""
+    tokens = _tokens(300)
+    sample_cfg = _window_config(model)
+    live = model.stream(tokens=tokens, sample_cfg=sample_cfg, realtime=True)
+    chunks = list(live)
+    summary = live.summary()
+    assert summary["measured_from"] == "first input" and summary["first_audio_s"] < 300 / 86.13 - 0.5
+    whole = np.concatenate([c.mel for c in model.stream(tokens=tokens, sample_cfg=sample_cfg)])
+    np.testing.assert_allclose(np.concatenate([c.mel for c in chunks]), whole, atol=1e-5 * np.abs(whole).max())
+
+
+def test_speech_is_turned_into_tokens_chunk_by_chunk(model, tiny_wav2vec2, tmp_path):
+    from avflow.data.features import save_wav
+
+    seconds = 2.5
+    save_wav(tmp_path / "speech.wav", 0.1 * np.random.default_rng(0).normal(size=int(16000 * seconds)), 16000)
+    chunks = list(model.stream(audio=tmp_path / "speech.wav", asr_model=tiny_wav2vec2,
+                               sample_cfg=_window_config(model)))
+    frames = sum(c.mel.shape[0] for c in chunks)
+    assert frames == int(seconds * model.cfg.mel.frame_rate)
+    assert sum(c.audio.size for c in chunks) == frames * model.cfg.mel.hop_length
