@@ -49,7 +49,9 @@ STREAM_WINDOW_SECONDS = 2.0  # windows sized for latency: the first audio waits 
 STREAM_OVERLAP_SECONDS = 0.25
 BIGVGAN_CONTEXT_FRAMES = 16  # the base generator's receptive field is +-13 mel frames (tests/infer/test_stream.py)
 GRIFFIN_LIM_CONTEXT_FRAMES = 16
-MIN_AUDIO_CHUNK_FRAMES = 8  # fewer new frames wait for the next chunk (the stream's end excepted)
+# fewer new frames wait for the next chunk (the stream's end excepted): each vocoder call costs its context too,
+# and input fed in real time makes frames final a few at a time
+MIN_AUDIO_CHUNK_FRAMES = 43
 FIRST_AUDIO_FRAMES = 32  # the first audio chunk is vocoded alone and sent, the rest of its frames right after
 REALTIME_PIECE_SECONDS = 0.1  # file inputs fed at their real pace arrive in pieces of this length
 ASR_CHUNK_SECONDS = 1.0  # speech is turned into tokens in chunks of this length, with context on both sides
@@ -113,7 +115,7 @@ class ChunkVocoder:
         target = final if edge else final - self.context
         if limit is not None:
             target = min(target, self.done + limit)
-        if target <= self.done or (target < final and target - self.done < MIN_AUDIO_CHUNK_FRAMES):
+        if target <= self.done or (target < final and target - self.done < (limit or MIN_AUDIO_CHUNK_FRAMES)):
             return np.zeros(0, np.float32)
         lo = max(0, self.done - self.context)
         hi = final if edge and target == final else min(final, target + self.context)
@@ -409,8 +411,10 @@ def token_pieces(model: InferenceModel, tokens: np.ndarray, realtime: bool = Fal
     """Token logits (T, 29) at the mel frame rate (and a dyadic model's participant streams), given whole or fed
     at their real pace."""
     from avflow.infer.generate import conditioning
+    from avflow.infer.inputs import check_duration
 
     cond = conditioning(model, tokens, participant_tokens, participant_features)
+    check_duration(cond.shape[0], model.cfg, "input")  # known whole: refused before anything is written
     return _paced(cond, model.cfg.mel.frame_rate, realtime)
 
 

@@ -217,23 +217,31 @@ def test_the_input_length_cap_applies_per_stream(model_file, tmp_path, capsys, m
     (["--realtime"], "--realtime feeds --tokens and --audio files"),
     (["--first-window", "0.05"], "first window: expected more than the overlap"),
     (["model.d_model=64"], "only sample.* keys apply here"),
+    (["--max-input-seconds", "0.2"], "sample.max_input_seconds=0.2"),
 ])
-def test_bad_stream_options_fail_with_one_line(model_file, tmp_path, capsys, arguments, message):
+def test_bad_stream_options_fail_with_one_line_before_anything_is_written(model_file, tmp_path, capsys, arguments,
+                                                                          message):
     assert main(["stream", "--checkpoint", str(model_file), "--text", "hello", "-o", str(tmp_path / "out"),
                  *arguments]) == 2
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out" / "stream.wav").exists()
 
 
 def test_tokens_fed_in_real_time_come_out_before_the_input_ends_and_as_the_whole_input_would(model):
-    """Fed at its real pace (3.5 s), the input's first chunks come out while it is still arriving, the latency is
-    measured from its first piece, and the result is the stream of the whole input (the same windows)."""
+    """Fed at its real pace (3.5 s in 34 pieces), the input's first audio comes out while it is still arriving,
+    the latency is measured from its first piece, and the result is the stream of the whole input (the same
+    windows)."""
     tokens = _tokens(300)
     sample_cfg = _window_config(model)
     live = model.stream(tokens=tokens, sample_cfg=sample_cfg, realtime=True)
-    chunks = list(live)
-    summary = live.summary()
-    assert summary["measured_from"] == "first input" and summary["first_audio_s"] < 300 / 86.13 - 0.5
+    chunks, pieces_at_first_audio = [], None
+    for chunk in live:
+        chunks.append(chunk)
+        if chunk.audio.size and pieces_at_first_audio is None:
+            pieces_at_first_audio = len(live._arrivals)
+    assert pieces_at_first_audio < len(live._arrivals) == 34
+    assert live.summary()["measured_from"] == "first input"
     whole = np.concatenate([c.mel for c in model.stream(tokens=tokens, sample_cfg=sample_cfg)])
     np.testing.assert_allclose(np.concatenate([c.mel for c in chunks]), whole, atol=1e-5 * np.abs(whole).max())
 
