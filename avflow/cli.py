@@ -112,9 +112,16 @@ def cmd_extract_asr(args: argparse.Namespace) -> None:
     print(f"token logits: {counts['written']} written, {counts['skipped']} already complete")
 
 
+SAMPLER_OPTIONS = ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds")
+
+
 def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
-    for key in ("num_samples", "nfe", "method", "temperature", "seed", "guidance_scale", "max_input_seconds"):
-        value = getattr(args, key)
+    """cfg with the command's `sample.key=value` overrides, then its sampler options (--nfe, ...), applied."""
+    from avflow.config import with_overrides
+
+    cfg = with_overrides(cfg, getattr(args, "overrides", None) or [], ("sample",))
+    for key in SAMPLER_OPTIONS:
+        value = getattr(args, key, None)
         if value is not None:
             setattr(cfg.sample, key, value)
     return cfg.validate()
@@ -125,7 +132,7 @@ def _load_model(args: argparse.Namespace):
     from avflow.infer.model import load_inference_model
 
     model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile)
-    _sample_overrides(args, model.cfg)
+    model.cfg = _sample_overrides(args, model.cfg)
     if args.text2tokens:
         from avflow.infer.text2tokens import load_text2tokens
 
@@ -228,7 +235,53 @@ def cmd_infer(args: argparse.Namespace) -> None:
           f"results in {Path(args.output) / 'results*.jsonl'}")
 
 
+def cmd_stream(args: argparse.Namespace) -> None:
+    from avflow.config import parse_overrides
+    from avflow.infer.inputs import participant_features_from_file, tokens_from_file
+    from avflow.infer.stream import stream_sample_config
+    from avflow.infer.stream_writer import StreamWriter
+
+    if args.num_samples not in (None, 1):
+        raise ValueError(f"--num-samples {args.num_samples}: avflow stream speaks one sample")
+    if args.realtime and args.text is not None:
+        raise ValueError("--realtime feeds --tokens and --audio files at their real pace; text arrives as it is "
+                         "given (--text - reads it line by line from stdin)")
+    given = {key for key, _ in parse_overrides(args.overrides)}
+    model = _load_model(args)
+    face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
+    cfg = model.cfg
+    windows_given = bool(given & {"sample.max_frames", "sample.window_overlap"})
+    options = {"sample_cfg": stream_sample_config(cfg.sample, cfg.mel.frame_rate, windows_given),
+               "first_window_s": args.first_window, "face_decoder": face, "realtime": args.realtime,
+               "rate": args.rate, "pause_scale": args.pause_scale}
+    if args.participant_tokens:
+        options["participant_tokens"] = tokens_from_file(args.participant_tokens, cfg.data.token_fps,
+                                                         cfg.mel.frame_rate)
+    if args.participant_features:
+        options["participant_features"] = participant_features_from_file(args.participant_features, cfg)
+    if args.text == "-":
+        stream = model.stream(lines=sys.stdin, **options)
+    elif args.text is not None:
+        stream = model.stream(args.text, **options)
+    elif args.tokens:
+        stream = model.stream(tokens=tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate), **options)
+    else:
+        stream = model.stream(audio=args.audio, asr_model=args.asr_model, **options)
+    writer = StreamWriter(args.output, cfg, video=face is not None)
+    try:
+        for chunk in stream:
+            writer.add(chunk)
+    finally:
+        summary = stream.summary()
+        written = writer.close(summary)
+    first = summary["first_audio_s"]
+    print(f"{summary['audio_seconds']:.2f} s of speech, first audio after "
+          f"{'-' if first is None else f'{first:.3f}'} s, real-time factor {summary['real_time_factor'] or 0:.3f}; "
+          f"wrote {', '.join(path.name for path in written)} to {args.output}")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from avflow.config import SampleConfig
     from avflow.evaluate.run import evaluate_checkpoints, markdown_table
 
     vocoder = None
@@ -237,9 +290,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
         vocoder = load_bigvgan(args.vocoder)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None
-    report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split,
-                                  num_samples=args.num_samples, nfe=args.nfe, seed=args.seed, method=args.method,
-                                  temperature=args.temperature, max_items=args.max_items,
+    sample = _sample_overrides(args, Config(sample=SampleConfig())).sample
+    report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split, sample=sample,
+                                  max_items=args.max_items,
                                   metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
                                   progress=not args.quiet)
     print(markdown_table(report))
@@ -325,7 +378,18 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("--device", default="cpu")
     sub.set_defaults(run=cmd_extract_asr)
 
+    def with_sampler_options(sub: argparse.ArgumentParser) -> None:
+        """The sampler options, with SampleConfig's defaults (`sample.key=value` overrides set the others)."""
+        from avflow.model.sampling.methods import METHODS
+
+        sub.add_argument("--num-samples", type=int, help="samples per input (default sample.num_samples)")
+        sub.add_argument("--nfe", type=int, help="network evaluations per sample (default sample.nfe)")
+        sub.add_argument("--method", choices=tuple(METHODS), help="ODE sampler (default sample.method)")
+        sub.add_argument("--temperature", type=float, help="scale of the initial noise (default sample.temperature)")
+        sub.add_argument("--seed", type=int, help="noise seed (default sample.seed)")
+
     def with_model(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("overrides", nargs="*", metavar="sample.key=value", help="sampler config overrides")
         sub.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                          help="an export directory (python -m avflow.export), a .safetensors model "
                               "or RUN/checkpoints/step-N")
@@ -346,12 +410,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
                          help="Codec Avatar head poses: camera = the 50h capture camera's head transforms (mm), as a "
                               "model trained on the 50h data generates; relative = only their rotation, on the "
                               "published default pose (models trained on other data, e.g. the demo corpus)")
-        sub.add_argument("--num-samples", type=int)
-        sub.add_argument("--nfe", type=int)
-        sub.add_argument("--method", choices=("euler", "midpoint"))
-        sub.add_argument("--temperature", type=float)
-        sub.add_argument("--guidance-scale", type=float)
-        sub.add_argument("--seed", type=int)
+        with_sampler_options(sub)
+        sub.add_argument("--guidance-scale", type=float, help="default sample.guidance_scale")
         sub.add_argument("--max-input-seconds", type=float,
                          help="longest input accepted, in seconds of speech (default sample.max_input_seconds: 600)")
         sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -364,7 +424,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     def with_source(sub: argparse.ArgumentParser, required: bool) -> None:
         source = sub.add_mutually_exclusive_group(required=required)
         source.add_argument("--tokens", type=Path, help="token logits .npy, (M, 29) or (channels, M, 29) at 50 Hz")
-        source.add_argument("--text", help="text to speak")
+        source.add_argument("--text", help="text to speak (avflow stream: - reads it line by line from stdin)")
         sub.add_argument("--rate", type=float, default=1.0, help="speaking rate for --text (2.0: twice as fast)")
         sub.add_argument("--pause-scale", type=float, default=1.0,
                          help="pause length for --text (needs a text-to-tokens model)")
@@ -390,21 +450,31 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=cmd_infer)
 
+    sub = commands.add_parser("stream", help="speech and motion out while the input arrives: stream.wav as it "
+                                             "grows, then stream.npz, stream.mp4 and latency.json")
+    with_model(sub)
+    with_source(sub, required=True)
+    sub.add_argument("-o", "--output", type=Path, required=True, help="folder for stream.wav, .npz, .mp4, latency.json")
+    sub.add_argument("--realtime", action="store_true", help="feed --tokens/--audio files at their real pace")
+    sub.add_argument("--first-window", type=float, metavar="SECONDS",
+                     help="a shorter first window, to cut the wait for the first audio (default: off)")
+    sub.add_argument("--participant-tokens", type=Path, help="dyadic models: the participant's token logits .npy")
+    sub.add_argument("--participant-features", type=Path,
+                     help="dyadic models: the participant's SMIRK features .npy (frames, 58) at 30 fps")
+    sub.set_defaults(run=cmd_stream)
+
     sub = commands.add_parser("evaluate", help="held-out metrics (speech, motion, synchrony) of models side by side")
     sub.add_argument("--checkpoint", "--model", dest="checkpoints", action="append", required=True, type=Path,
                      help="a training step directory, .safetensors model or export directory; repeat to compare")
     sub.add_argument("--shards", required=True, type=Path, help="packed shards (avflow pack) with held-out segments")
     sub.add_argument("--split", default="val", help="the shard split to evaluate on (default val)")
-    sub.add_argument("--num-samples", type=int, default=3, help="samples per segment (default 3)")
-    sub.add_argument("--nfe", type=int, default=16, help="network evaluations per sample (default 16)")
-    sub.add_argument("--method", choices=("euler", "midpoint"), default="euler", help="ODE sampler (default euler)")
-    sub.add_argument("--temperature", type=float, default=1.0, help="scale of the initial noise (default 1.0)")
+    with_sampler_options(sub)
+    sub.add_argument("overrides", nargs="*", metavar="sample.key=value", help="sampler config overrides")
     sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
     sub.add_argument("--vocoder", type=Path,
                      help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")
     sub.add_argument("--metrics", help="comma-separated subset (default: every metric that applies)")
-    sub.add_argument("--seed", type=int, default=0, help="segment i is sampled with seed + i")
     sub.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     sub.add_argument("-o", "--output", type=Path, required=True, help="report folder (resumable)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")

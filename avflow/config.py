@@ -561,3 +561,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     return _build(Config, tree).validate()
+
+
+def with_overrides(cfg: Config, overrides: list[str], sections: tuple[str, ...]) -> Config:
+    """A validated copy of cfg with `section.key=value` overrides applied, only to `sections` (a loaded model's
+    other settings are fixed by its weights)."""
+    tree = cfg.to_dict()
+    for key, value in parse_overrides(overrides):
+        if key.split(".")[0] not in sections:
+            allowed = ", ".join(f"{section}.*" for section in sections)
+            raise ConfigError(f"override '{key}': only {allowed} keys apply here (the rest is fixed by the model)")
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)

@@ -64,9 +64,7 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     torch.manual_seed(cfg.trainer.seed)
     untrained = dataclasses.replace(model, net=AVFlowNet(cfg.model).to(model.device).eval(), samplers={})
     names = DEFAULT_METRICS + (["mouth_correlation"] if cfg.evaluate.mouth_controls else [])
-    sample = cfg.sample
-    settings = Settings(str(Path(cfg.data.shards).resolve()), "val", sample.num_samples, sample.nfe, sample.seed,
-                        sample.method, sample.temperature, None, names, None)
+    settings = Settings(str(Path(cfg.data.shards).resolve()), "val", cfg.sample, None, names, None)
     report_dir = output / "evaluation"
     shutil.rmtree(report_dir, ignore_errors=True)  # the models may differ from a previous run's
     report = evaluate_models({"untrained": untrained, "trained": model}, held_out_segments(cfg.data.shards), settings,

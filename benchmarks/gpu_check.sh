@@ -24,7 +24,7 @@ esac
 results="${1:-${OUT:-gpu_check}}"
 mkdir -p "$results"
 if [ "$quick" = 1 ]; then
-    total=570  # seconds for all steps, within 10 minutes on 2 CPU cores
+    total=580  # seconds for all steps, within 10 minutes on 2 CPU cores
 else
     total=400  # with the set-up before and the kill grace after, within 7 minutes
 fi
@@ -73,27 +73,29 @@ fi
 
 if [ "$quick" = 1 ]; then
     run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
-        tests/infer/test_sampler.py tests/train/test_hot_path.py
-    run sample 170 "$python" benchmarks/sample.py --quick --budget-s "$(budget 170)" --json "$results/sample.json"
-    run train_throughput 240 "$python" benchmarks/train_throughput.py --quick --budget-s "$(budget 240)"
-    run render 60 "$python" benchmarks/render.py --quick --json "$results/render.json"
+        tests/model/test_sampling.py tests/train/test_hot_path.py
+    run sample 150 "$python" benchmarks/sample.py --quick --budget-s "$(budget 150)" --json "$results/sample.json"
+    run train_throughput 230 "$python" benchmarks/train_throughput.py --quick --budget-s "$(budget 230)"
+    run render 50 "$python" benchmarks/render.py --quick --json "$results/render.json"
+    run stream 60 "$python" benchmarks/stream.py --quick --budget-s "$(budget 60)" --json "$results/stream.json"
 else
-    run tests 70 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
-        tests/infer/test_sampler.py tests/train/test_hot_path.py
-    run sample 150 "$python" benchmarks/sample.py --budget-s "$(budget 150)" --json "$results/sample.json"
-    run train_throughput 120 "$python" benchmarks/train_throughput.py --compile --batch 64 --steps 10 \
-        --budget-s "$(budget 120)"
-    run render 40 "$python" benchmarks/render.py --json "$results/render.json"
+    run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
+        tests/model/test_sampling.py tests/train/test_hot_path.py
+    run sample 130 "$python" benchmarks/sample.py --budget-s "$(budget 130)" --json "$results/sample.json"
+    run train_throughput 100 "$python" benchmarks/train_throughput.py --compile --batch 64 --steps 10 \
+        --budget-s "$(budget 100)"
+    run render 35 "$python" benchmarks/render.py --json "$results/render.json"
+    run stream 60 "$python" benchmarks/stream.py --budget-s "$(budget 60)" --json "$results/stream.json"
 fi
 
 echo
 echo "== tables for docs/performance.md ($((SECONDS - started)) s in all)"
 echo "-- device"
 cat "$results/device.txt"
-for name in tests sample train_throughput render; do
+for name in tests sample train_throughput render stream; do
     [ -f "$results/$name.txt" ] || continue
     echo "-- $name"
-    grep -E '^\||^(date|torch|device|target|pipeline|model|work|data|decode|raster|render|cpu|NVIDIA).*:|passed|failed|skipped|exit [0-9]+' \
+    grep -E '^\||^(date|torch|device|target|pipeline|model|work|data|decode|raster|render|cpu|NVIDIA|first).*:|passed|failed|skipped|exit [0-9]+' \
         "$results/$name.txt"
 done
 if [ -n "$failed" ]; then

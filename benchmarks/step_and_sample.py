@@ -18,7 +18,8 @@ import torch
 
 from avflow.config import FlowConfig, ModelConfig, SampleConfig
 from avflow.model.avflow import AVFlowNet, count_parameters
-from avflow.model.flow import flow_matching_loss, sample
+from avflow.model.flow import flow_matching_loss
+from avflow.model.sampling import sample_sequence
 from avflow.train.loop import autocast_context
 
 SMALL = dict(d_model=128, n_blocks=4, n_heads=4, ffn_hidden=256)
@@ -73,12 +74,12 @@ def main() -> None:
         loss.backward()
         optimizer.step()
 
-    sample_cond = torch.randn(1, frames, cfg.cond_dim, device=device)
+    sample_cond = torch.randn(frames, cfg.cond_dim, device=device)
     sample_cfg = SampleConfig(num_samples=args.samples, nfe=args.nfe)
 
     def sampling_pass() -> None:
         with autocast_context(precision, device):
-            sample(net, sample_cond, None, cfg.state_dim, sample_cfg)
+            sample_sequence(net, sample_cond, cfg.state_dim, sample_cfg, seed=0)
 
     train_s = timed(train_step, device, args.repeats)
     sample_s = timed(sampling_pass, device, args.repeats)

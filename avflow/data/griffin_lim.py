@@ -11,6 +11,7 @@ in the same padded coordinates, so sample n of the output lines up with sample n
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,24 +50,41 @@ def _inverse_stft(spectrum: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     return signal[start:start + frames * cfg.hop_length]
 
 
-def _linear_magnitude(mel_magnitude: torch.Tensor, filterbank: torch.Tensor) -> torch.Tensor:
+def _filterbank_and_inverse(cfg: MelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 filterbank and its pseudo-inverse, computed once per filterbank (a stream vocodes chunk by
+    chunk, and the pseudo-inverse costs more than a short chunk's Griffin-Lim)."""
+    return _cached_inverse(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_inverse(sample_rate: int, n_fft: int, n_mels: int, fmin: float, fmax: float):
+    cfg = MelConfig(sample_rate=sample_rate, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax)
+    filterbank = mel_filterbank(cfg).to(torch.float64)
+    return filterbank, torch.linalg.pinv(filterbank)
+
+
+def _linear_magnitude(mel_magnitude: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     """Non-negative linear magnitude whose mel projection approximates `mel_magnitude`.
 
     Starts from the clamped least-squares (pseudo-inverse) solution, whose clamping adds energy, then
     applies multiplicative non-negative least-squares updates (Lee & Seung), which keep it >= 0.
     """
-    magnitude = torch.clamp(torch.linalg.pinv(filterbank) @ mel_magnitude, min=0.0) + 1e-12
+    filterbank, inverse = _filterbank_and_inverse(cfg)
+    magnitude = torch.clamp(inverse @ mel_magnitude, min=0.0) + 1e-12
     projected_target = filterbank.T @ mel_magnitude
     for _ in range(NON_NEGATIVE_REFINEMENT_STEPS):
         magnitude = magnitude * projected_target / (filterbank.T @ (filterbank @ magnitude) + 1e-12)
     return magnitude
 
 
-def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: int = 0) -> torch.Tensor:
+def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: int = 0,
+                 prefix: torch.Tensor | None = None) -> torch.Tensor:
     """(n_mels, frames) natural-log mel (NOT model-normalized) -> (frames * hop,) float32 CPU waveform.
 
     The linear magnitude is a non-negative least-squares inverse of the filterbank applied to exp(mel);
-    its phase comes from fast Griffin-Lim started at random phases drawn from `seed`.
+    its phase comes from fast Griffin-Lim started at random phases drawn from `seed`. `prefix`: the output's
+    first samples, already known (audio a stream has played): every iteration keeps them, so the phases of the
+    frames after them continue that audio instead of starting a seam.
     """
     if log_mel.dim() != 2 or log_mel.shape[0] != cfg.n_mels:
         raise ValueError(f"log_mel: expected shape ({cfg.n_mels}, frames), got {tuple(log_mel.shape)}")
@@ -79,15 +97,27 @@ def mel_to_audio(log_mel: torch.Tensor, cfg: MelConfig, n_iter: int = 32, seed: 
     # do not amplify: values above log(win_length / 2) are not audio (e.g. an untrained model's output).
     ceiling = math.log(cfg.win_length / 2)
     mel_magnitude = torch.exp(log_mel.detach().to(device="cpu", dtype=torch.float64).clamp(max=ceiling))
-    magnitude = _linear_magnitude(mel_magnitude, mel_filterbank(cfg).to(torch.float64))
+    magnitude = _linear_magnitude(mel_magnitude, cfg)
 
     generator = torch.Generator().manual_seed(seed)
     phase = torch.polar(torch.ones_like(magnitude),
                         2.0 * math.pi * torch.rand(magnitude.shape, generator=generator, dtype=torch.float64))
+    known = None if prefix is None else prefix.detach().to(dtype=torch.float64, device="cpu").reshape(-1)
+    if known is not None:  # start the frames over the known audio at its phases
+        padded = torch.zeros(log_mel.shape[1] * cfg.hop_length, dtype=torch.float64)
+        padded[:known.numel()] = known
+        spectrum = complex_stft(padded, cfg)
+        covered = min(known.numel() // cfg.hop_length, spectrum.shape[-1])
+        phase[:, :covered] = spectrum[:, :covered] / spectrum[:, :covered].abs().clamp(min=1e-16)
+
+    def signal(spectrum: torch.Tensor) -> torch.Tensor:
+        audio = _inverse_stft(spectrum, cfg)
+        return audio if known is None else torch.cat([known, audio[known.numel():]])
+
     previous_rebuilt = torch.zeros_like(phase)
     for _ in range(n_iter):
-        rebuilt = complex_stft(_inverse_stft(magnitude * phase, cfg), cfg)
+        rebuilt = complex_stft(signal(magnitude * phase), cfg)
         accelerated = rebuilt - (FAST_GRIFFIN_LIM_MOMENTUM / (1.0 + FAST_GRIFFIN_LIM_MOMENTUM)) * previous_rebuilt
         phase = accelerated / accelerated.abs().clamp(min=1e-16)
         previous_rebuilt = rebuilt
-    return _inverse_stft(magnitude * phase, cfg).to(torch.float32)
+    return signal(magnitude * phase).to(torch.float32)

@@ -64,18 +64,10 @@ class Settings:
 
     shards: str
     split: str
-    num_samples: int
-    nfe: int
-    seed: int
-    method: str
-    temperature: float
+    sample: SampleConfig  # every model samples with these settings; segment i with seed sample.seed + i
     max_items: int | None
     metrics: list[str]
     asr_model: str | None
-
-    def sample_config(self, base: SampleConfig) -> SampleConfig:
-        return dataclasses.replace(base, num_samples=self.num_samples, nfe=self.nfe, seed=self.seed, method=self.method,
-                                   temperature=self.temperature)
 
 
 def held_out_segments(shards: str | Path, split: str = "val", max_items: int | None = None) -> list[HeldOut]:
@@ -212,7 +204,7 @@ def _valid_expression(truth: m.Segment) -> np.ndarray:
 def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Settings, store: ItemStore,
                  vocoder: BigVGAN | None, asr: CTCTokenizer | None, bar: tqdm) -> None:
     cfg = model.cfg
-    sample_cfg = settings.sample_config(cfg.sample)
+    sample_cfg = settings.sample
     with_pitch = any(name in settings.metrics for name in m.NEEDS_AUDIO)
     pending = [(index, segment) for index, segment in enumerate(segments) if not store.done(segment.key)]
     for first in range(0, len(pending), SEGMENTS_PER_ROUND):
@@ -222,7 +214,7 @@ def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Setti
                               **{name: segment.arrays.get(name) for name in participant})
                  for _, segment in chunk]
         samples = generate_batch(model, conds, sample_cfg,
-                                 [settings.seed + index for index, _ in chunk])
+                                 [sample_cfg.seed + index for index, _ in chunk])
         for (_, segment), generated in zip(chunk, samples):
             truth = segment.truth(with_pitch, cfg, vocoder)
             candidate = m.Segment(generated.mel, generated.expression, generated.head_pose)
@@ -321,20 +313,14 @@ def _write_tensorboard(out_dir: Path, report: dict, steps: dict[str, int]) -> No
 
 
 def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_dir: str | Path, *, split: str = "val",
-                         num_samples: int = 3, nfe: int = 16, seed: int = 0, method: str = "euler",
-                         temperature: float = 1.0, max_items: int | None = None,
+                         sample: SampleConfig | None = None, max_items: int | None = None,
                          metrics: list[str] | None = None, asr_model: str | Path | None = None,
                          vocoder: BigVGAN | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """`avflow evaluate`: load each model, score it on the held-out segments, write the report."""
+    """`avflow evaluate`: load each model, score it on the held-out segments with the sampler settings `sample`
+    (default: SampleConfig's), write the report."""
     if asr_model is not None and not Path(asr_model).is_dir():
         raise FileNotFoundError(f"--asr-model {asr_model}: no such wav2vec2 model directory")
-    for name, value in (("--num-samples", num_samples), ("--nfe", nfe)):
-        if value < 1:
-            raise ValueError(f"{name}: expected at least 1, got {value}")
-    if method == "midpoint" and nfe % 2:
-        raise ValueError(f"--nfe {nfe}: expected an even number for the midpoint method (2 evaluations per step)")
-    if temperature < 0:
-        raise ValueError(f"--temperature: expected a non-negative value, got {temperature}")
+    sample = Config(sample=sample or SampleConfig()).validate().sample
     if max_items is not None and max_items < 1:
         raise ValueError(f"--max-items: expected at least 1, got {max_items}")
     configs = [model_config(path) for path in checkpoints]
@@ -347,8 +333,8 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
     segments = held_out_segments(shards, split, max_items)
-    settings = Settings(str(Path(shards).resolve()), split, num_samples, nfe, seed, method, temperature, max_items,
-                        names, str(Path(asr_model).resolve()) if asr_model else None)
+    settings = Settings(str(Path(shards).resolve()), split, sample, max_items, names,
+                        str(Path(asr_model).resolve()) if asr_model else None)
     labels = column_labels(checkpoints)
     models = {label: load_inference_model(path, device) for label, path in zip(labels, checkpoints)}
     return evaluate_models(models, segments, settings, out_dir, vocoder,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from avflow.model.flow import FixedStepSampler
+from avflow.model.sampling import FixedStepSampler
 from avflow.runtime import DTYPES
 from avflow.utils import file_sha256
 

@@ -14,8 +14,8 @@ import torch
 from avflow.config import SampleConfig
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.infer.model import InferenceModel
-from avflow.infer.sampler import sample_sequences
 from avflow.model.head_vae import decode_latents
+from avflow.model.sampling import sample_sequences, sequence_noise
 
 
 @dataclass
@@ -55,13 +55,13 @@ def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: S
     """N samples for each conditioning sequence (T_i, cond_dim), sampled together in length-bucketed batches.
 
     Each input's noise comes from its own seed (default sample.seed), so its samples do not depend on
-    which other inputs share its batch, on the batch size, or on the device.
+    which other inputs share its batch, on the batch size, on the device, or on how many samples are drawn
+    (`sequence_noise`: sample i of every run with the same seed starts from the same noise).
     """
     sample_cfg = sample_cfg or model.cfg.sample
     seeds = seeds if seeds is not None else [sample_cfg.seed] * len(conds)
     state_dim, n = model.cfg.model.state_dim, sample_cfg.num_samples
-    noises = [sample_cfg.temperature * torch.randn(n, cond.shape[0], state_dim,
-                                                   generator=torch.Generator().manual_seed(seed))
+    noises = [sample_cfg.temperature * sequence_noise(seed, n, cond.shape[0], state_dim)
               for cond, seed in zip(conds, seeds)]
     runner, frames, buckets, rows, row_counts = model.sampler(sample_cfg)
     states = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,15 +21,23 @@ from avflow.infer.artifacts import (
     load_compiled_sampler,
     read_export_meta,
 )
-from avflow.infer.sampler import GraphSampler, PreparedVelocity, length_buckets, row_buckets
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import FixedStepSampler, guided
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
+from avflow.model.sampling import (
+    FixedStepSampler,
+    GraphSampler,
+    PreparedVelocity,
+    guided,
+    length_buckets,
+    row_buckets,
+)
 from avflow.model.state import StateCodec
-from avflow.render import CodecAvatar, FaceDecoder, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
+
+if TYPE_CHECKING:  # rendering is loaded only for a model that renders (benchmarks run without its packages)
+    from avflow.render import CodecAvatar, FaceDecoder
 
 
 @dataclass
@@ -84,6 +92,16 @@ class InferenceModel:
             self.samplers[key] = runner
         return self.samplers[key], frames, buckets, rows, counts
 
+    def stream(self, text: str | None = None, **options):
+        """Speech and motion chunk by chunk while the input arrives: a `avflow.infer.stream.Stream` of
+        StreamChunks. Exactly one of `text` (whole), `lines=` (an iterable of text lines, each spoken as it
+        arrives), `tokens=` ((T, 29) logits at the mel frame rate) or `audio=` (a speech file, with `asr_model=`);
+        options: realtime, participant_tokens, participant_features, rate, pause_scale, sample_cfg,
+        first_window_s, face_decoder (see `avflow.infer.stream.open_stream`)."""
+        from avflow.infer.stream import open_stream
+
+        return open_stream(self, text, **options)
+
 
 def default_dtype(device: torch.device) -> str:
     """The network's precision when none is asked: bf16 on CUDA (tensor cores; the sampler's state stays fp32,
@@ -129,8 +147,12 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
         if (directory / VOCODER_FILE).is_file():
             model.vocoder = load_vocoder_file(directory / VOCODER_FILE, target)
         if (directory / FACE_DECODER_FILE).is_file():
+            from avflow.render import load_face_decoder
+
             model.face_decoder = load_face_decoder(directory / FACE_DECODER_FILE)
         if (directory / AVATAR_FILE).is_file():
+            from avflow.render import CodecAvatar
+
             model.face_decoder = CodecAvatar.load(directory / AVATAR_FILE, target)
         if (directory / TEXT2TOKENS_FILE).is_file():
             from avflow.infer.text2tokens import load_text2tokens

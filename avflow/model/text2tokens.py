@@ -21,7 +21,7 @@ from torch import nn
 
 from avflow.config import Text2TokensConfig
 from avflow.model.dit import DiTBlock, TimestepEmbedding, apply_rope, rope_angles
-from avflow.model.flow import integrate
+from avflow.model.sampling import integrate
 
 SPAN_FEATURES = 2  # position within the span in (0, 1), log of the span length
 ROPE_BASE = 10000.0

@@ -28,9 +28,10 @@ from avflow.data.plots import sample_figure
 from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import flow_matching_loss, sample
+from avflow.model.flow import flow_matching_loss
 from avflow.model.head_vae import decode_latents
 from avflow.model.io import model_state_tensors
+from avflow.model.sampling import sample_sequence
 from avflow.render import CodecAvatar
 from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
 from avflow.train.distributed import DistInfo
@@ -101,9 +102,8 @@ class AVFlowTask:
             return
         batch = self.encoder(features)
         frames = int(batch.valid[0].sum())
-        generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
         one = dataclasses.replace(self.cfg.sample, num_samples=1)
-        state = sample(model, batch.cond[:1, :frames], None, self.cfg.model.state_dim, one, generator)[0, 0]
+        state = sample_sequence(model, batch.cond[0, :frames], self.cfg.model.state_dim, one, VAL_SEED)[0]
         generated = self.encoder.codec.decode(state.float().cpu())
         recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
         pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
@@ -127,7 +127,8 @@ class AVFlowTask:
     def held_out_scores(self, model: AVFlowNet) -> dict[str, float]:
         """evaluate.val_metrics (avflow.evaluate.metrics, as `avflow evaluate` computes them) on the first
         evaluate.val_items whole validation segments (cut to sample.max_frames), one sample each from fixed
-        noise: val/<metric>, and val_ground_truth/<metric> for the ground truth's own values."""
+        noise, sampled as `avflow evaluate` samples them (avflow.model.sampling): val/<metric>, and
+        val_ground_truth/<metric> for the ground truth's own values."""
         cfg, x = self.cfg, self.cfg.evaluate
         names = list(x.val_metrics)
         if x.val_items == 0 or not names:
@@ -141,8 +142,7 @@ class AVFlowTask:
             frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in arrays.items()}
             cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))
-            generator = torch.Generator(device=self.device).manual_seed(VAL_SEED)
-            state = sample(model, cond[None].to(self.device), None, cfg.model.state_dim, one, generator)[0, 0]
+            state = sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED)[0]
             parts = self.encoder.codec.decode(state.float().cpu())
             pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
                                   parts["head_latent"].numpy())

@@ -8,7 +8,7 @@ from helpers import randomized
 
 from avflow.config import load_config
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import sample
+from avflow.model.sampling import integrate
 from avflow.train.distributed import DistInfo
 from avflow.train.tasks import AVFlowTask
 
@@ -18,9 +18,7 @@ def test_noise_outside_the_output_layers_span_passes_through_sampling_unchanged(
     net = randomized(AVFlowNet(cfg.model), scale=0.1).eval()
     basis, _ = torch.linalg.qr(net.out_v.weight.detach().double())  # the 32 visual directions the velocity spans
     noise = torch.randn(1, 40, cfg.model.state_dim, generator=torch.Generator().manual_seed(0))
-    cfg.sample.num_samples, cfg.sample.nfe = 1, 4
-    output = sample(net, torch.randn(1, 40, cfg.model.cond_dim), None, cfg.model.state_dim, cfg.sample,
-                    noise=noise)[0, 0]
+    output = integrate(net, noise, torch.randn(1, 40, cfg.model.cond_dim), None, "euler", 4)[0]
 
     def outside(state):
         visual = state[:, :cfg.model.visual_dim].double()

@@ -12,10 +12,16 @@ from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig
 from avflow.infer.model import default_dtype, load_inference_model
-from avflow.infer.sampler import GraphSampler, PreparedVelocity, row_buckets, sample_sequences
 from avflow.model import attention
 from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import FixedStepSampler, guided
+from avflow.model.sampling import (
+    FixedStepSampler,
+    GraphSampler,
+    PreparedVelocity,
+    guided,
+    row_buckets,
+    sample_sequences,
+)
 
 TINY = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
 

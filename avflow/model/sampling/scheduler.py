@@ -1,9 +1,10 @@
-"""Inference sampling: the fixed-NFE ODE loop replayed as a CUDA graph, and the scheduler around it.
+"""The batched scheduler: the fixed-step loop replayed as a CUDA graph, and the windows of many inputs packed
+into few shapes around it.
 
 The published sampler runs one sample at a time in eager mode, launching thousands of small kernels
 per pass. Here the whole loop (every network evaluation of every step) is captured once per input
 shape as one CUDA graph and replayed, so a pass costs one launch. Shapes are few by design: the
-scheduler cuts inputs into windows of at most `max_frames`, rounds each window up to a length bucket,
+scheduler cuts inputs into windows (`WindowPlan`), rounds each window up to a length bucket,
 and packs windows of one bucket into batches, padding frames (masked out of attention) and, for
 fixed-shape artifacts, whole rows. On CPU, or with AVFLOW_NO_CUDA_GRAPH=1, the same loop runs eagerly.
 """
@@ -16,11 +17,10 @@ import os
 from typing import Callable
 
 import torch
-from torch import nn
 
-from avflow.model.attention import prepare_key_mask
-from avflow.model.avflow import AVFlowNet
-from avflow.model.flow import crossfade_weights, sampler_steps, window_spans
+from avflow.config import SampleConfig
+from avflow.model.sampling.methods import FixedStepSampler, guided
+from avflow.model.sampling.windows import WindowPlan, sequence_noise, stitch
 
 log = logging.getLogger(__name__)
 
@@ -33,48 +33,6 @@ LoopFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cuda_graphs_wanted(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get(NO_CUDA_GRAPH_ENV, "").lower() not in ("1", "true", "yes")
-
-
-class PreparedVelocity(nn.Module):
-    """An AVFlowNet prepared for a fixed-step sampler: what depends only on the step times or on the padding is
-    computed once instead of at every network evaluation.
-
-    - Time conditioning: the time embedding and every block's adaLN modulation for every time on the loop's
-      grid (multiples of half a step, which covers Euler and midpoint) are computed here, once; a call looks
-      its time up by index. The loop calls with one time for all rows (the same step for every sequence).
-    - Attention mask: built once per padding tensor (`valid`) and reused while the same tensor comes back, as
-      the static input buffer of a captured CUDA graph does: its FlexAttention block mask reads that buffer,
-      so the mask is built at warm-up, outside the graph.
-    - `compile`: the whole network is compiled (fullgraph, static shapes), so a graph break is an error, not a
-      silent slowdown; `max_shapes` raises Dynamo's recompile limit to the number of (rows, frames) shapes
-      the scheduler will use, so none of them falls back to eager.
-    """
-
-    def __init__(self, net: AVFlowNet, method: str, nfe: int, compile: bool = False, max_shapes: int = 8):
-        super().__init__()
-        self.net = net
-        self.grid_points = 2 * sampler_steps(method, nfe)
-        parameter = next(net.parameters())
-        times = torch.arange(self.grid_points, device=parameter.device, dtype=torch.float32) / self.grid_points
-        with torch.no_grad():
-            self.register_buffer("modulation", net.modulation(times.to(parameter.dtype)), persistent=False)
-        self.compiled_forward = torch.compile(net.forward, fullgraph=True, dynamic=False) if compile else None
-        if compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_shapes)
-        self._mask_source: torch.Tensor | None = None
-        self._mask = None
-
-    def key_mask(self, valid: torch.Tensor):
-        if valid is not self._mask_source:
-            cfg = self.net.cfg
-            self._mask = prepare_key_mask(valid, cfg.window_back, cfg.window_ahead, cfg.attention, valid.device)
-            self._mask_source = valid
-        return self._mask
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        index = (t.float() * self.grid_points).round().long()
-        forward = self.compiled_forward or self.net
-        return forward(x, None, cond, self.key_mask(valid), self.modulation[index])
 
 
 class GraphSampler:
@@ -164,6 +122,26 @@ def row_buckets(max_rows: int, samples: int) -> list[int]:
     return counts + [max_rows - max_rows % samples]
 
 
+def sample_windows(sampler: LoopFn, jobs: list[tuple[torch.Tensor, torch.Tensor]], length: int,
+                   total_rows: int | None = None) -> list[torch.Tensor]:
+    """One sampler call for windows of at most `length` frames: jobs of (noise (N, frames, D), cond (frames, C))
+    padded to `length` frames (masked out of attention) and to `total_rows` rows -> each window's (N, frames, D)."""
+    samples = jobs[0][0].shape[0]
+    rows = len(jobs) * samples
+    total_rows = total_rows or rows
+    noise, cond = jobs[0]
+    x0 = noise.new_zeros(total_rows, length, noise.shape[-1])
+    conds = cond.new_zeros(total_rows, length, cond.shape[-1])
+    valid = torch.zeros(total_rows, length, dtype=torch.bool, device=noise.device)
+    for slot, (noise, cond) in enumerate(jobs):
+        rows_of = slice(slot * samples, (slot + 1) * samples)
+        x0[rows_of, :cond.shape[0]] = noise
+        conds[rows_of, :cond.shape[0]] = cond
+        valid[rows_of, :cond.shape[0]] = True
+    x1 = sampler(x0, conds, valid)
+    return [x1[slot * samples:(slot + 1) * samples, :cond.shape[0]] for slot, (_, cond) in enumerate(jobs)]
+
+
 def sample_sequences(sampler: LoopFn, conds: list[torch.Tensor], noises: list[torch.Tensor], max_frames: int,
                      overlap: int, buckets: list[int], max_rows: int,
                      row_counts: list[int] | None = None) -> list[torch.Tensor]:
@@ -180,7 +158,8 @@ def sample_sequences(sampler: LoopFn, conds: list[torch.Tensor], noises: list[to
     samples = noises[0].shape[0] if noises else 0
     if samples > max_rows:
         raise ValueError(f"{samples} samples per input do not fit a batch of {max_rows} rows")
-    spans = [window_spans(cond.shape[0], max_frames, overlap) for cond in conds]
+    plan = WindowPlan(max_frames, overlap)
+    spans = [plan.spans(cond.shape[0]) for cond in conds]
     by_bucket: dict[int, list[tuple[int, int]]] = {}
     for item, item_spans in enumerate(spans):
         for window, (start, end) in enumerate(item_spans):
@@ -192,32 +171,23 @@ def sample_sequences(sampler: LoopFn, conds: list[torch.Tensor], noises: list[to
             chunk = jobs[first:first + per_batch]
             rows = len(chunk) * samples
             total_rows = rows if row_counts is None else min(count for count in row_counts if count >= rows)
-            reference = noises[chunk[0][0]]
-            x0 = reference.new_zeros(total_rows, length, reference.shape[-1])
-            cond = conds[chunk[0][0]].new_zeros(total_rows, length, conds[chunk[0][0]].shape[-1])
-            valid = torch.zeros(total_rows, length, dtype=torch.bool, device=reference.device)
-            for slot, (item, window) in enumerate(chunk):
+            inputs = []
+            for item, window in chunk:
                 start, end = spans[item][window]
-                rows_of = slice(slot * samples, (slot + 1) * samples)
-                x0[rows_of, :end - start] = noises[item][:, start:end]
-                cond[rows_of, :end - start] = conds[item][start:end]
-                valid[rows_of, :end - start] = True
-            x1 = sampler(x0, cond, valid)
-            for slot, (item, window) in enumerate(chunk):
-                start, end = spans[item][window]
-                windows[item, window] = x1[slot * samples:(slot + 1) * samples, :end - start]
-    return [stitch(spans[item], [windows[item, w] for w in range(len(spans[item]))], cond.shape[0])
+                inputs.append((noises[item][:, start:end], conds[item][start:end]))
+            for (item, window), result in zip(chunk, sample_windows(sampler, inputs, length, total_rows)):
+                windows[item, window] = result
+    return [stitch(spans[item], [windows[item, w] for w in range(len(spans[item]))], 0, cond.shape[0])
             for item, cond in enumerate(conds)]
 
 
-def stitch(spans: list[tuple[int, int]], windows: list[torch.Tensor], frames: int) -> torch.Tensor:
-    """Cross-fade windows (N, end - start, D) covering [0, frames) into one (N, frames, D) sequence."""
-    if len(windows) == 1:
-        return windows[0]
-    first = windows[0]
-    out = first.new_zeros(first.shape[0], frames, first.shape[-1])
-    total = first.new_zeros(frames)
-    for (start, end), weight, window in zip(spans, crossfade_weights(spans, frames), windows):
-        out[:, start:end] += window * weight.to(window).view(1, -1, 1)
-        total[start:end] += weight.to(total)
-    return out / total.view(1, -1, 1)
+def sample_sequence(velocity: Callable, cond: torch.Tensor, state_dim: int, sample_cfg: SampleConfig,
+                    seed: int) -> torch.Tensor:
+    """sample_cfg.num_samples samples (N, T, state_dim) of one conditioning sequence (T, C) with any velocity
+    function, windowed, from the noise of `seed` and cross-faded as inference samples it: training validation
+    sees what `avflow evaluate` and `generate` produce for the same weights and seed."""
+    loop = FixedStepSampler(guided(velocity, sample_cfg.guidance_scale), sample_cfg.method, sample_cfg.nfe)
+    noise = sample_cfg.temperature * sequence_noise(seed, sample_cfg.num_samples, cond.shape[0], state_dim)
+    with torch.no_grad():
+        return sample_sequences(loop, [cond], [noise.to(cond.device)], sample_cfg.max_frames,
+                                sample_cfg.window_overlap, [sample_cfg.max_frames], sample_cfg.num_samples)[0]

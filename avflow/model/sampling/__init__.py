@@ -1,0 +1,47 @@
+"""How a sequence is sampled, in one place: the methods and their time grids, the fixed-step loop, the window
+plan and cross-fade, the noise, the batched scheduler (with CUDA graphs) and the streaming sampler.
+
+Generation, batch inference, export, evaluation and training validation all sample through here, with one
+`SampleConfig`.
+"""
+
+from avflow.model.sampling.methods import (
+    METHODS,
+    FixedStepSampler,
+    Guided,
+    PreparedVelocity,
+    SamplingMethod,
+    VelocityFn,
+    guided,
+    integrate,
+    sampling_method,
+)
+from avflow.model.sampling.scheduler import (
+    GraphSampler,
+    LoopFn,
+    bucket_for,
+    cuda_graphs_wanted,
+    length_buckets,
+    row_buckets,
+    sample_sequence,
+    sample_sequences,
+    sample_windows,
+)
+from avflow.model.sampling.streaming import FinalFrames, StreamSampler
+from avflow.model.sampling.windows import (
+    NOISE_BLOCK_FRAMES,
+    NoiseStream,
+    WindowPlan,
+    crossfade_weights,
+    sequence_noise,
+    stitch,
+    window_spans,
+)
+
+__all__ = [
+    "METHODS", "NOISE_BLOCK_FRAMES", "FinalFrames", "FixedStepSampler", "GraphSampler", "Guided", "LoopFn",
+    "NoiseStream", "PreparedVelocity", "SamplingMethod", "StreamSampler", "VelocityFn", "WindowPlan", "bucket_for",
+    "crossfade_weights", "cuda_graphs_wanted", "guided", "integrate", "length_buckets", "row_buckets",
+    "sample_sequence", "sample_sequences", "sample_windows", "sampling_method", "sequence_noise", "stitch",
+    "window_spans",
+]
