@@ -73,14 +73,14 @@ fi
 
 if [ "$quick" = 1 ]; then
     run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
-        tests/model/test_sampling.py tests/train/test_hot_path.py
+        tests/infer/test_gpu_paths.py tests/train/test_hot_path.py
     run sample 150 "$python" benchmarks/sample.py --quick --budget-s "$(budget 150)" --json "$results/sample.json"
     run train_throughput 230 "$python" benchmarks/train_throughput.py --quick --budget-s "$(budget 230)"
     run render 50 "$python" benchmarks/render.py --quick --json "$results/render.json"
     run stream 60 "$python" benchmarks/stream.py --quick --budget-s "$(budget 60)" --json "$results/stream.json"
 else
     run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
-        tests/model/test_sampling.py tests/train/test_hot_path.py
+        tests/infer/test_gpu_paths.py tests/train/test_hot_path.py
     run sample 130 "$python" benchmarks/sample.py --budget-s "$(budget 130)" --json "$results/sample.json"
     run train_throughput 100 "$python" benchmarks/train_throughput.py --compile --batch 64 --steps 10 \
         --budget-s "$(budget 100)"

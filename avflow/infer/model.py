@@ -21,13 +21,13 @@ from avflow.infer.artifacts import (
     load_compiled_sampler,
     read_export_meta,
 )
+from avflow.infer.sampler import GraphSampler
 from avflow.infer.vocoder import BigVGAN, load_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
 from avflow.model.sampling import (
     FixedStepSampler,
-    GraphSampler,
     PreparedVelocity,
     guided,
     length_buckets,

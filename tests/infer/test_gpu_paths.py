@@ -12,13 +12,14 @@ from torch._dynamo.utils import counters
 
 from avflow.config import ModelConfig
 from avflow.infer.model import default_dtype, load_inference_model
+from avflow.infer.sampler import GraphSampler
 from avflow.model import attention
 from avflow.model.avflow import AVFlowNet
 from avflow.model.sampling import (
     FixedStepSampler,
-    GraphSampler,
     PreparedVelocity,
     guided,
+    integrate,
     row_buckets,
     sample_sequences,
 )
@@ -162,3 +163,30 @@ def test_loading_a_model_leaves_the_fp32_matmul_precision_to_the_caller(tmp_path
                             lambda args: seen.append(torch.backends.cuda.matmul.fp32_precision))
         main(["generate", "--model", str(model_file), "--text", "hi", "-o", str(tmp_path / "out")])
         assert seen == ["tf32"] and torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.parametrize("method,nfe", [("euler", 4), ("midpoint", 4)])
+def test_graph_sampler_eager_fallback_equals_the_reference_sampler(tiny_net, method, nfe, monkeypatch):
+    """With CUDA graphs disabled (as on CPU or with AVFLOW_NO_CUDA_GRAPH=1), the runner gives the plain loop's
+    samples exactly, for the same noise."""
+    monkeypatch.setenv("AVFLOW_NO_CUDA_GRAPH", "1")
+    runner = GraphSampler(FixedStepSampler(tiny_net, method, nfe), torch.device("cuda"))
+    assert not runner.use_cuda_graph
+    cond = torch.randn(1, 40, TINY.cond_dim)
+    noise = torch.randn(3, 40, TINY.state_dim)
+    reference = integrate(tiny_net, 0.8 * noise, cond.expand(3, -1, -1), None, method, nfe)
+    ours = runner(0.8 * noise, cond.expand(3, -1, -1), torch.ones(3, 40, dtype=torch.bool))
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
+    monkeypatch.delenv("AVFLOW_NO_CUDA_GRAPH", raising=False)
+    loop = FixedStepSampler(AVFlowNet(TINY).cuda().eval(), "euler", 4)
+    runner = GraphSampler(loop, torch.device("cuda"))
+    x0, cond = torch.randn(3, 64, TINY.state_dim, device="cuda"), torch.randn(3, 64, TINY.cond_dim, device="cuda")
+    valid = torch.ones(3, 64, dtype=torch.bool, device="cuda")
+    first, second = runner(x0, cond, valid), runner(x0 * 0.5, cond, valid)
+    assert runner.use_cuda_graph and len(runner.graphs) == 1
+    torch.testing.assert_close(first, loop(x0, cond, valid), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second, loop(x0 * 0.5, cond, valid), atol=1e-4, rtol=1e-4)

@@ -13,7 +13,6 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.sampling import (
     METHODS,
     FixedStepSampler,
-    GraphSampler,
     NoiseStream,
     PreparedVelocity,
     SamplingMethod,
@@ -47,20 +46,6 @@ def test_length_buckets_round_windows_up():
     assert bucket_for(433, [432, 863]) == 863 and bucket_for(432, [432, 863]) == 432
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         bucket_for(900, [432, 863])
-
-
-@pytest.mark.parametrize("method,nfe", [("euler", 4), ("midpoint", 4)])
-def test_graph_sampler_eager_fallback_equals_the_reference_sampler(tiny_net, method, nfe, monkeypatch):
-    """With CUDA graphs disabled (as on CPU or with AVFLOW_NO_CUDA_GRAPH=1), the runner gives the plain loop's
-    samples exactly, for the same noise."""
-    monkeypatch.setenv("AVFLOW_NO_CUDA_GRAPH", "1")
-    runner = GraphSampler(FixedStepSampler(tiny_net, method, nfe), torch.device("cuda"))
-    assert not runner.use_cuda_graph
-    cond = torch.randn(1, 40, TINY.cond_dim)
-    noise = torch.randn(3, 40, TINY.state_dim)
-    reference = integrate(tiny_net, 0.8 * noise, cond.expand(3, -1, -1), None, method, nfe)
-    ours = runner(0.8 * noise, cond.expand(3, -1, -1), torch.ones(3, 40, dtype=torch.bool))
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_padded_and_batched_windows_equal_each_input_alone(tiny_net):
@@ -98,19 +83,6 @@ def test_fixed_step_sampler_scripts_to_the_same_function(tiny_net):
     scripted = torch.jit.script(FixedStepSampler(traced, "midpoint", 4))
     eager = FixedStepSampler(tiny_net, "midpoint", 4)
     torch.testing.assert_close(scripted(x0, cond, valid)[:, :20], eager(x0, cond, valid)[:, :20])
-
-
-@pytest.mark.cuda
-def test_cuda_graph_replay_equals_eager(tiny_net, monkeypatch):
-    monkeypatch.delenv("AVFLOW_NO_CUDA_GRAPH", raising=False)
-    loop = FixedStepSampler(AVFlowNet(TINY).cuda().eval(), "euler", 4)
-    runner = GraphSampler(loop, torch.device("cuda"))
-    x0, cond = torch.randn(3, 64, TINY.state_dim, device="cuda"), torch.randn(3, 64, TINY.cond_dim, device="cuda")
-    valid = torch.ones(3, 64, dtype=torch.bool, device="cuda")
-    first, second = runner(x0, cond, valid), runner(x0 * 0.5, cond, valid)
-    assert runner.use_cuda_graph and len(runner.graphs) == 1
-    torch.testing.assert_close(first, loop(x0, cond, valid), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(second, loop(x0 * 0.5, cond, valid), atol=1e-4, rtol=1e-4)
 
 
 def test_compiled_network_generates_what_the_eager_network_generates(tmp_path):

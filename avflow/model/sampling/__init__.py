@@ -1,5 +1,6 @@
 """How a sequence is sampled, in one place: the methods and their time grids, the fixed-step loop, the window
-plan and cross-fade, the noise, the batched scheduler (with CUDA graphs) and the streaming sampler.
+plan and cross-fade, the noise, the batched scheduler and the streaming sampler (inference replays the loop as
+CUDA graphs: avflow.infer.sampler).
 
 Generation, batch inference, export, evaluation and training validation all sample through here, with one
 `SampleConfig`.
@@ -17,10 +18,8 @@ from avflow.model.sampling.methods import (
     sampling_method,
 )
 from avflow.model.sampling.scheduler import (
-    GraphSampler,
     LoopFn,
     bucket_for,
-    cuda_graphs_wanted,
     length_buckets,
     row_buckets,
     sample_sequence,
@@ -39,9 +38,9 @@ from avflow.model.sampling.windows import (
 )
 
 __all__ = [
-    "METHODS", "NOISE_BLOCK_FRAMES", "FinalFrames", "FixedStepSampler", "GraphSampler", "Guided", "LoopFn",
+    "METHODS", "NOISE_BLOCK_FRAMES", "FinalFrames", "FixedStepSampler", "Guided", "LoopFn",
     "NoiseStream", "PreparedVelocity", "SamplingMethod", "StreamSampler", "VelocityFn", "WindowPlan", "bucket_for",
-    "crossfade_weights", "cuda_graphs_wanted", "guided", "integrate", "length_buckets", "row_buckets",
+    "crossfade_weights", "guided", "integrate", "length_buckets", "row_buckets",
     "sample_sequence", "sample_sequences", "sample_windows", "sampling_method", "sequence_noise", "stitch",
     "window_spans",
 ]

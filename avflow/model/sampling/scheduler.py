@@ -1,19 +1,14 @@
-"""The batched scheduler: the fixed-step loop replayed as a CUDA graph, and the windows of many inputs packed
-into few shapes around it.
+"""The batched scheduler: the windows of many inputs packed into few shapes for one sampling loop.
 
-The published sampler runs one sample at a time in eager mode, launching thousands of small kernels
-per pass. Here the whole loop (every network evaluation of every step) is captured once per input
-shape as one CUDA graph and replayed, so a pass costs one launch. Shapes are few by design: the
-scheduler cuts inputs into windows (`WindowPlan`), rounds each window up to a length bucket,
-and packs windows of one bucket into batches, padding frames (masked out of attention) and, for
-fixed-shape artifacts, whole rows. On CPU, or with AVFLOW_NO_CUDA_GRAPH=1, the same loop runs eagerly.
+The published sampler runs one sample at a time. Here the scheduler cuts inputs into windows (`WindowPlan`),
+rounds each window up to a length bucket, and packs windows of one bucket into batches, padding frames (masked
+out of attention) and, for fixed-shape artifacts, whole rows. Few shapes are what let inference capture the
+loop once per shape as a CUDA graph (avflow.infer.sampler.GraphSampler) and replay it.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from typing import Callable
 
 import torch
@@ -22,76 +17,8 @@ from avflow.config import SampleConfig
 from avflow.model.sampling.methods import FixedStepSampler, guided
 from avflow.model.sampling.windows import WindowPlan, sequence_noise, stitch
 
-log = logging.getLogger(__name__)
-
-NO_CUDA_GRAPH_ENV = "AVFLOW_NO_CUDA_GRAPH"
-GRAPH_WARMUP_RUNS = 3  # lazy work (cuBLAS handles, compiled kernels, TorchScript profiling runs) must precede capture
-
 # x0 (rows, frames, state), cond (rows, frames, cond), valid (rows, frames) -> x1 (rows, frames, state)
 LoopFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def cuda_graphs_wanted(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get(NO_CUDA_GRAPH_ENV, "").lower() not in ("1", "true", "yes")
-
-
-class GraphSampler:
-    """Runs `loop` eagerly, or on CUDA as one captured graph per input shape, replayed with static buffers.
-
-    Graphs share one memory pool; each replay's output is copied out before the next replay can reuse it.
-    If a capture fails (an op that cannot be captured), sampling falls back to eager with a warning
-    instead of failing the job: the results are the same, only slower.
-    """
-
-    def __init__(self, loop: LoopFn, device: torch.device, use_cuda_graph: bool | None = None):
-        self.loop = loop
-        self.use_cuda_graph = cuda_graphs_wanted(device) if use_cuda_graph is None else use_cuda_graph
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
-        self.pool = None
-
-    @torch.no_grad()
-    def __call__(self, x0: torch.Tensor, cond: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if not self.use_cuda_graph:
-            return self.loop(x0, cond, valid)
-        key = tuple((tuple(t.shape), t.dtype) for t in (x0, cond, valid))
-        if key not in self.graphs:
-            inputs = tuple(t.clone() for t in (x0, cond, valid))
-            self._warm_up(inputs)  # an error here is the loop's own, not the capture's: it propagates
-            try:
-                self.graphs[key] = self._capture(inputs)
-            except RuntimeError as error:
-                log.warning("CUDA graph capture failed (%s); sampling eagerly from now on", error)
-                self.use_cuda_graph = False
-                return self.loop(x0, cond, valid)
-        graph, inputs, output = self.graphs[key]
-        for buffer, value in zip(inputs, (x0, cond, valid)):
-            buffer.copy_(value)
-        graph.replay()
-        return output.clone()
-
-    def warm_up(self, lengths: list[int], row_counts: list[int], state_dim: int, cond_dim: int,
-                device: torch.device) -> None:
-        """Compile and capture every (rows, frames) shape the scheduler will use, before the first request."""
-        for length in lengths:
-            for rows in row_counts:
-                self(torch.zeros(rows, length, state_dim, device=device),
-                     torch.zeros(rows, length, cond_dim, device=device),
-                     torch.ones(rows, length, dtype=torch.bool, device=device))
-
-    def _warm_up(self, inputs):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(GRAPH_WARMUP_RUNS):
-                self.loop(*inputs)
-        torch.cuda.current_stream().wait_stream(side)
-
-    def _capture(self, inputs):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = self.loop(*inputs)
-        self.pool = graph.pool()
-        return graph, inputs, output
 
 
 def length_buckets(max_frames: int, count: int) -> list[int]:
