@@ -16,12 +16,12 @@ from pathlib import Path
 
 from avflow.config import Config, load_config
 from avflow.runtime import fp32_matmul_precision
-from avflow.utils import run_reporting_errors
+from avflow.utils import hold_folder, run_reporting_errors
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 # Inference commands run fp32 matmuls in TF32 on CUDA (the network itself runs in bf16 by default); the choice is
 # the command's, made for its whole run, never a library call's.
-TF32_COMMANDS = {"generate", "infer", "evaluate"}
+TF32_COMMANDS = {"generate", "infer", "stream", "evaluate"}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -246,34 +246,36 @@ def cmd_stream(args: argparse.Namespace) -> None:
     if args.realtime and args.text is not None:
         raise ValueError("--realtime feeds --tokens and --audio files at their real pace; text arrives as it is "
                          "given (--text - reads it line by line from stdin)")
-    given = {key for key, _ in parse_overrides(args.overrides)}
-    model = _load_model(args)
-    face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
-    cfg = model.cfg
-    windows_given = bool(given & {"sample.max_frames", "sample.window_overlap"})
-    options = {"sample_cfg": stream_sample_config(cfg.sample, cfg.mel.frame_rate, windows_given),
-               "first_window_s": args.first_window, "face_decoder": face, "realtime": args.realtime,
-               "rate": args.rate, "pause_scale": args.pause_scale}
-    if args.participant_tokens:
-        options["participant_tokens"] = tokens_from_file(args.participant_tokens, cfg.data.token_fps,
-                                                         cfg.mel.frame_rate)
-    if args.participant_features:
-        options["participant_features"] = participant_features_from_file(args.participant_features, cfg)
-    if args.text == "-":
-        stream = model.stream(lines=sys.stdin, **options)
-    elif args.text is not None:
-        stream = model.stream(args.text, **options)
-    elif args.tokens:
-        stream = model.stream(tokens=tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate), **options)
-    else:
-        stream = model.stream(audio=args.audio, asr_model=args.asr_model, **options)
-    writer = StreamWriter(args.output, cfg, video=face is not None)
-    try:
-        for chunk in stream:
-            writer.add(chunk)
-    finally:
-        summary = stream.summary()
-        written = writer.close(summary)
+    with hold_folder(args.output):  # one stream writes an output folder at a time, refused before loading
+        given = {key for key, _ in parse_overrides(args.overrides)}
+        model = _load_model(args)
+        face = _face_decoder(args, model)  # bad assets fail here, before anything is generated or written
+        cfg = model.cfg
+        windows_given = bool(given & {"sample.max_frames", "sample.window_overlap"})
+        options = {"sample_cfg": stream_sample_config(cfg.sample, cfg.mel.frame_rate, windows_given),
+                   "first_window_s": args.first_window, "face_decoder": face, "realtime": args.realtime,
+                   "rate": args.rate, "pause_scale": args.pause_scale}
+        if args.participant_tokens:
+            options["participant_tokens"] = tokens_from_file(args.participant_tokens, cfg.data.token_fps,
+                                                             cfg.mel.frame_rate)
+        if args.participant_features:
+            options["participant_features"] = participant_features_from_file(args.participant_features, cfg)
+        if args.text == "-":
+            stream = model.stream(lines=sys.stdin, **options)
+        elif args.text is not None:
+            stream = model.stream(args.text, **options)
+        elif args.tokens:
+            tokens = tokens_from_file(args.tokens, cfg.data.token_fps, cfg.mel.frame_rate)
+            stream = model.stream(tokens=tokens, **options)
+        else:
+            stream = model.stream(audio=args.audio, asr_model=args.asr_model, **options)
+        writer = StreamWriter(args.output, cfg, video=face is not None)
+        try:
+            for chunk in stream:
+                writer.add(chunk)
+        finally:
+            summary = stream.summary()
+            written = writer.close(summary)
     first = summary["first_audio_s"]
     print(f"{summary['audio_seconds']:.2f} s of speech, first audio after "
           f"{'-' if first is None else f'{first:.3f}'} s, real-time factor {summary['real_time_factor'] or 0:.3f}; "

@@ -1,4 +1,4 @@
-"""One writer per folder: while a real `avflow train`, `infer`, `pack` or `evaluate` job works in a folder, a
+"""One writer per folder: while a real `avflow train`, `infer`, `pack`, `evaluate` or `stream` job works in a folder, a
 second job on that folder is refused at once with one line naming the folder and the first job's pid and host,
 and writes nothing there. A SIGKILLed job leaves no lock behind: the next run (a requeued SLURM job) proceeds."""
 
@@ -128,6 +128,13 @@ def test_a_second_evaluation_into_the_report_folder_is_refused(packed, tiny_mode
     argv = ["evaluate", "--checkpoint", str(tiny_model), "--shards", str(packed[1]), "--max-items", "1", "--nfe",
             "2", "--num-samples", "1", "--metrics", "mel_l1", "-o", str(out), "--quiet"]
     with stalled("avflow.evaluate.run._check_settings", argv) as first:
+        assert_refused(argv, out, first, capsys)
+
+
+def test_a_second_stream_into_the_folder_is_refused_before_its_model_loads(tiny_model, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "stream"
+    argv = ["stream", "--model", str(tiny_model), "--text", "hello there", "-o", str(out)]
+    with stalled("avflow.cli._load_model", argv) as first:
         assert_refused(argv, out, first, capsys)
 
 
