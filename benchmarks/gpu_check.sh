@@ -95,7 +95,7 @@ cat "$results/device.txt"
 for name in tests sample train_throughput render stream; do
     [ -f "$results/$name.txt" ] || continue
     echo "-- $name"
-    grep -E '^\||^(date|torch|device|target|pipeline|model|work|data|decode|raster|render|cpu|NVIDIA|first).*:|passed|failed|skipped|exit [0-9]+' \
+    grep -E '^\||^(date|torch|device|target|pipeline|model|work|data|decode|raster|render|cpu|NVIDIA).*:|^ +(network|demo|published) |passed|failed|skipped|exit [0-9]+' \
         "$results/$name.txt"
 done
 if [ -n "$failed" ]; then
