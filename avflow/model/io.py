@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 FORMAT = "avflow-checkpoint-v2"
 META = "meta.json"
 FILES_KEY = "files"  # meta.json: {file name: {"bytes": size, "sha256": hex digest}} of every other file
-INFERENCE_GROUPS = ("ema", "codec", "head_vae")  # what generation needs from a training checkpoint
 MODEL_FILE_FORMAT = "avflow-model-v1"
 MODEL_DIGEST_KEY = "sha256"  # model file metadata: tensors_digest of its tensors and other metadata
 

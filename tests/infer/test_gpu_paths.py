@@ -133,7 +133,7 @@ def test_the_recompile_limit_covers_every_scheduler_shape(tmp_path):
         assert torch._dynamo.config.recompile_limit >= 16
 
 
-def test_cuda_graph_warm_up_captures_every_shape_once():
+def test_graph_warm_up_runs_every_scheduler_shape_once_in_order():
     """GraphSampler.warm_up runs every (rows, frames) shape through the sampler once (on CPU: eagerly)."""
     seen = []
     runner = GraphSampler(lambda x0, cond, valid: seen.append(tuple(x0.shape[:2])) or x0, torch.device("cpu"))
