@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from avflow.config import Config, load_config
+from avflow.export.command import DESCRIPTION as EXPORT_DESCRIPTION
+from avflow.export.command import add_export_arguments, run_export
 from avflow.runtime import fp32_matmul_precision
 from avflow.utils import hold_folder, run_reporting_errors
 
@@ -481,6 +483,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("-o", "--output", type=Path, required=True, help="report folder (resumable)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.set_defaults(run=cmd_evaluate)
+
+    sub = commands.add_parser("export", help=EXPORT_DESCRIPTION, description=EXPORT_DESCRIPTION)
+    add_export_arguments(sub)
+    sub.set_defaults(run=run_export)
 
     sub = commands.add_parser("demo", help="corpus -> train a small model on CPU -> generate -> evaluate")
     with_config(sub, DEMO_CONFIG)

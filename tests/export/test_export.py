@@ -103,3 +103,31 @@ def test_released_weights_run_through_export_and_batch_inference(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
     assert [(line["id"], line["status"]) for line in lines] == [("a", "ok"), ("b", "error")]
     assert len(lines[0]["outputs"]) == 6  # 3 samples x (wav, npz)
+
+
+def test_avflow_export_is_the_same_command_as_python_m_avflow_export(model_file, tmp_path, capsys):
+    """Both ways in give the same exit codes and the same one-line errors (only the command's name differs), and
+    the same artifact."""
+    from avflow.cli import main as avflow_main
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    cases = [["--checkpoint", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "a")],
+             ["--checkpoint", str(model_file), "-o", str(occupied), "--format", "eager"],
+             ["--checkpoint", str(model_file), "-o", str(tmp_path / "{way}"), "--format", "eager", "--batch", "2"]]
+    codes = []
+    for argv in cases:
+        results = {}
+        for way, run, prefix in (("module", export_main, "python -m avflow.export: "),
+                                 ("command", lambda a: avflow_main(["export", *a]), "avflow export: ")):
+            code = run([part.format(way=way) for part in argv])
+            err = capsys.readouterr().err.strip()
+            assert err == "" or (err.count("\n") == 0 and err.startswith(prefix)), err
+            results[way] = (code, err.removeprefix(prefix))
+        assert results["module"] == results["command"]
+        codes.append(results["module"][0])
+    assert codes == [2, 2, 0]  # a missing checkpoint, an occupied output, a good export
+    assert (occupied / "keep.txt").read_text() == "mine"
+    exported = {way: json.loads((tmp_path / way / "export.json").read_text()) for way in ("module", "command")}
+    assert exported["module"]["parity"] == exported["command"]["parity"]
