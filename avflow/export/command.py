@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from avflow.model.sampling import METHODS
 from avflow.utils import run_reporting_errors
 
 DESCRIPTION = "Turn a training checkpoint into a self-contained model directory for avflow generate / avflow infer."
@@ -21,7 +22,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="torchscript", choices=("torchscript", "aoti", "eager"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--nfe", type=int, help="network evaluations per sample (default: the checkpoint's, 16)")
-    parser.add_argument("--method", choices=("euler", "midpoint"), help="default: the checkpoint's (euler)")
+    parser.add_argument("--method", choices=tuple(METHODS), help="default: the checkpoint's (euler)")
     parser.add_argument("--max-seconds", type=float, help="longest single pass; longer inputs go through windows "
                                                           "(default: the checkpoint's 1725 frames, ~20 s)")
     parser.add_argument("--batch", type=int, default=3, help="sequences (inputs x samples) per sampler call")

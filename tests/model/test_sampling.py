@@ -190,7 +190,7 @@ def test_the_config_and_the_command_line_offer_the_registered_methods():
     from avflow.config import SampleConfig as Sample
 
     assert set(typing.get_args(typing.get_type_hints(Sample)["method"])) == set(METHODS)
-    for command in ("generate", "infer", "stream", "evaluate"):
+    for command in ("generate", "infer", "stream", "evaluate", "export"):
         (option,) = [action for action in subcommand_parser(command)._actions if "--method" in action.option_strings]
         assert set(option.choices) == set(METHODS)
 
