@@ -31,7 +31,8 @@ fi
 grace=5
 started=$SECONDS
 
-run() {  # name, seconds allotted, command...: the command gets the smaller of its allotment and what is left
+run() {  # name, seconds allotted, command...: the command gets the smaller of its allotment and what is left;
+    # an argument @BUDGET@ becomes the seconds a benchmark may plan for within that limit (it must end on its own)
     local name=$1 allotted=$2
     shift 2
     local left=$((total - (SECONDS - started) - grace))
@@ -40,18 +41,15 @@ run() {  # name, seconds allotted, command...: the command gets the smaller of i
         echo "== $name: skipped, ${left} s of the check's ${total} s left" | tee "$results/$name.txt"
         return
     fi
-    echo "== $name: $* (limit ${limit} s)"
+    local command=("${@//@BUDGET@/$((limit * 85 / 100 - 5))}")
+    echo "== $name: ${command[*]} (limit ${limit} s)"
     local start=$SECONDS
-    timeout --signal=INT --kill-after=$grace "$limit" "$@" 2>&1 | tee "$results/$name.txt"
+    timeout --signal=INT --kill-after=$grace "$limit" "${command[@]}" 2>&1 | tee "$results/$name.txt"
     local status=${PIPESTATUS[0]}
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$results/$name.txt"
     [ "$status" = 0 ] || failed="$failed $name"
 }
 failed=""
-
-budget() {  # seconds a benchmark may plan for inside a step of `limit` seconds: it must end on its own
-    echo $(( $1 * 85 / 100 - 5 ))
-}
 
 site="${TMPDIR:-/tmp}/avflow-gpu-site"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -74,18 +72,18 @@ fi
 if [ "$quick" = 1 ]; then
     run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
         tests/infer/test_gpu_paths.py tests/train/test_hot_path.py
-    run sample 150 "$python" benchmarks/sample.py --quick --budget-s "$(budget 150)" --json "$results/sample.json"
-    run train_throughput 230 "$python" benchmarks/train_throughput.py --quick --budget-s "$(budget 230)"
+    run sample 150 "$python" benchmarks/sample.py --quick --budget-s @BUDGET@ --json "$results/sample.json"
+    run train_throughput 230 "$python" benchmarks/train_throughput.py --quick --budget-s @BUDGET@
     run render 50 "$python" benchmarks/render.py --quick --json "$results/render.json"
-    run stream 60 "$python" benchmarks/stream.py --quick --budget-s "$(budget 60)" --json "$results/stream.json"
+    run stream 60 "$python" benchmarks/stream.py --quick --budget-s @BUDGET@ --json "$results/stream.json"
 else
     run tests 60 "$python" -m pytest -q -p no:cacheprovider -m cuda tests/model/test_attention.py \
         tests/infer/test_gpu_paths.py tests/train/test_hot_path.py
-    run sample 130 "$python" benchmarks/sample.py --budget-s "$(budget 130)" --json "$results/sample.json"
+    run sample 130 "$python" benchmarks/sample.py --budget-s @BUDGET@ --json "$results/sample.json"
     run train_throughput 100 "$python" benchmarks/train_throughput.py --compile --batch 64 --steps 10 \
-        --budget-s "$(budget 100)"
+        --budget-s @BUDGET@
     run render 35 "$python" benchmarks/render.py --json "$results/render.json"
-    run stream 60 "$python" benchmarks/stream.py --budget-s "$(budget 60)" --json "$results/stream.json"
+    run stream 60 "$python" benchmarks/stream.py --budget-s @BUDGET@ --json "$results/stream.json"
 fi
 
 echo
