@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from avflow.config import Config, load_config
+from avflow.data.layouts import layout_choices, layout_help
 from avflow.export.command import DESCRIPTION as EXPORT_DESCRIPTION
 from avflow.export.command import add_export_arguments, run_export
 from avflow.runtime import fp32_matmul_precision
@@ -70,21 +71,27 @@ def cmd_train_head_vae(args: argparse.Namespace) -> None:
     print(f"head VAE written to {out} (final reconstruction loss {summary['final_recon_loss']:.4f})")
 
 
+def apply_pack_data_options(cfg: Config, layout: str | None, folder: Path | None, subject: str | None) -> None:
+    """cfg.data with pack's --layout, -i FOLDER and --subject, its layout checked to have what it needs, so
+    a wrong layout or a missing setting fails before any work (`python -m launch.pack`: before queueing)."""
+    from avflow.data.layouts import layout_named
+
+    chosen = layout_named(layout, "--layout") if layout else layout_named(cfg.data.layout)
+    cfg.data.layout = chosen.name  # an alias (demo) is recorded as the layout it names
+    if folder:
+        for key, value in chosen.input_settings(folder).items():
+            setattr(cfg.data, key, value)
+    if subject:
+        cfg.data.subject = subject
+    chosen.check(cfg.data)
+
+
 def cmd_pack(args: argparse.Namespace) -> None:
     from avflow.data.shards import pack, verify
 
     cfg = _config(args)
-    if args.layout:
-        cfg.data.layout = "50h" if args.layout == "demo" else args.layout  # the demo corpus is in the 50h layout
-    if args.input:
-        cfg.data.root = str(args.input)
-    if args.subject:
-        cfg.data.subject = args.subject
-    elif cfg.data.layout == "a2p" and args.input:
-        from avflow.data.layouts.a2p import is_subject_folder
-
-        if is_subject_folder(args.input):  # -i .../PXB184: the subject is the folder itself
-            cfg.data.root, cfg.data.subject = str(args.input.resolve().parent), args.input.resolve().name
+    if not args.verify:
+        apply_pack_data_options(cfg, args.layout, args.input, args.subject)
     if args.workers is not None:
         if args.workers < 1:
             raise ValueError(f"--workers: expected at least 1 packing process, got {args.workers}")
@@ -365,8 +372,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 
     sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
     with_config(sub)
-    sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
-    sub.add_argument("-i", "--input", type=Path, help="dataset root, or an a2p subject folder (default: data.root)")
+    sub.add_argument("--layout", choices=layout_choices(), help=f"{layout_help()} (default: data.layout)")
+    sub.add_argument("-i", "--input", type=Path, help="dataset folder of the layout (default: data.root)")
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
@@ -376,9 +383,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.set_defaults(run=cmd_pack)
 
     sub = commands.add_parser("extract-asr", help="write wav2vec2 CTC token logits next to a dataset's audio")
-    sub.add_argument("-i", "--input", required=True, type=Path, help="dataset root (50h) or subject folder (a2p)")
+    sub.add_argument("-i", "--input", required=True, type=Path, help="dataset folder of the layout")
     sub.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
-    sub.add_argument("--layout", choices=("50h", "a2p"), default="50h")
+    sub.add_argument("--layout", choices=layout_choices(), default="50h", help=f"{layout_help()} (default: 50h)")
     sub.add_argument("--device", default="cpu")
     sub.set_defaults(run=cmd_extract_asr)
 

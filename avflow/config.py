@@ -128,7 +128,7 @@ class HeadVAEConfig:
 
 @dataclass
 class DataConfig:
-    layout: Literal["50h", "a2p"] = "50h"  # 50h (the demo corpus writes this layout too) | a2p
+    layout: str = "50h"  # a name in avflow.data.layouts.LAYOUTS (50h | a2p), checked when data is read
     root: str = "data/demo"
     subject: str = ""  # a2p: the subject folder under root (PXB184, RLW104, TXB805, GQS883)
     segment_length: int = 345  # reference training window, ~4.0 s
@@ -334,8 +334,6 @@ class Config:
         _require(h.kl_weight >= 0, "head_vae.kl_weight", "non-negative", h.kl_weight)
         _require(h.lr > 0, "head_vae.lr", "positive", h.lr)
         _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
-        _require(d.layout != "a2p" or bool(d.subject), "data.subject",
-                 "an Audio2Photoreal subject for data.layout=a2p", d.subject)
         _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
                  "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
         _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)

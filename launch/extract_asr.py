@@ -18,6 +18,7 @@ from pathlib import Path
 import submitit
 
 from avflow.data.asr import CTCTokenizer, extract_recordings, recordings
+from avflow.data.layouts import layout_choices, layout_help
 from launch.executor import add_slurm_arguments, log_to_task_output, sbatch_script, slurm_executor, submit_array
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ def split_recordings(input_dir: Path, layout: str, tasks: int) -> list[list[tupl
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.extract_asr", description=__doc__.splitlines()[0])
-    parser.add_argument("-i", "--input", required=True, type=Path, help="dataset root (50h) or subject folder (a2p)")
+    parser.add_argument("-i", "--input", required=True, type=Path, help="dataset folder of the layout")
     parser.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
-    parser.add_argument("--layout", choices=("50h", "a2p"), default="50h")
+    parser.add_argument("--layout", choices=layout_choices(), default="50h", help=f"{layout_help()} (default: 50h)")
     parser.add_argument("--tasks", required=True, type=int, help="array jobs to split the recordings over")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs of each array job (default 0)")
     parser.add_argument("--device", help="torch device (default: cuda with --gpus-per-node, else cpu)")

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import submitit
 
+from avflow.cli import apply_pack_data_options
+from avflow.cli import main as avflow_main
 from avflow.config import ConfigError, load_config
+from avflow.data.layouts import layout_choices, layout_help
 from launch.executor import add_slurm_arguments, sbatch_script, slurm_executor, submit
 
 log = logging.getLogger(__name__)
@@ -29,8 +32,6 @@ class Packing(submitit.helpers.Checkpointable):
         self.pack_argv = pack_argv
 
     def __call__(self) -> None:
-        from avflow.cli import main as avflow_main
-
         status = avflow_main(self.pack_argv)
         if status != 0:
             raise RuntimeError(f"avflow {' '.join(self.pack_argv)} exited with status {status}; "
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.pack", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    parser.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
-    parser.add_argument("-i", "--input", type=Path, help="dataset root (default: data.root)")
+    parser.add_argument("--layout", choices=layout_choices(), help=f"{layout_help()} (default: data.layout)")
+    parser.add_argument("-i", "--input", type=Path, help="dataset folder of the layout (default: data.root)")
     parser.add_argument("-o", "--output", type=Path, help="shard folder, e.g. shards/NAME (default: data.shards)")
     parser.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the other options
-    try:
-        load_config(args.config, args.overrides)  # fail here, not after waiting in the queue
+    try:  # fail here, not after waiting in the queue
+        apply_pack_data_options(load_config(args.config, args.overrides), args.layout, args.input, args.subject)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     executor = slurm_executor(args, args.job_dir or Path("slurm_jobs/pack"), args.job_name)

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from avflow.data.features import audio_info, load_wav, resample
-from avflow.data.layouts.fifty_h import TOKEN_DIR
+from avflow.data.layouts import layout_named
 from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
 from avflow.utils import atomic_path
 
@@ -133,20 +133,8 @@ class CTCTokenizer:
 
 
 def recordings(input_dir: str | Path, layout: str) -> list[tuple[Path, Path]]:
-    """(wav, token file) of every recording: 50h DIR/audio/{segment}.wav, a2p DIR/{scene}_audio.wav."""
-    root = Path(input_dir)
-    if layout == "50h":
-        audio_dir = root / "audio"
-        if not audio_dir.is_dir():
-            raise FileNotFoundError(f"{audio_dir}: no audio folder (expected {{segment}}.wav files of the 50h layout)")
-        wavs = sorted(audio_dir.glob("*.wav"))
-        return [(wav, root / TOKEN_DIR / f"{wav.stem}.npy") for wav in wavs]
-    if layout == "a2p":
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such subject folder (expected sceneNN_audio.wav files)")
-        wavs = sorted(root.glob("*_audio.wav"))
-        return [(wav, root / TOKEN_DIR / f"{wav.name[:-len('_audio.wav')]}.npy") for wav in wavs]
-    raise ValueError(f"layout={layout!r}: expected 50h or a2p")
+    """(wav, token file) of every recording of the dataset folder `input_dir` in the registered `layout`."""
+    return layout_named(layout, "layout").recordings(Path(input_dir))
 
 
 def is_complete(token_path: Path, channels: int, frames: int) -> bool:

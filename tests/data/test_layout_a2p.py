@@ -1,4 +1,4 @@
-"""The Audio2Photoreal layout reader on synthetic subject folders: streams, masks, split, wrap, stats, errors."""
+"""The Audio2Photoreal layout reader on synthetic subject folders: streams, masks, split, wrap, errors."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from avflow.config import DataConfig
 from avflow.data.layouts import list_segment_names, read_segment_record
-from avflow.data.layouts.a2p import list_scenes, read_body_pose, read_data_stats, read_record, validation_scenes
+from avflow.data.layouts.a2p import list_scenes, read_body_pose, read_record, validation_scenes
 
 TOKEN_DIR = "wav2vec2_fairseq_base_ls960_asr_ls960_vad100"
 SCENE_FRAMES = {"scene01": 30, "scene02": 45, "scene03": 36, "scene04": 60}
@@ -93,42 +93,6 @@ def test_pose_column_3_is_wrapped_for_pxb184_only_and_the_head_pose_is_unaffecte
                                   read_record(plain_subject, "scene01", cfg).head_pose)
 
 
-def test_data_stats_are_exposed_flat(subject):
-    stats = read_data_stats(subject)
-    assert sorted(stats) == ["code_mean", "code_std", "pose_mean", "pose_std"]
-    assert stats["pose_std"].shape == (104,) and stats["code_mean"].shape == (256,)
-    assert stats["code_mean"].dtype == np.float32 and (stats["code_mean"] == 0.5).all()
-    torch.save({"pose_mean": torch.zeros(104)}, subject / "data_stats.pth")
-    assert list(read_data_stats(subject)) == ["pose_mean"]
-
-
-class Trap:
-    """Unpickling this would create a file: a stand-in for arbitrary code in a pickle."""
-
-    def __init__(self, sentinel):
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return (open, (str(self.sentinel), "w"))
-
-
-def test_data_stats_with_other_objects_are_refused_not_unpickled(subject, tmp_path):
-    sentinel = tmp_path / "unpickled"
-    torch.save({"pose_mean": torch.zeros(104), "trap": Trap(sentinel)}, subject / "data_stats.pth")
-    with pytest.raises(ValueError, match="data_stats.pth: holds objects other than tensors.*refusing to unpickle"):
-        read_data_stats(subject)
-    assert not sentinel.exists()
-    torch.save({"pose_mean": np.zeros(104)}, subject / "data_stats.pth")
-    with pytest.raises(ValueError, match="refusing to unpickle"):
-        read_data_stats(subject)
-    torch.save({"pose_mean": torch.zeros(103)}, subject / "data_stats.pth")
-    with pytest.raises(ValueError, match="expected pose_mean as a tensor of 104 values"):
-        read_data_stats(subject)
-    torch.save({"code_std": [1.0] * 256}, subject / "data_stats.pth")
-    with pytest.raises(ValueError, match="expected code_std as a tensor"):
-        read_data_stats(subject)
-
-
 def test_audio_pose_invariant_names_both_files_and_counts(subject):
     audio, _ = soundfile.read(subject / "scene02_audio.wav", dtype="float32")
     soundfile.write(subject / "scene02_audio.wav", audio[:-10], 48000, subtype="FLOAT")
@@ -196,8 +160,6 @@ def test_wrong_sample_rate_and_missing_files(subject):
         read_segment_record(cfg, "scene02")
     with pytest.raises(FileNotFoundError, match="subject folder not found"):
         list_segment_names(DataConfig(layout="a2p", root=str(subject.parent), subject="GQS883"))
-    with pytest.raises(ValueError, match="no reader for this layout"):
-        list_segment_names(DataConfig(layout="mystery"))
 
 
 def test_subject_packs_into_shards_with_4d_pose_and_face_masks(subject, tmp_path):

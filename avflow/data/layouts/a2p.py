@@ -5,7 +5,7 @@ Layout under the subject root, per scene (e.g. scene01):
   {scene}_body_pose.npy             (T, 104) body joint angles at 30 fps
   {scene}_face_expression.npy       (T, 256) Codec-Avatar expression codes at 30 fps
   {scene}_missing_face_frames.npy   1-D integer indices of frames that have no expression code
-  data_stats.pth                    pose_mean/std (104,), code_mean/std (256,), audio statistics
+  data_stats.pth                    the published normalization statistics (not read: avflow keeps its own)
   wav2vec2_fairseq_base_ls960_asr_ls960_vad100/{scene}.npy   (channels, T', 29) token logits at 50 Hz
 
 Codes at missing face frames are not data: they are kept as stored and marked False in
@@ -17,13 +17,11 @@ The published layout and its rules: docs/reference.md, "The Audio2Photoreal layo
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from avflow.config import DataConfig
+from avflow.config import ConfigError, DataConfig
 from avflow.data.layouts.fifty_h import (
     DURATION_TOLERANCE_FRAMES,
     EXPRESSION_DIM,
@@ -32,6 +30,7 @@ from avflow.data.layouts.fifty_h import (
     _load_array,
     _read_audio,
 )
+from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
 
@@ -41,19 +40,42 @@ BODY_POSE_DIM = 104
 HEAD_JOINTS = slice(12, 16)  # the neck/head joints AV-Flow models as a 4-d head pose
 WRAPPED_SUBJECTS = ("PXB184", "RLW104")  # captures whose pose column 3 jumps across +-pi
 WRAPPED_COLUMN = 3
-STATS_FILE = "data_stats.pth"
-STATS_SIZES = {"pose_mean": BODY_POSE_DIM, "pose_std": BODY_POSE_DIM,
-               "code_mean": EXPRESSION_DIM, "code_std": EXPRESSION_DIM}
 POSE_SUFFIX = "_body_pose.npy"
+AUDIO_SUFFIX = "_audio.wav"
 
 
 def scene_paths(subject_root: str | Path, name: str) -> dict[str, Path]:
     root = Path(subject_root)
-    return {"audio": root / f"{name}_audio.wav",
+    return {"audio": root / f"{name}{AUDIO_SUFFIX}",
             "pose": root / f"{name}{POSE_SUFFIX}",
             "expression": root / f"{name}_face_expression.npy",
             "missing": root / f"{name}_missing_face_frames.npy",
             "tokens": root / TOKEN_DIR / f"{name}.npy"}
+
+
+def subject_root(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / cfg.subject
+
+
+def require_subject(cfg: DataConfig) -> None:
+    if not cfg.subject:
+        raise ConfigError(f"data.subject: expected an Audio2Photoreal subject for data.layout=a2p (or the "
+                          f"subject's own folder as the dataset folder), got {cfg.subject!r}")
+
+
+def subject_settings(folder: Path) -> dict[str, str]:
+    """A subject's own folder (.../PXB184) stands for root .../ and subject PXB184; any other for the root."""
+    if is_subject_folder(folder):
+        return {"root": str(folder.resolve().parent), "subject": folder.resolve().name}
+    return {"root": str(folder)}
+
+
+def recordings(subject_folder: Path) -> list[tuple[Path, Path]]:
+    """(wav, token file) of every scene: SUBJECT/{scene}_audio.wav -> SUBJECT/TOKEN_DIR/{scene}.npy."""
+    if not subject_folder.is_dir():
+        raise FileNotFoundError(f"{subject_folder}: no such subject folder (expected sceneNN_audio.wav files)")
+    return [(wav, subject_folder / TOKEN_DIR / f"{wav.name[:-len(AUDIO_SUFFIX)]}.npy")
+            for wav in sorted(subject_folder.glob(f"*{AUDIO_SUFFIX}"))]
 
 
 def list_scenes(subject_root: str | Path) -> list[str]:
@@ -70,42 +92,6 @@ def validation_scenes(names: list[str], last_n: int) -> set[str]:
     if last_n < 0:
         raise ValueError(f"data.val_last_scenes: expected a non-negative count, got {last_n}")
     return set(sorted(names)[len(names) - min(last_n, len(names)):])
-
-
-def read_data_stats(subject_root: str | Path) -> dict[str, np.ndarray]:
-    """pose_mean/std and code_mean/std from data_stats.pth, those present, flattened to float32.
-
-    Loaded with weights_only=True: a file holding anything but tensors and plain containers is refused
-    rather than unpickled, since unpickling runs arbitrary code.
-    """
-    path = Path(subject_root) / STATS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing the subject's normalization statistics")
-    try:
-        stats = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        culprit = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line),
-                       str(error).partition("\n")[0])
-        raise ValueError(f"{path}: holds objects other than tensors and plain containers, or is corrupt; refusing "
-                         f"to unpickle it (expected a dict of tensors, e.g. arrays re-saved with torch.from_numpy; "
-                         f"{culprit})") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ValueError(f"{path}: not a readable torch file of statistics ({error})") from error
-    if not isinstance(stats, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(stats).__name__}")
-    exposed = {}
-    for key, size in STATS_SIZES.items():
-        if key not in stats:
-            continue
-        value = stats[key]
-        if not isinstance(value, torch.Tensor) or value.numel() != size:
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{path}: expected {key} as a tensor of {size} values, got {shape}")
-        array = value.detach().reshape(-1).float().numpy()
-        if not np.isfinite(array).all():
-            raise ValueError(f"{path}: {key} contains NaN or inf values; expected finite numbers")
-        exposed[key] = array
-    return exposed
 
 
 def wrap_pose(pose: np.ndarray, subject: str) -> np.ndarray:
@@ -217,3 +203,14 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
         expression_valid=expression_valid,
         participant_features=None,
     )
+
+
+LAYOUT = Layout(
+    name="a2p",
+    description="an Audio2Photoreal subject: SUBJECT/sceneNN_audio.wav and its streams",
+    list_segments=lambda cfg: list_scenes(subject_root(cfg)),
+    read_record=lambda cfg, name: read_record(subject_root(cfg), name, cfg),
+    recordings=recordings,
+    check=require_subject,
+    input_settings=subject_settings,
+)

@@ -21,6 +21,7 @@ import numpy as np
 
 from avflow.config import DataConfig
 from avflow.data.features import load_wav, rigid_to_pose7
+from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
 from avflow.data.tokens import TOKEN_LABELS
 from avflow.utils import load_numeric_array
@@ -65,6 +66,14 @@ def list_segments(root: str | Path) -> list[str]:
     if not audio.is_dir():
         raise FileNotFoundError(f"{audio}: no audio folder (expected audio/{{segment}}.wav in the 50h layout)")
     return sorted(path.stem for path in audio.glob("*.wav"))
+
+
+def recordings(root: Path) -> list[tuple[Path, Path]]:
+    """(wav, token file) of every segment: ROOT/audio/{segment}.wav -> ROOT/TOKEN_DIR/{segment}.npy."""
+    audio = root / "audio"
+    if not audio.is_dir():
+        raise FileNotFoundError(f"{audio}: no audio folder (expected {{segment}}.wav files of the 50h layout)")
+    return [(wav, root / TOKEN_DIR / f"{wav.stem}.npy") for wav in sorted(audio.glob("*.wav"))]
 
 
 def is_validation(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -184,3 +193,13 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
         token_fps=cfg.token_fps,
         participant_features=_smirk_features(root, segment),
     )
+
+
+LAYOUT = Layout(
+    name="50h",
+    description="the AV-Flow 50h dataset (the demo corpus too): DATASET/audio/{segment}.wav and its streams",
+    list_segments=lambda cfg: list_segments(cfg.root),
+    read_record=lambda cfg, name: read_record(cfg.root, name, cfg),
+    recordings=recordings,
+    aliases=("demo",),  # `avflow pack --layout demo`: the demo corpus is written in this layout
+)
