@@ -115,16 +115,6 @@ def log_mel(audio: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
     return torch.log(torch.clamp(torch.matmul(filterbank, magnitude), min=LOG_CLAMP_MIN))
 
 
-def normalize_mel(mel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
-    """Log-mel -> the roughly unit-variance domain the model is trained in."""
-    return (mel - cfg.norm_mean) / cfg.norm_std
-
-
-def denormalize_mel(mel: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
-    """Inverse of `normalize_mel`: model output -> natural-log mel for the vocoder."""
-    return mel * cfg.norm_std + cfg.norm_mean
-
-
 def load_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Read any soundfile-readable file -> (float32 array (channels, samples), sample rate)."""
     path = Path(path)

@@ -11,13 +11,11 @@ import torch
 from avflow.config import MelConfig
 from avflow.data.features import (
     complex_stft,
-    denormalize_mel,
     hz_to_slaney_mel,
     interpolate_frames,
     load_wav,
     log_mel,
     mel_filterbank,
-    normalize_mel,
     pose7_to_rigid,
     resample,
     rigid_to_pose7,
@@ -142,12 +140,6 @@ def test_first_frame_sees_reflected_samples():
         dc = complex_stft(audio, CFG)[0, 0]
         assert abs(dc.imag) < 1e-12
         assert dc.real == pytest.approx(expected_dc, abs=1e-12)
-
-
-def test_normalize_mel_uses_reference_statistics_and_inverts():
-    mel = torch.tensor([-5.5366, -5.5366 + 2.1161, -11.0])
-    torch.testing.assert_close(normalize_mel(mel, CFG)[:2], torch.tensor([0.0, 1.0]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(denormalize_mel(normalize_mel(mel, CFG), CFG), mel, rtol=0, atol=1e-6)
 
 
 def dominant_frequency(audio: np.ndarray, sample_rate: int) -> float:
