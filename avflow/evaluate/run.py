@@ -32,7 +32,7 @@ from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import InferenceModel, load_inference_model
 from avflow.infer.vocoder import BigVGAN, vocode
-from avflow.model.io import checkpoint_config, read_meta
+from avflow.model.io import stored_config
 from avflow.utils import atomic_path, hold_folder
 
 GROUND_TRUTH = "ground_truth"
@@ -93,22 +93,7 @@ def held_out_segments(shards: str | Path, split: str = "val", max_items: int | N
 def model_config(path: str | Path) -> Config:
     """The config a checkpoint, model file or export directory was trained with, read without its weights."""
     path = Path(path)
-    source = path / WEIGHTS_FILE if is_model_directory(path) else path
-    if source.is_dir():
-        return checkpoint_config(read_meta(source), source)
-    if not source.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (expected a step directory, a .safetensors model or an "
-                                "export directory)")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(source), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path}: not an avflow model ({error})") from error
-    if "config" not in metadata:
-        raise ValueError(f"{path}: not an avflow model file (its metadata has no config)")
-    return checkpoint_config({"config": json.loads(metadata["config"])}, path)
+    return stored_config(path / WEIGHTS_FILE if is_model_directory(path) else path)
 
 
 def column_labels(paths: list[str | Path]) -> list[str]:

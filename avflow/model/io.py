@@ -190,6 +190,27 @@ def load_inference_tensors(path: str | Path, task: str | None = None) -> tuple[C
         tensors = inference_template(cfg)
         dcp_load(tensors, path)
         return cfg, tensors
+    metadata, flat = _read_model_file(path, with_tensors=True)
+    recorded = metadata.get(MODEL_DIGEST_KEY)
+    if recorded is None:
+        log.warning("%s: written before model files recorded a digest; loading it unverified", path)
+    elif tensors_digest(flat, metadata) != recorded:
+        raise CheckpointError(f"{path}: tensors differ from the sha256 recorded when the file was written (damaged "
+                              "or altered); restore the file or write it again")
+    return _require_task(_model_file_config(metadata, path), task, path), _unflatten(flat)
+
+
+def stored_config(path: str | Path) -> Config:
+    """The config a training checkpoint directory or model file was written with, read without its weights."""
+    path = Path(path)
+    if path.is_dir():
+        return checkpoint_config(read_meta(path), path)
+    metadata, _ = _read_model_file(path, with_tensors=False)
+    return _model_file_config(metadata, path)
+
+
+def _read_model_file(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A file's safetensors metadata, checked to be an avflow model file's, and with_tensors its tensors."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (expected a step directory or a .safetensors model)")
     from safetensors import SafetensorError, safe_open
@@ -197,20 +218,17 @@ def load_inference_tensors(path: str | Path, task: str | None = None) -> tuple[C
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            flat = {name: handle.get_tensor(name) for name in handle.keys()}
+            flat = {name: handle.get_tensor(name) for name in handle.keys()} if with_tensors else {}
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path}: not an avflow checkpoint (neither a step directory nor a readable safetensors "
                          f"model: {error})") from error
     if metadata.get("format") != MODEL_FILE_FORMAT:
         raise ValueError(f"{path}: not an avflow model file (expected format '{MODEL_FILE_FORMAT}')")
-    recorded = metadata.get(MODEL_DIGEST_KEY)
-    if recorded is None:
-        log.warning("%s: written before model files recorded a digest; loading it unverified", path)
-    elif tensors_digest(flat, metadata) != recorded:
-        raise CheckpointError(f"{path}: tensors differ from the sha256 recorded when the file was written (damaged "
-                              "or altered); restore the file or write it again")
-    cfg = _require_task(checkpoint_config({"config": json.loads(metadata["config"])}, path), task, path)
-    return cfg, _unflatten(flat)
+    return metadata, flat
+
+
+def _model_file_config(metadata: dict[str, str], path: Path) -> Config:
+    return checkpoint_config({"config": json.loads(metadata["config"])}, path)
 
 
 def _require_task(cfg: Config, task: str | None, path: Path) -> Config:

@@ -6,13 +6,15 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from avflow.cli import main
 from avflow.config import load_config
 from avflow.data.features import interpolate_frames
-from avflow.evaluate.run import held_out_segments
+from avflow.evaluate.run import held_out_segments, model_config
 from avflow.infer.generate import generate_batch
 from avflow.infer.model import load_inference_model
+from avflow.model.io import load_inference_tensors
 from avflow.train.checkpoint import write_model_file
 
 TINY = ["corpus.train_segments=3", "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]",
@@ -149,3 +151,14 @@ def test_bad_inputs_fail_with_one_line(trained, tmp_path, capsys, case, message)
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (out / "report.json").exists()
+
+
+def test_a_models_config_is_read_with_the_loaders_format_check(tmp_path):
+    """evaluate reads each model's config before loading any; a file the loader would refuse is refused there."""
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(1)}, str(other), metadata={"format": "someone-elses", "config": "{}"})
+    for read in (model_config, load_inference_tensors):
+        with pytest.raises(ValueError, match=r"other.safetensors: not an avflow model file \(expected format"):
+            read(other)
