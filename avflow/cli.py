@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_import_published(args: argparse.Namespace) -> None:
-    from avflow.train.published import import_published
+    from avflow.model.published import import_published
 
     out = import_published(args.model, args.head_vae, args.headpose_stats, args.output, dyadic=args.dyadic)
     print(f"wrote {out}; use it with avflow generate --checkpoint {out}")

@@ -86,7 +86,7 @@ def test_released_weights_run_through_export_and_batch_inference(tmp_path):
     from helpers import write_published_release
 
     from avflow.cli import main
-    from avflow.train.published import import_published
+    from avflow.model.published import import_published
 
     write_published_release(tmp_path)
     imported = import_published(tmp_path / "model.pt", tmp_path / "head_vae.pt", tmp_path / "headpose_normstats",

@@ -9,7 +9,7 @@ from helpers import write_published_release as write_release
 
 from avflow.cli import main
 from avflow.infer.model import load_inference_model
-from avflow.train.published import import_published
+from avflow.model.published import import_published
 
 
 @pytest.mark.parametrize("dyadic", [False, True])
