@@ -261,11 +261,11 @@ def shutdown(info: DistInfo, *, synchronize: bool = True, timeout_s: float = 60.
     dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of a tensor over ranks (for logging losses); the value itself for a single process."""
-    if not info.is_distributed:
-        return value
-    averaged = value.detach().clone()
-    dist.all_reduce(averaged, op=dist.ReduceOp.SUM)
-    return averaged / info.world_size
+def reduce_over_ranks(values: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """`values` reduced in place over every rank, by "sum" or "min"; left as they are in a single process.
 
+    The one rank reduction of training (step metrics, validation losses): a mean over ranks is a reduced sum
+    divided by a reduced or known count, so every rank's share weighs by what it counted."""
+    if info.is_distributed:
+        dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN}[op])
+    return values

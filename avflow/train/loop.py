@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
@@ -24,7 +23,7 @@ from avflow.config import Config
 from avflow.model.avflow import count_parameters
 from avflow.model.io import checkpoint_config
 from avflow.train.checkpoint import CheckpointManager, RNGState, latest_checkpoint, require_same_model
-from avflow.train.distributed import DistInfo, init_distributed
+from avflow.train.distributed import DistInfo, init_distributed, reduce_over_ranks
 from avflow.train.metrics import MetricsLogger, StepMetrics
 from avflow.train.parallel import StateView, bf16_autocast, build_engine
 from avflow.train.tasks import VAL_SEED, build_task, resolved_config
@@ -108,7 +107,9 @@ class Trainer:
         self.train_batches = self.task.train_batches
         self.checkpoints = CheckpointManager(self.run_dir, self._states(), t.keep_checkpoints, t.checkpoint_every,
                                              t.steps, t.async_checkpoint, self._describe)
-        self.metrics = StepMetrics(self.task.loss_parts, self.device, self._sum_over_ranks, self._min_over_ranks)
+        self.metrics = StepMetrics(self.task.loss_parts, self.device,
+                                   lambda values: reduce_over_ranks(values, self.info),
+                                   lambda values: reduce_over_ranks(values, self.info, "min"))
         self.logger: MetricsLogger | None = None  # opened by fit
         if existing is not None:
             path = self.checkpoints.resume(
@@ -143,16 +144,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-
-    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        if self.info.is_distributed:
-            dist.all_reduce(values)
-        return values
-
-    def _min_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        if self.info.is_distributed:
-            dist.all_reduce(values, op=dist.ReduceOp.MIN)
-        return values
 
     def train_step(self, step: int) -> None:
         """One optimizer step over parallel.grad_accumulation micro-batches. Its metrics stay on the device in
@@ -206,7 +197,7 @@ class Trainer:
             count = self.task.frames(batch).sum()
             values = torch.stack([loss.detach(), *(parts[part].detach() for part in self.task.loss_parts)]).double()
             sums += torch.cat([values * count, count.double()[None]])
-        sums = self._sum_over_ranks(sums).tolist()
+        sums = reduce_over_ranks(sums, self.info).tolist()
         if sums[-1] == 0:
             return {}
         return {name: sums[i] / sums[-1] for i, name in enumerate(names)}

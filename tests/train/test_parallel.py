@@ -21,10 +21,10 @@ from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import ot_path
 from avflow.train.distributed import (
     DistInfo,
-    all_reduce_mean,
     expand_nodelist,
     init_distributed,
     read_launch_env,
+    reduce_over_ranks,
     shutdown,
 )
 from avflow.train.parallel import build_engine, parallelize
@@ -105,7 +105,7 @@ def train(engine, cfg: Config, info: DistInfo, batch: dict[str, torch.Tensor], s
                 engine.backward(loss)
             total += loss.detach() / accumulation
         grad_norms.append(float(engine.step()))
-        losses.append(all_reduce_mean(total, info).item())
+        losses.append(reduce_over_ranks(total, info).item() / info.world_size)
     return losses, grad_norms
 
 
@@ -148,7 +148,8 @@ def check_srun_rank() -> None:
     """One rank started with only SLURM variables (as srun would), no torchrun."""
     info = init_distributed(tiny_config())
     assert (info.is_distributed, info.world_size) == (True, WORLD_SIZE), info
-    assert all_reduce_mean(torch.tensor(float(info.rank)), info).item() == 0.5
+    assert reduce_over_ranks(torch.tensor(float(info.rank)), info).item() == 1.0  # ranks 0 + 1
+    assert reduce_over_ranks(torch.tensor(float(info.rank)), info, "min").item() == 0.0
     shutdown(info)
     shutdown(info)  # idempotent
 
