@@ -57,7 +57,7 @@ def build_model(network: str, device: torch.device, quick: bool, vocoder: str):
     model = InferenceModel(cfg, net, codec, HeadVAE(cfg.head_vae).to(device).eval(), torch.zeros(pose),
                            torch.ones(pose), device, dtype)
     if vocoder == "bigvgan":
-        from avflow.infer.vocoder import BigVGAN
+        from avflow.vocoder.bigvgan import BigVGAN
 
         model.vocoder = BigVGAN().to(device).eval().requires_grad_(False)
     parameters = sum(p.numel() for p in net.parameters())

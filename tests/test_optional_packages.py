@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The packages a bare GPU machine is promised to have (issue 19), as distributions.
 PRESENT = {"torch", "numpy", "scipy", "pyyaml", "safetensors", "tqdm", "tensorboard", "matplotlib"}
 GPU_PATH_MODULES = ["avflow.model.avflow", "avflow.model.flow", "avflow.infer.model", "avflow.infer.sampler",
-                    "avflow.infer.generate", "avflow.infer.vocoder", "avflow.train.loop", "avflow.train.parallel",
+                    "avflow.infer.generate", "avflow.vocoder.bigvgan", "avflow.vocoder.weights",
+                    "avflow.vocoder.vocode", "avflow.train.loop", "avflow.train.parallel",
                     "avflow.render", "avflow.render.video", "avflow.export.exporter"]
 BLOCKER = """
 import importlib.abc, sys

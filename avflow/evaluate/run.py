@@ -31,9 +31,10 @@ from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import InferenceModel, load_inference_model
-from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.model.io import checkpoint_config, read_meta
 from avflow.utils import atomic_path, hold_folder
+from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.vocode import vocode
 
 GROUND_TRUTH = "ground_truth"
 SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory

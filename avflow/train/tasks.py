@@ -21,7 +21,6 @@ from torch import nn
 
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
-from avflow.data.griffin_lim import mel_to_audio
 from avflow.data.loader import training_batches, validation_batches
 from avflow.data.phonemes import resolve_front_end
 from avflow.data.shard_index import iter_split_arrays
@@ -37,6 +36,7 @@ from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
 from avflow.train.distributed import DistInfo
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
+from avflow.vocoder.griffin_lim import mel_to_audio
 
 log = logging.getLogger(__name__)
 
