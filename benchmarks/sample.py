@@ -51,7 +51,6 @@ from typing import Callable
 import torch
 
 from avflow.config import Config, ModelConfig, load_config
-from avflow.data.text import text_to_token_logits
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
 from avflow.infer.sampler import GraphSampler, cuda_graphs_wanted
@@ -61,6 +60,7 @@ from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.sampling import FixedStepSampler, PreparedVelocity
 from avflow.model.state import StateCodec
 from avflow.runtime import fp32_matmul_precision
+from avflow.text.token_logits import text_to_token_logits
 from avflow.utils import atomic_path
 from avflow.vocoder.bigvgan import BigVGAN, BigVGANConfig
 

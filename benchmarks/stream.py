@@ -66,7 +66,7 @@ def build_model(network: str, device: torch.device, quick: bool, vocoder: str):
 
 def text_of(seconds: float, frame_rate: float) -> str:
     """Text whose rule-based timing lasts about `seconds`: SENTENCE's words, repeated."""
-    from avflow.data.text import text_to_token_logits
+    from avflow.text.token_logits import text_to_token_logits
 
     words = SENTENCE.split()
     per_word = text_to_token_logits(SENTENCE, frame_rate).shape[0] / frame_rate / len(words)

@@ -100,8 +100,8 @@ def test_a_feature_without_its_package_names_the_package_and_the_feature(tmp_pat
     code = f"""
 import json
 from avflow.data.features import load_wav, resample
-from avflow.data.phonemes import resolve_front_end
-from avflow.data.text import number_words
+from avflow.text.phonemes import resolve_front_end
+from avflow.text.normalize import number_words
 from avflow.optional import MissingPackageError
 messages = []
 for call in (lambda: load_wav({str(wav)!r}), lambda: resample([0.0, 1.0], 48000, 16000), lambda: number_words(7)):

@@ -22,7 +22,6 @@ from torch import nn
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
 from avflow.data.loader import training_batches, validation_batches
-from avflow.data.phonemes import resolve_front_end
 from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
@@ -32,6 +31,7 @@ from avflow.model.io import model_state_tensors
 from avflow.model.sampling import sample_sequence
 from avflow.render import CodecAvatar
 from avflow.render.plots import sample_figure
+from avflow.text.phonemes import resolve_front_end
 from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
 from avflow.train.distributed import DistInfo
 from avflow.train.metrics import training_flops_per_frame
