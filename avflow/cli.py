@@ -147,7 +147,7 @@ def _load_model(args: argparse.Namespace):
 
         model.text2tokens = load_text2tokens(args.text2tokens)
     if args.vocoder:
-        from avflow.infer.vocoder import load_bigvgan
+        from avflow.vocoder.weights import load_bigvgan
 
         model.vocoder = load_bigvgan(args.vocoder, model.device)
     return model
@@ -297,7 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     vocoder = None
     if args.vocoder:
-        from avflow.infer.vocoder import load_bigvgan
+        from avflow.vocoder.weights import load_bigvgan
 
         vocoder = load_bigvgan(args.vocoder)
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()] if args.metrics else None

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from avflow.config import Config, CorpusConfig
+from avflow.data.align_streams import align_segment
 from avflow.data.corpus import write_corpus
-from avflow.data.dataset import align_segment
 from avflow.data.layouts import read_segment_record
 from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.loader import assemble_batch, training_batches

@@ -51,18 +51,18 @@ from typing import Callable
 import torch
 
 from avflow.config import Config, ModelConfig, load_config
-from avflow.data.text import text_to_token_logits
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
 from avflow.infer.sampler import GraphSampler, cuda_graphs_wanted
-from avflow.infer.vocoder import BigVGAN, BigVGANConfig
 from avflow.model.avflow import AVFlowNet, count_parameters
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.sampling import FixedStepSampler, PreparedVelocity
 from avflow.model.state import StateCodec
 from avflow.runtime import fp32_matmul_precision
+from avflow.text.token_logits import text_to_token_logits
 from avflow.utils import atomic_path
+from avflow.vocoder.bigvgan import BigVGAN, BigVGANConfig
 
 # The published code on one H200 (docs/performance.md): 3 x 1725 frames x 16 NFE, fp32 eager, 3 sequential
 # samples. One sample of that run is a third of it.

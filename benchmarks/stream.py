@@ -57,7 +57,7 @@ def build_model(network: str, device: torch.device, quick: bool, vocoder: str):
     model = InferenceModel(cfg, net, codec, HeadVAE(cfg.head_vae).to(device).eval(), torch.zeros(pose),
                            torch.ones(pose), device, dtype)
     if vocoder == "bigvgan":
-        from avflow.infer.vocoder import BigVGAN
+        from avflow.vocoder.bigvgan import BigVGAN
 
         model.vocoder = BigVGAN().to(device).eval().requires_grad_(False)
     parameters = sum(p.numel() for p in net.parameters())
@@ -66,7 +66,7 @@ def build_model(network: str, device: torch.device, quick: bool, vocoder: str):
 
 def text_of(seconds: float, frame_rate: float) -> str:
     """Text whose rule-based timing lasts about `seconds`: SENTENCE's words, repeated."""
-    from avflow.data.text import text_to_token_logits
+    from avflow.text.token_logits import text_to_token_logits
 
     words = SENTENCE.split()
     per_word = text_to_token_logits(SENTENCE, frame_rate).shape[0] / frame_rate / len(words)

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 from avflow.config import load_config
-from avflow.data.alignment import character_error_rate, greedy_transcript
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.shard_index import iter_split_arrays
 from avflow.data.shards import pack
-from avflow.data.text import normalize_text
 from avflow.infer.text2tokens import load_text2tokens
+from avflow.text.normalize import normalize_text
+from avflow.text.transcripts import character_error_rate, greedy_transcript
 from avflow.train.loop import Trainer
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "text2tokens_demo.yaml"

@@ -7,15 +7,26 @@ import torch
 import torch.nn.functional as F
 
 from avflow.config import HeadVAEConfig, ModelConfig, load_config
-from avflow.data.tokens import TOKEN_LABELS
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import model_state_tensors, write_model_file
 from avflow.model.state import StateCodec
+from avflow.text.token_labels import LABEL_INDEX, TOKEN_LABELS
 
 # The published wav2vec2 character vocabulary: <pad> (the CTC blank), 3 specials, then the 28 labels in order.
 PUBLISHED_VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3,
                    **{label: 4 + i for i, label in enumerate(TOKEN_LABELS[1:])}}
+
+
+def frame_log_probs(rows: list[dict[str, float]]) -> np.ndarray:
+    """(T, 29) log-probabilities: each row gives some labels' probabilities, the rest share what is left."""
+    probs = np.zeros((len(rows), len(TOKEN_LABELS)))
+    for t, row in enumerate(rows):
+        rest = (1.0 - sum(row.values())) / (len(TOKEN_LABELS) - len(row))
+        probs[t] = rest
+        for label, p in row.items():
+            probs[t, LABEL_INDEX[label]] = p
+    return np.log(probs)
 
 
 def packed_tiny_corpus(root, overrides: list[str]) -> list[str]:

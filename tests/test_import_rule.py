@@ -10,16 +10,19 @@ BOTTOM = {"config", "runtime", "utils", "optional"}
 # stage -> the stages it may import, as the README's layout section states them
 ALLOWED = {
     "config": BOTTOM, "runtime": BOTTOM, "utils": BOTTOM, "optional": BOTTOM,
-    "data": BOTTOM,
-    "model": BOTTOM | {"data"},
-    "render": BOTTOM | {"data", "model"},
-    "infer": BOTTOM | {"data", "model", "render"},
-    "export": BOTTOM | {"data", "model", "render", "infer"},
+    "text": BOTTOM,
+    "data": BOTTOM | {"text"},
+    # the network and the vocoders are siblings: neither imports the other
+    "model": BOTTOM | {"text", "data"},
+    "vocoder": BOTTOM | {"text", "data"},
+    "render": BOTTOM | {"text", "data", "model", "vocoder"},
+    "infer": BOTTOM | {"text", "data", "model", "vocoder", "render"},
+    "export": BOTTOM | {"text", "data", "model", "vocoder", "render", "infer"},
     # training's validation renders the avatar clip and uses the pure metric functions
-    "train": BOTTOM | {"data", "model", "render", "evaluate.metrics"},
-    "evaluate": BOTTOM | {"data", "model", "render", "infer", "export"},
-    "demo": BOTTOM | {"data", "model", "render", "infer", "export", "train", "evaluate"},
-    "cli": BOTTOM | {"data", "model", "render", "infer", "export", "train", "evaluate", "demo"},
+    "train": BOTTOM | {"text", "data", "model", "vocoder", "render", "evaluate.metrics"},
+    "evaluate": BOTTOM | {"text", "data", "model", "vocoder", "render", "infer", "export"},
+    "demo": BOTTOM | {"text", "data", "model", "vocoder", "render", "infer", "export", "train", "evaluate"},
+    "cli": BOTTOM | {"text", "data", "model", "vocoder", "render", "infer", "export", "train", "evaluate", "demo"},
 }
 PACKAGE = Path(avflow.__file__).parent
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The packages a bare GPU machine is promised to have (issue 19), as distributions.
 PRESENT = {"torch", "numpy", "scipy", "pyyaml", "safetensors", "tqdm", "tensorboard", "matplotlib"}
 GPU_PATH_MODULES = ["avflow.model.avflow", "avflow.model.flow", "avflow.infer.model", "avflow.infer.sampler",
-                    "avflow.infer.generate", "avflow.infer.vocoder", "avflow.train.loop", "avflow.train.parallel",
+                    "avflow.infer.generate", "avflow.vocoder.bigvgan", "avflow.vocoder.weights",
+                    "avflow.vocoder.vocode", "avflow.train.loop", "avflow.train.parallel",
                     "avflow.render", "avflow.render.video", "avflow.export.exporter"]
 BLOCKER = """
 import importlib.abc, sys
@@ -99,8 +100,8 @@ def test_a_feature_without_its_package_names_the_package_and_the_feature(tmp_pat
     code = f"""
 import json
 from avflow.data.features import load_wav, resample
-from avflow.data.phonemes import resolve_front_end
-from avflow.data.text import number_words
+from avflow.text.phonemes import resolve_front_end
+from avflow.text.normalize import number_words
 from avflow.optional import MissingPackageError
 messages = []
 for call in (lambda: load_wav({str(wav)!r}), lambda: resample([0.0, 1.0], 48000, 16000), lambda: number_words(7)):

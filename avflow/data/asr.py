@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from avflow.data.features import audio_info, load_wav, resample
 from avflow.data.layouts import layout_named
-from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
+from avflow.text.token_labels import HF_VOCAB_COLUMNS, TOKEN_LABELS
 from avflow.utils import atomic_path
 
 ASR_SAMPLE_RATE = 16000

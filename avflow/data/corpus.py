@@ -25,7 +25,7 @@ from scipy.signal import butter, lfilter, sosfilt
 from avflow.config import CorpusConfig
 from avflow.data.features import save_wav
 from avflow.data.layouts.fifty_h import EXPRESSION_DIM, stream_paths
-from avflow.data.text import blank_token_logits, seconds_to_frames, symbol_seconds, token_logits_from_durations
+from avflow.text.token_logits import blank_token_logits, seconds_to_frames, symbol_seconds, token_logits_from_durations
 from avflow.utils import atomic_path
 
 SAMPLE_RATE = 48000

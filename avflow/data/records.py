@@ -12,7 +12,7 @@ class SegmentRecord:
     """One recording as read from disk, before alignment to the mel clock.
 
     Readers convert layout-specific encodings (rigid transforms, body-pose joints) into `head_pose`, so
-    alignment (avflow.data.dataset.align_segment) treats every layout alike.
+    alignment (avflow.data.align_streams.align_segment) treats every layout alike.
     """
 
     name: str

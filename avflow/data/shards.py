@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from avflow.config import Config, DataConfig, MelConfig
-from avflow.data.dataset import AlignedSegment, align_segment
+from avflow.data.align_streams import AlignedSegment, align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
 from avflow.utils import atomic_path, file_sha256, hold_folder, reporting_disk_errors
 

@@ -22,7 +22,6 @@ import torch
 from tqdm import tqdm
 
 from avflow.config import Config, SampleConfig
-from avflow.data.alignment import edit_distance, greedy_transcript
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import resample
 from avflow.data.shard_index import BadSampleCounter, open_split, read_or_record_bad, scan_shard
@@ -31,9 +30,11 @@ from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import InferenceModel, load_inference_model
-from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.model.io import stored_config
+from avflow.text.transcripts import edit_distance, greedy_transcript
 from avflow.utils import atomic_path, hold_folder
+from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.vocode import vocode
 
 GROUND_TRUTH = "ground_truth"
 SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory

@@ -23,7 +23,6 @@ import torch
 
 import avflow
 from avflow.config import Config
-from avflow.data.tokens import TOKEN_LABELS
 from avflow.infer.artifacts import (
     AOTI_FILE,
     AVATAR_FILE,
@@ -41,13 +40,14 @@ from avflow.infer.artifacts import (
     load_compiled_sampler,
     read_export_meta,
 )
-from avflow.infer.vocoder import load_bigvgan, save_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.io import load_inference_tensors, write_model_file
 from avflow.model.sampling import FixedStepSampler, guided
 from avflow.render import CodecAvatar, load_face_decoder
 from avflow.runtime import DTYPES, pick_device
+from avflow.text.token_labels import TOKEN_LABELS
 from avflow.utils import reporting_disk_errors
+from avflow.vocoder.weights import load_bigvgan, save_vocoder_file
 
 log = logging.getLogger(__name__)
 

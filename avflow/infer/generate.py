@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from avflow.config import SampleConfig
-from avflow.data.tokens import TOKEN_LABELS
 from avflow.infer.model import InferenceModel
 from avflow.model.head_vae import decode_latents
 from avflow.model.sampling import sample_sequences, sequence_noise
+from avflow.text.token_labels import TOKEN_LABELS
 
 
 @dataclass

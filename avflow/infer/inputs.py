@@ -11,9 +11,9 @@ import numpy as np
 from avflow.config import Config
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import audio_seconds, interpolate_frames, load_wav, resample
-from avflow.data.text import text_to_token_logits
-from avflow.data.tokens import TOKEN_LABELS
 from avflow.infer.model import InferenceModel
+from avflow.text.token_labels import TOKEN_LABELS
+from avflow.text.token_logits import text_to_token_logits
 from avflow.utils import load_numeric_array
 
 # Speech rarely exceeds ~20 characters per second; text longer than this many characters per second of

@@ -22,7 +22,6 @@ from avflow.infer.artifacts import (
     read_export_meta,
 )
 from avflow.infer.sampler import GraphSampler
-from avflow.infer.vocoder import BigVGAN, load_vocoder_file
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
@@ -35,6 +34,8 @@ from avflow.model.sampling import (
 )
 from avflow.model.state import StateCodec
 from avflow.runtime import DTYPES, pick_device
+from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.weights import load_vocoder_file
 
 if TYPE_CHECKING:  # rendering is loaded only for a model that renders (benchmarks run without its packages)
     from avflow.render import CodecAvatar, FaceDecoder

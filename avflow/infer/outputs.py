@@ -13,11 +13,12 @@ import torch
 
 from avflow.config import Config
 from avflow.data.features import interpolate_frames, pose7_to_rigid, save_wav
-from avflow.data.plots import sample_figure
 from avflow.infer.generate import Generated
-from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.render import Camera, CodecAvatar, FaceDecoder, render_mesh, side_by_side, write_video
+from avflow.render.plots import sample_figure
 from avflow.utils import atomic_path
+from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.vocode import vocode
 
 VISUAL_OUTPUT_FPS = 30.0  # renderers and the capture rate of the published data
 

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from avflow.config import MelConfig, SampleConfig
-from avflow.infer.vocoder import BigVGAN, vocode
 from avflow.model.head_vae import decode_latents
 from avflow.model.sampling import NoiseStream, StreamSampler, WindowPlan, bucket_for, sample_windows
+from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.vocode import vocode
 
 if TYPE_CHECKING:
     from avflow.infer.model import InferenceModel
@@ -121,7 +122,7 @@ class ChunkVocoder:
         hi = final if edge and target == final else min(final, target + self.context)
         chunk = torch.from_numpy(np.ascontiguousarray(mel[lo:hi]))
         if self.vocoder is None:
-            from avflow.data.griffin_lim import mel_to_audio
+            from avflow.vocoder.griffin_lim import mel_to_audio
 
             prefix = torch.from_numpy(self.history[self.history.size - (self.done - lo) * self.hop:])
             audio = mel_to_audio(chunk.T, self.cfg, prefix=prefix if prefix.numel() else None).numpy()

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from avflow.config import Config
-from avflow.data.alignment import character_error_rate, greedy_transcript
-from avflow.data.phonemes import SILENCE, WORD_GAP, build_front_end, front_end_symbols, sequence_symbols
-from avflow.data.text import LONG_PAUSE, SHORT_PAUSE, normalize_text, speech_words, split_sentences
 from avflow.model.io import load_inference_tensors
 from avflow.model.text2tokens import TextToTokensNet, generate_tokens
+from avflow.text.normalize import LONG_PAUSE, SHORT_PAUSE, normalize_text, speech_words, split_sentences
+from avflow.text.phonemes import SILENCE, WORD_GAP, build_front_end, front_end_symbols, sequence_symbols
+from avflow.text.transcripts import character_error_rate, greedy_transcript
 
 
 class TextToTokens:

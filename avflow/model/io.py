@@ -29,11 +29,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from avflow.config import Config, HeadVAEConfig, config_from_dict
-from avflow.data.phonemes import front_end_symbols
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
 from avflow.model.state import StateCodec
 from avflow.model.text2tokens import TextToTokensNet
+from avflow.text.phonemes import front_end_symbols
 from avflow.utils import atomic_path, file_sha256, load_torch
 
 log = logging.getLogger(__name__)

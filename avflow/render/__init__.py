@@ -5,6 +5,7 @@ procedural.py   the demo's procedural head and user TorchScript mesh decoders
 codec_avatar.py the released 50h subject's Codec Avatar (face decoder, mesh, camera)
 obj.py          Wavefront OBJ meshes
 video.py        .mp4 writing with the audio muxed in
+plots.py        figures of a sample (mel, mouth controls, head pose) for generate and training
 """
 
 from avflow.render.codec_avatar import AvatarError, CodecAvatar

@@ -21,10 +21,7 @@ from torch import nn
 
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
-from avflow.data.griffin_lim import mel_to_audio
 from avflow.data.loader import training_batches, validation_batches
-from avflow.data.phonemes import resolve_front_end
-from avflow.data.plots import sample_figure
 from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
@@ -33,10 +30,13 @@ from avflow.model.head_vae import decode_latents
 from avflow.model.io import model_state_tensors
 from avflow.model.sampling import sample_sequence
 from avflow.render import CodecAvatar
+from avflow.render.plots import sample_figure
+from avflow.text.phonemes import resolve_front_end
 from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
 from avflow.train.distributed import DistInfo
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
+from avflow.vocoder.griffin_lim import mel_to_audio
 
 log = logging.getLogger(__name__)
 

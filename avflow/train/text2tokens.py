@@ -1,7 +1,7 @@
 """Training the text-to-tokens model from the packed shards alone: examples, batches, loss, the task.
 
 Every segment's transcript is the greedy CTC decoding of its own actor tokens and its per-symbol
-durations come from forced alignment (avflow.data.alignment), so no external transcript is needed.
+durations come from forced alignment (avflow.text.alignment), so no external transcript is needed.
 Examples are prepared once per process (a pass over the token stream of the shards); the batch stream
 is a pure function of (trainer.seed, rank, step), so a resumed run draws exactly the batches an
 uninterrupted one would.
@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from avflow.config import Config
-from avflow.data.alignment import align_characters, align_phonemes, character_error_rate, greedy_transcript
-from avflow.data.phonemes import build_front_end, front_end_symbols
 from avflow.data.shard_index import iter_split_arrays
 from avflow.model.flow import ot_path
 from avflow.model.text2tokens import TextToTokensNet, generate_tokens
+from avflow.text.alignment import align_characters, align_phonemes
+from avflow.text.phonemes import build_front_end, front_end_symbols
+from avflow.text.transcripts import character_error_rate, greedy_transcript
 from avflow.train.distributed import DistInfo
 
 log = logging.getLogger(__name__)

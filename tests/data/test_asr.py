@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from avflow.data.asr import CTCTokenizer, label_columns
-from avflow.data.tokens import HF_VOCAB_COLUMNS, TOKEN_LABELS
+from avflow.text.token_labels import HF_VOCAB_COLUMNS, TOKEN_LABELS
 
 transformers = pytest.importorskip("transformers")
 

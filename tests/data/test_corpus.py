@@ -9,8 +9,8 @@ import soundfile
 
 from avflow.config import CorpusConfig
 from avflow.data.corpus import MOUTH_CONTROLS, ground_truth_mouth_controls, write_corpus
-from avflow.data.text import normalize_text
-from avflow.data.tokens import TOKEN_LABELS
+from avflow.text.normalize import normalize_text
+from avflow.text.token_labels import TOKEN_LABELS
 
 TINY = CorpusConfig(train_segments=3, val_segments=1, seed=0, words_per_segment=[8, 9])
 TOKEN_DIR = "wav2vec2_fairseq_base_ls960_asr_ls960_vad100"

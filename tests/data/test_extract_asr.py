@@ -9,7 +9,7 @@ from avflow.config import DataConfig
 from avflow.data.asr import CTCTokenizer, extract_directory, recordings
 from avflow.data.features import resample
 from avflow.data.layouts.a2p import read_record
-from avflow.data.tokens import HF_VOCAB_COLUMNS
+from avflow.text.token_labels import HF_VOCAB_COLUMNS
 
 transformers = pytest.importorskip("transformers")
 

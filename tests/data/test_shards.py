@@ -12,8 +12,8 @@ import webdataset
 
 from avflow.config import Config, CorpusConfig, DataConfig
 from avflow.data import shards
+from avflow.data.align_streams import align_segment
 from avflow.data.corpus import write_corpus
-from avflow.data.dataset import align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
 from avflow.data.layouts.fifty_h import SMIRK_DIR, stream_paths
 from avflow.data.shards import chunk_bounds, iter_shard_samples, load_manifest, pack, verify

@@ -14,12 +14,13 @@ from helpers import tiny_model_file
 from avflow.cli import main
 from avflow.config import MelConfig
 from avflow.data.features import interpolate_frames, log_mel
-from avflow.data.griffin_lim import mel_to_audio
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
 from avflow.infer.stream import BIGVGAN_CONTEXT_FRAMES, ChunkVocoder, Piece, Stream
 from avflow.infer.stream_writer import StreamWriter
-from avflow.infer.vocoder import BigVGAN, BigVGANConfig, vocode
+from avflow.vocoder.bigvgan import BigVGAN, BigVGANConfig
+from avflow.vocoder.griffin_lim import mel_to_audio
+from avflow.vocoder.vocode import vocode
 
 WINDOWS = ["sample.max_frames=80", "sample.window_overlap=12"]
 

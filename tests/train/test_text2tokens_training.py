@@ -10,10 +10,10 @@ import yaml
 from helpers import check_resume_matches_uninterrupted
 
 from avflow.config import load_config
-from avflow.data.alignment import greedy_transcript
 from avflow.data.layouts.fifty_h import is_validation
-from avflow.data.text import normalize_text
 from avflow.infer.text2tokens import load_text2tokens
+from avflow.text.normalize import normalize_text
+from avflow.text.transcripts import greedy_transcript
 from avflow.train.checkpoint import consolidate
 from avflow.train.loop import Trainer
 from avflow.train.text2tokens import prepare_examples
@@ -87,7 +87,7 @@ def test_consolidated_file_and_step_directory_generate_the_same(trained):
 
 def predicted_frames(model, text):
     """Predicted frames per input symbol at rate 1, straight from the network."""
-    from avflow.data.phonemes import sequence_symbols
+    from avflow.text.phonemes import sequence_symbols
 
     words = normalize_text(text).split()
     symbols, _ = sequence_symbols(model.front_end.word_symbols(words))

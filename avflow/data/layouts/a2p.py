@@ -32,7 +32,7 @@ from avflow.data.layouts.fifty_h import (
 )
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
-from avflow.data.tokens import TOKEN_LABELS
+from avflow.text.token_labels import TOKEN_LABELS
 
 SAMPLE_RATE = 48000
 SAMPLES_PER_FRAME = 1600  # 48 kHz audio / 30 fps pose

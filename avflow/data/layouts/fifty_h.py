@@ -23,7 +23,7 @@ from avflow.config import DataConfig
 from avflow.data.features import load_wav, rigid_to_pose7
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
-from avflow.data.tokens import TOKEN_LABELS
+from avflow.text.token_labels import TOKEN_LABELS
 from avflow.utils import load_numeric_array
 
 EXPRESSION_DIM = 256

@@ -8,7 +8,7 @@ import torch
 
 from avflow.config import MelConfig
 from avflow.data.features import log_mel
-from avflow.data.griffin_lim import mel_to_audio
+from avflow.vocoder.griffin_lim import mel_to_audio
 
 CFG = MelConfig()
 SR = CFG.sample_rate

@@ -1,36 +1,23 @@
-"""Transcripts and durations from CTC token logits: Viterbi forced alignment, MAS, character/phoneme spans."""
+"""Durations from CTC token logits: Viterbi forced alignment, MAS, character/phoneme spans."""
 
 import itertools
 
 import numpy as np
 import pytest
+from helpers import frame_log_probs
 
-from avflow.data.alignment import (
+from avflow.text.alignment import (
     CharacterAlignment,
     align_characters,
     align_phonemes,
-    character_error_rate,
     ctc_forced_align,
-    edit_distance,
-    greedy_transcript,
     monotonic_alignment_search,
 )
-from avflow.data.phonemes import SILENCE, WORD_GAP
-from avflow.data.text import char_durations, token_logits_from_durations
-from avflow.data.tokens import LABEL_INDEX, TOKEN_LABELS
+from avflow.text.phonemes import SILENCE, WORD_GAP
+from avflow.text.token_labels import LABEL_INDEX, TOKEN_LABELS
+from avflow.text.token_logits import char_durations, token_logits_from_durations
 
 BLANK = "-"
-
-
-def frame_log_probs(rows: list[dict[str, float]]) -> np.ndarray:
-    """(T, 29) log-probabilities: each row gives some labels' probabilities, the rest share what is left."""
-    probs = np.zeros((len(rows), len(TOKEN_LABELS)))
-    for t, row in enumerate(rows):
-        rest = (1.0 - sum(row.values())) / (len(TOKEN_LABELS) - len(row))
-        probs[t] = rest
-        for label, p in row.items():
-            probs[t, LABEL_INDEX[label]] = p
-    return np.log(probs)
 
 
 def test_forced_alignment_follows_the_clear_frames():
@@ -124,10 +111,3 @@ def test_phonemes_share_a_word_by_their_own_token_patterns():
 def test_a_word_with_more_phonemes_than_frames_is_left_out():
     chars = CharacterAlignment(["AB"], [SILENCE, "A", "B", SILENCE], np.array([1, 1, 1, 1]))
     assert align_phonemes([(chars, np.zeros((4, 29), dtype=np.float32))], [[["x", "y", "z"]]]) == [None]
-
-
-def test_greedy_transcript_and_character_error_rate():
-    rows = [{"|": 0.9}, {"H": 0.9}, {"I": 0.9}, {"I": 0.9}, {"|": 0.9}, {"|": 0.9}, {BLANK: 0.9}, {"Y": 0.9}]
-    assert greedy_transcript(frame_log_probs(rows)) == "HI Y"
-    assert edit_distance("HELO", "HELLO") == 1 and edit_distance("", "AB") == 2
-    assert character_error_rate(["HELO", "AB"], ["HELLO", "AB"]) == pytest.approx(1 / 7)

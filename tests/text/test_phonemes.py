@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from avflow.data.phonemes import (
+from avflow.text.phonemes import (
     IPA_SYMBOLS,
     SILENCE,
     WORD_GAP,

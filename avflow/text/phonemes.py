@@ -74,7 +74,7 @@ class PhonemeFrontEnd:
         unknown = sorted({char for word in phonemes for char in word if char not in IPA_SYMBOLS})
         if unknown:
             raise ValueError(f"espeak-ng produced phoneme symbols {', '.join(map(repr, unknown))} outside the "
-                             f"inventory of avflow.data.phonemes.IPA_SYMBOLS (words {words})")
+                             f"inventory of avflow.text.phonemes.IPA_SYMBOLS (words {words})")
         return [list(word) for word in phonemes]
 
     def _phonemize(self, words: list[str]) -> list[str]:

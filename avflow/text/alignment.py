@@ -1,7 +1,7 @@
-"""Transcripts and per-symbol durations from frame-level CTC token logits, with no external transcript.
+"""Per-symbol durations from a segment's own frame-level CTC token logits, with no external transcript.
 
-A segment's transcript is the greedy CTC decoding of its own actor tokens (argmax per frame, merge
-repeats, drop blanks). Its letters are then placed in time by a forced alignment: the Viterbi path of
+A segment's transcript is the greedy CTC decoding of its own actor tokens (`avflow.text.transcripts`: argmax
+per frame, merge repeats, drop blanks). Its letters are then placed in time by a forced alignment: the Viterbi path of
 that label sequence through the CTC logits. A symbol's span starts where its label is first emitted and
 runs to the next symbol's start, so each letter owns its emission and the blanks after it; silences and
 word gaps own the frames from their '|' (or, when the model emitted none, from the end of the previous
@@ -16,45 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from avflow.data.phonemes import SILENCE, WORD_GAP, sequence_symbols
-from avflow.data.tokens import BLANK, TOKEN_LABELS, WORD_DELIMITER
 from avflow.optional import require
+from avflow.text.phonemes import SILENCE, WORD_GAP, sequence_symbols
+from avflow.text.token_labels import BLANK, WORD_DELIMITER
+from avflow.text.transcripts import greedy_labels, labels_to_text
 
 MAS_ITERATIONS = 3  # re-estimations of the phoneme means; the alignment barely moves after the second
-
-
-def greedy_labels(log_probs: np.ndarray) -> list[int]:
-    """Label ids of the greedy CTC decoding: argmax per frame, repeats merged, blanks dropped."""
-    best = np.asarray(log_probs).argmax(axis=-1)
-    keep = np.ones(best.shape[0], dtype=bool)
-    keep[1:] = best[1:] != best[:-1]
-    return [int(label) for label in best[keep] if label != BLANK]
-
-
-def labels_to_text(labels: list[int]) -> str:
-    """Uppercase words separated by single spaces ('|' and blanks are word breaks)."""
-    return " ".join("".join(TOKEN_LABELS[label] if label != WORD_DELIMITER else " " for label in labels
-                            if label != BLANK).split())
-
-
-def greedy_transcript(log_probs: np.ndarray) -> str:
-    return labels_to_text(greedy_labels(log_probs))
-
-
-def edit_distance(hypothesis: str, reference: str) -> int:
-    previous = list(range(len(reference) + 1))
-    for i, h in enumerate(hypothesis, 1):
-        current = [i]
-        for j, r in enumerate(reference, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (h != r)))
-        previous = current
-    return previous[-1]
-
-
-def character_error_rate(hypotheses: list[str], references: list[str]) -> float:
-    """Character edits (spaces included) over reference characters, summed over all pairs."""
-    edits = sum(edit_distance(h, r) for h, r in zip(hypotheses, references, strict=True))
-    return edits / max(1, sum(len(r) for r in references))
 
 
 def ctc_forced_align(log_probs: np.ndarray, targets: list[int]) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from avflow.config import MelConfig
-from avflow.data.dataset import align_segment
+from avflow.data.align_streams import align_segment
 from avflow.data.features import log_mel, resample, rigid_to_pose7
 from avflow.data.records import SegmentRecord
 

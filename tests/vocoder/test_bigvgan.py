@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from avflow.config import MelConfig
-from avflow.infer.vocoder import BigVGAN, BigVGANConfig, fold_weight_norm, load_bigvgan, vocode
+from avflow.vocoder.bigvgan import BigVGAN, BigVGANConfig
+from avflow.vocoder.vocode import vocode
+from avflow.vocoder.weights import fold_weight_norm, load_bigvgan
 
 # The base 22 kHz 80-band structure with narrow channels (32 -> 16 -> 8 -> 4 -> 2).
 TINY = BigVGANConfig(upsample_initial_channel=32)
@@ -116,7 +118,7 @@ def test_anti_aliasing_filters_run_as_one_grouped_convolution_per_resampler(monk
     and equals filtering every channel on its own."""
     import torch.nn.functional as F
 
-    from avflow.infer.vocoder import Downsample2x, Upsample2x
+    from avflow.vocoder.bigvgan import Downsample2x, Upsample2x
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 40)
