@@ -180,6 +180,10 @@ BAD_LINES = {  # case: (how line 2 is written, the error's text after "MANIFEST:
     "head pose shape": (lambda line, tmp, frames: {**line, "head_pose": bad_array(tmp, "p.npy", np.zeros((frames, 3)))},
                         r"head_pose: .*p\.npy: expected \(N, 4, 4\) or \(N, 3, 4\) rigid transforms, .* got shape "
                         r"\({frames}, 3\)"),
+    "quaternion not unit": (lambda line, tmp, frames: {**line, "head_pose": bad_array(
+                                tmp, "q.npy", np.tile([2.0, 0, 0, 0, 1, 2, 3], (frames, 1)))},
+                            r"head_pose: .*q\.npy: frame 0 has a quaternion of length 2\.0000; expected unit "
+                            r"quaternions \[w, x, y, z\] in columns 0-3"),
     "token width": (lambda line, tmp, frames: {**line, "tokens": bad_array(tmp, "t.npy", np.zeros((frames, 30)))},
                     r"tokens: .*t\.npy: expected token logits \(M, 29\) or \(channels, M, 29\) .* got shape "
                     r"\(1, {frames}, 30\)"),
