@@ -1,7 +1,7 @@
 """Reader of a manifest: a JSONL file, one JSON object per recording, for capture data laid out any other way.
 
 Each line names a recording's files and what they are (format, fields and an example: shards/README.md,
-"The manifest layout"):
+"Your own capture data: the manifest layout"):
   {"segment": "anna_take01", "audio": "anna/take01.wav", "expression": "anna/take01_codes.npy",
    "head_pose": "anna/take01_pose.npy", "identity": "anna", "split": "train"}
 Paths are relative to the manifest's folder unless absolute. Streams are kept at their native rates
@@ -152,11 +152,21 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestLine]:
 
     Raises one error for a manifest that cannot be used at all: missing, empty, or without a train line.
     """
+    return _read_manifest_cached(*_version(path))
+
+
+def lines_by_key(path: str | os.PathLike) -> dict[str, ManifestLine]:
+    """The manifest's lines by segment key (see ManifestLine.key)."""
+    return _lines_by_key_cached(*_version(path))
+
+
+def _version(path: str | os.PathLike) -> tuple[Path, int, int]:
+    """(absolute path, mtime, size): what the parsed manifest is cached under, so an edited file is reread."""
     path = Path(os.path.abspath(path))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest (expected a JSONL file, one JSON object per recording)")
     stat = path.stat()
-    return _read_manifest_cached(path, stat.st_mtime_ns, stat.st_size)
+    return path, stat.st_mtime_ns, stat.st_size
 
 
 @functools.lru_cache(maxsize=4)
@@ -176,8 +186,9 @@ def _read_manifest_cached(path: Path, mtime_ns: int, size: int) -> list[Manifest
     return _with_duplicates_marked(lines)
 
 
-def lines_by_key(path: str | os.PathLike) -> dict[str, ManifestLine]:
-    return {line.key: line for line in read_manifest(path)}
+@functools.lru_cache(maxsize=4)
+def _lines_by_key_cached(path: Path, mtime_ns: int, size: int) -> dict[str, ManifestLine]:
+    return {line.key: line for line in _read_manifest_cached(path, mtime_ns, size)}
 
 
 def list_segments(cfg: DataConfig) -> list[str]:
@@ -218,9 +229,9 @@ def _pose_width(shape: tuple[int, ...]) -> int | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _first_pose_width(manifest: Path, mtime_ns: int) -> tuple[int, int] | None:
+def _first_pose_width(manifest: Path, mtime_ns: int, size: int) -> tuple[int, int] | None:
     """(line number, head-pose width) of the first well-formed line whose pose file has a usable shape."""
-    for line in read_manifest(manifest):
+    for line in _read_manifest_cached(manifest, mtime_ns, size):
         if line.problem:
             continue
         try:
@@ -253,7 +264,7 @@ def _head_pose(line: ManifestLine, canonical_sign: bool) -> np.ndarray:
     if width is None or pose.shape[0] == 0:
         raise line.error("head_pose", f"{line.path('head_pose')}: expected {HEAD_POSE_SHAPES} with at least one "
                                       f"frame, got shape {pose.shape}")
-    first = _first_pose_width(line.manifest, line.manifest.stat().st_mtime_ns)
+    first = _first_pose_width(*_version(line.manifest))
     if first is not None and first[1] != width:
         raise line.error("head_pose", f"{line.path('head_pose')}: a {width}-d head pose (shape {pose.shape}); "
                                       f"expected {first[1]}-d like line {first[0]}: one manifest packs one kind "
