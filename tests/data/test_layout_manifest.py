@@ -267,6 +267,13 @@ def test_an_unusable_manifest_is_one_error(corpus, manifest, tmp_path, capsys, l
     assert error.count("\n") == 1 and re.search(expected, error), error
 
 
+def test_a_bad_line_without_a_split_is_reported_as_itself_not_as_a_missing_train_line(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"segment": "a", "split": "val"}, {"segment": "b"}])
+    assert list_segment_names(config(manifest)) == ["a", "b"]
+    with pytest.raises(ValueError, match=rf"^{manifest}:2: audio, expression, head_pose, identity, split: missing; "):
+        read_segment_record(config(manifest), "b")
+
+
 def test_the_data_root_must_be_the_manifest_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^data.root: expected the manifest's JSONL file for "
                                           rf"data.layout=manifest, got '{tmp_path}' \(a folder\)$"):

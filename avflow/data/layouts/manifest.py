@@ -181,7 +181,9 @@ def _read_manifest_cached(path: Path, mtime_ns: int, size: int) -> list[Manifest
              if line.strip()]
     if not lines:
         raise ValueError(f"{path}: no recordings; expected one JSON object per line")
-    if not any(line.fields.get("split") == "train" for line in lines):
+    # a bad line that names no valid split may be meant for train: its own error says more than this one
+    if not any(line.fields.get("split") == "train" or (line.problem and line.fields.get("split") != "val")
+               for line in lines):
         raise ValueError(f"{path}: no line has \"split\": \"train\"; expected at least one training recording")
     return _with_duplicates_marked(lines)
 
