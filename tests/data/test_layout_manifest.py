@@ -15,6 +15,7 @@ import soundfile
 
 from avflow.cli import main
 from avflow.config import ConfigError, CorpusConfig, DataConfig
+from avflow.data.asr import CTCTokenizer
 from avflow.data.corpus import write_corpus
 from avflow.data.features import resample, rigid_to_pose7
 from avflow.data.layouts import list_segment_names, read_segment_record
@@ -281,9 +282,6 @@ def test_the_data_root_must_be_the_manifest_file(tmp_path):
 
 
 def test_extract_asr_fills_the_missing_token_files_and_keeps_existing_ones(corpus, tmp_path, tiny_wav2vec2, capsys):
-    pytest.importorskip("transformers")
-    from avflow.data.asr import CTCTokenizer
-
     root, names = corpus
     folder = tmp_path / "capture"
     given = np.load(stream_paths(root, names[2])["tokens"])[0]  # the user's own (M, 29) logits
