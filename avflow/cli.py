@@ -373,7 +373,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
     with_config(sub)
     sub.add_argument("--layout", choices=layout_choices(), help=f"{layout_help()} (default: data.layout)")
-    sub.add_argument("-i", "--input", type=Path, help="dataset folder of the layout (default: data.root)")
+    sub.add_argument("-i", "--input", type=Path,
+                     help="dataset folder of the layout, or the manifest file (default: data.root)")
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
@@ -383,7 +384,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.set_defaults(run=cmd_pack)
 
     sub = commands.add_parser("extract-asr", help="write wav2vec2 CTC token logits next to a dataset's audio")
-    sub.add_argument("-i", "--input", required=True, type=Path, help="dataset folder of the layout")
+    sub.add_argument("-i", "--input", required=True, type=Path,
+                     help="dataset folder of the layout, or the manifest file")
     sub.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
     sub.add_argument("--layout", choices=layout_choices(), default="50h", help=f"{layout_help()} (default: 50h)")
     sub.add_argument("--device", default="cpu")

@@ -68,6 +68,14 @@ def test_records_carry_every_stream_at_its_native_rate(subject):
         np.testing.assert_array_equal(record.tokens, np.load(subject / TOKEN_DIR / f"{name}.npy"))
         assert record.tokens.shape == (2, round(frames * 50 / 30), 29)
         assert record.participant_features is None
+        assert record.identity == "PXB184"  # the subject: one model may train on several
+
+
+def test_the_identity_is_the_subject_folder_however_the_subject_is_named(tmp_path):
+    subject = write_subject(tmp_path / "dataset", "TXB805")
+    by_root = DataConfig(layout="a2p", root=str(subject.parent), subject="TXB805")
+    assert read_segment_record(by_root, "scene01").identity == "TXB805"
+    assert read_record(subject, "scene01", DataConfig(layout="a2p")).identity == "TXB805"
 
 
 def test_missing_face_frames_are_masked_and_kept_as_stored(subject):
