@@ -34,7 +34,7 @@ from avflow.data.layouts.a2p import read_missing_face_frames
 from avflow.data.layouts.fifty_h import DURATION_TOLERANCE_FRAMES, EXPRESSION_DIM, TOKEN_DIR, _load_array, _read_audio
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
-from avflow.data.tokens import TOKEN_LABELS
+from avflow.text.token_labels import TOKEN_LABELS
 
 REQUIRED_FIELDS = ("segment", "audio", "expression", "head_pose", "identity", "split")
 OPTIONAL_FIELDS = ("tokens", "missing_face_frames", "visual_fps", "token_fps")
