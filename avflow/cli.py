@@ -91,7 +91,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
         cfg.pack.workers = args.workers
     if args.skip_bad:
         cfg.pack.skip_bad = True
-    output = Path(args.output or cfg.data.shards)
+    output = Path(args.output or cfg.loader.shards)
     if args.output:
         cfg.pack.name = output.name
     cfg.validate()
@@ -359,7 +359,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 
     sub = commands.add_parser("train-head-vae", help="train the head-pose VAE on the training segments")
     with_config(sub)
-    sub.add_argument("-o", "--output", help="checkpoint path (default: data.head_vae or <run_dir>/head_vae.pt)")
+    sub.add_argument("-o", "--output", help="checkpoint path (default: trainer.head_vae or <run_dir>/head_vae.pt)")
     sub.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     sub.set_defaults(run=cmd_train_head_vae)
 
@@ -367,7 +367,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     with_config(sub)
     sub.add_argument("--layout", choices=("50h", "a2p", "demo"), help="dataset layout (default: data.layout)")
     sub.add_argument("-i", "--input", type=Path, help="dataset root, or an a2p subject folder (default: data.root)")
-    sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
+    sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: loader.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
     sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")

@@ -94,7 +94,7 @@ def test_every_numeric_key_is_range_checked(key, kind):
     ("trainer.grad_clip=-1", "trainer.grad_clip: expected positive"),
     ("mel.hop_length=0", "mel.hop_length: expected a positive integer, got 0"),
     ("head_vae.batch_size=0", "head_vae.batch_size: expected at least 1, got 0"),
-    ("pack.max_chunk_seconds=.inf", "pack.max_chunk_seconds: expected a finite number, got inf"),
+    ("data.max_chunk_seconds=.inf", "data.max_chunk_seconds: expected a finite number, got inf"),
     ("mel.fmax=20000", "mel.fmin/fmax: expected 0 <= fmin < fmax <= sample_rate / 2"),
     ("text2tokens.duration_kernel=-1", "text2tokens.duration_kernel: expected an odd kernel size"),
     ("trainer.betas=[0.9,", "override 'trainer.betas=[0.9,': the value is not valid YAML"),

@@ -56,8 +56,6 @@ STORED_DTYPES = {  # stream -> dtype inside the tar; float16 where its rounding 
 REQUIRED_STREAMS = ("mel", "expression", "pose", "tokens")
 OPTIONAL_STREAMS = ("participant_tokens", "participant_features", "participant_mel")
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
-# DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
-LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
 # Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
 # bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
 SAMPLE_CHECKSUM = "sha256"
@@ -77,17 +75,21 @@ class ShardJob:
     segments: tuple[str, ...]
     data_cfg: DataConfig
     mel_cfg: MelConfig
-    max_chunk_frames: int
     skip_bad: bool
+
+    @property
+    def max_chunk_frames(self) -> int:
+        return max_chunk_frames(self.data_cfg, self.mel_cfg)
 
     def plan(self) -> dict[str, Any]:
         """Everything besides the input files that the shard's bytes depend on; recorded in its sidecar.
 
-        A shard on disk is reused only when its recorded plan equals this one exactly.
+        A shard on disk is reused only when its recorded plan equals this one exactly. The `data` section holds
+        exactly what shards are made of (the config's other sections change no shard byte), so the plan is that
+        section and `mel` whole: a key added to `data` is in the plan without being listed here.
         """
-        data = {key: value for key, value in dataclasses.asdict(self.data_cfg).items() if key not in LOADER_ONLY_FIELDS}
-        return {"format": FORMAT, "split": self.split, "segments": list(self.segments), "data": data,
-                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames,
+        return {"format": FORMAT, "split": self.split, "segments": list(self.segments),
+                "data": dataclasses.asdict(self.data_cfg), "mel": dataclasses.asdict(self.mel_cfg),
                 "sample_checksums": SAMPLE_CHECKSUM}
 
 
@@ -279,20 +281,19 @@ def _segment_split(data_cfg: DataConfig, name: str) -> tuple[str, str | None, st
 
 
 def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[str]], skip_bad: bool) -> list[ShardJob]:
-    per_shard = cfg.pack.segments_per_shard
+    per_shard = cfg.data.segments_per_shard
     jobs = []
     for split in SPLITS:
         names = splits[split]
         for index, start in enumerate(range(0, len(names), per_shard)):
             jobs.append(ShardJob(output / shard_file_name(cfg.pack.name, split, index), split,
-                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, max_chunk_frames(cfg),
-                                 skip_bad))
+                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, skip_bad))
     return jobs
 
 
-def max_chunk_frames(cfg: Config) -> int:
-    """pack.max_chunk_seconds in mel frames: the longest sample a shard holds."""
-    return int(cfg.pack.max_chunk_seconds * cfg.mel.frame_rate)
+def max_chunk_frames(data_cfg: DataConfig, mel_cfg: MelConfig) -> int:
+    """data.max_chunk_seconds in mel frames: the longest sample a shard holds."""
+    return int(data_cfg.max_chunk_seconds * mel_cfg.frame_rate)
 
 
 def _write_shards(jobs: list[ShardJob], executor: Executor | None, progress: bool) -> list[dict[str, Any]]:
@@ -460,7 +461,7 @@ def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mel": dataclasses.asdict(cfg.mel),
         "frame_rate": frame_rate,
-        "max_chunk_frames": max_chunk_frames(cfg),
+        "max_chunk_frames": max_chunk_frames(cfg.data, cfg.mel),
         "dims": _merged_dims(sidecars),
         "splits": splits,
         "stats": _train_stats([sidecar for job, sidecar in zip(jobs, sidecars) if job.split == "train"]),

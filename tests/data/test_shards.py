@@ -24,14 +24,14 @@ SMIRK_WIDTHS = {"expression": 55, "headpose": 3}
 FLOAT16_TOLERANCE = 4e-3  # half a float16 step at the demo's largest log-mel magnitudes (8 to 16)
 
 
-def config(root, **pack_overrides) -> Config:
+def config(root, **data_overrides) -> Config:
     """One-second chunks so that every tiny segment is stored as several samples."""
     cfg = Config()
     cfg.data.root = str(root)
-    cfg.pack.max_chunk_seconds = 1.0
-    cfg.pack.segments_per_shard = 2
-    for key, value in pack_overrides.items():
-        setattr(cfg.pack, key, value)
+    cfg.data.max_chunk_seconds = 1.0
+    cfg.data.segments_per_shard = 2
+    for key, value in data_overrides.items():
+        setattr(cfg.data, key, value)
     return cfg
 
 
@@ -349,7 +349,7 @@ def test_participant_mel_is_packed_and_streamed_when_asked_for(corpus, tmp_path)
 
     cfg = config(corpus)
     cfg.data.participant_mel = True
-    cfg.data.segment_length = 32
+    cfg.loader.segment_length = 32
     cfg.trainer.batch_size = 2
     manifest = pack(cfg, tmp_path, workers=1, progress=False)
     assert manifest["dims"]["participant_mel"] == 80

@@ -4,10 +4,10 @@ import pytest
 
 from avflow.config import load_config
 
-# 20 training segments in shards of 4: enough samples for data.max_bad_fraction to apply (the loader
+# 20 training segments in shards of 4: enough samples for loader.max_bad_fraction to apply (the loader
 # judges the fraction only after 20 samples).
 CORPUS = ["corpus.train_segments=20", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]",
-          "pack.segments_per_shard=4"]
+          "data.segments_per_shard=4"]
 
 
 @pytest.fixture(scope="session")
