@@ -71,7 +71,8 @@ def cmd_train_head_vae(args: argparse.Namespace) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from avflow.data.shards import pack, verify
+    from avflow.data.pack import pack
+    from avflow.data.verify import verify
 
     cfg = _config(args)
     if args.layout:

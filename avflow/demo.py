@@ -19,8 +19,8 @@ import torch
 from avflow.config import Config, load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
+from avflow.data.pack import pack
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import pack
 from avflow.evaluate.run import DEFAULT_METRICS, Settings, evaluate_models, held_out_segments, markdown_table
 from avflow.infer.generate import generate
 from avflow.infer.model import load_inference_model

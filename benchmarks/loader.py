@@ -30,7 +30,7 @@ from avflow.data.dataset import align_segment
 from avflow.data.layouts import read_segment_record
 from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.loader import assemble_batch, training_batches
-from avflow.data.shards import pack
+from avflow.data.pack import pack
 
 
 def windows_per_second(next_batch, batch_size: int, seconds: float) -> float:

@@ -30,8 +30,8 @@ from avflow.config import load_config
 from avflow.data.alignment import character_error_rate, greedy_transcript
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
+from avflow.data.pack import pack
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import pack
 from avflow.data.text import normalize_text
 from avflow.infer.text2tokens import load_text2tokens
 from avflow.train.loop import Trainer

@@ -94,7 +94,7 @@ def prepare_data(scratch: Path, overrides: list[str], device: torch.device) -> l
     """The corpus written and packed, and one head VAE trained on the training device; returns the data.*
     overrides naming them."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
     from avflow.train.batches import train_head_vae_stage
 
     data = [f"data.root={scratch / 'corpus'}", f"loader.shards={scratch / 'shards'}"]

@@ -22,7 +22,7 @@ def packed_tiny_corpus(root, overrides: list[str]) -> list[str]:
     """Write and pack the demo corpus under `root` and train a throwaway head VAE, so a test trains only the
     main model; returns the data.* overrides that point a config at them."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
     from avflow.train.head_vae import train_head_vae
 
     data = [f"data.root={root / 'corpus'}", f"loader.shards={root / 'shards'}"]

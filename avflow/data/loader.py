@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avflow.config import Config, LoaderConfig
+from avflow.data.shard_format import MANIFEST
 from avflow.data.shard_index import (
     EXPRESSION_MASK,
     BadDataError,
@@ -44,7 +45,6 @@ from avflow.data.shard_index import (
     read_or_record_bad,
     scan_shard,
 )
-from avflow.data.shards import MANIFEST
 
 BARREN_SHARDS_PER_SHARD = 20  # consecutive shard reads without a readable sample, per train shard, before giving up
 SHARD_ORDER, SAMPLE_ORDER, SHARD_DRAW = 0, 1, 2  # tags that keep the random streams of one seed apart

@@ -1,4 +1,4 @@
-"""Random access to packed shards (avflow.data.shards) from their headers alone.
+"""Random access to packed shards (avflow.data.shard_format) from their headers alone.
 
 `open_split` reads a split's shard list from the manifest; `scan_shard` walks one tar's members and reads
 each sample's JSON header and the headers of its .npy members, which give every array's offset, dtype and
@@ -23,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from avflow.config import Config, LoaderConfig
-from avflow.data.shards import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
+from avflow.data.shard_format import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from avflow.config import Config
+from avflow.data.shard_format import load_manifest
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import load_manifest
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import load_head_vae
 from avflow.model.state import StateCodec

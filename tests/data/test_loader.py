@@ -19,8 +19,9 @@ from avflow.config import Config, CorpusConfig
 from avflow.data import shard_index
 from avflow.data.corpus import write_corpus
 from avflow.data.loader import training_batches, validation_batches
+from avflow.data.pack import pack
+from avflow.data.shard_format import FORMAT, MANIFEST, shard_file_name
 from avflow.data.shard_index import BadDataError, iter_split_arrays
-from avflow.data.shards import FORMAT, MANIFEST, pack, shard_file_name
 
 WINDOW = 16
 DIMS = {"mel": 80, "expression": 256, "pose": 7, "tokens": 29}
@@ -95,15 +96,15 @@ def write_shards(directory: Path, train: list[list[int]], val: list[list[int]],
     return directory
 
 
-def small_config(num_workers: int = 0, seed: int = 0, batch_size: int = 4, **data) -> Config:
+def small_config(num_workers: int = 0, seed: int = 0, batch_size: int = 4, **loader) -> Config:
     cfg = Config()
     cfg.loader.segment_length = WINDOW
     cfg.loader.shuffle_buffer = 4
     cfg.loader.num_workers = num_workers
     cfg.trainer.batch_size = batch_size
     cfg.trainer.seed = seed
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
+    for key, value in loader.items():
+        setattr(cfg.loader, key, value)
     return cfg
 
 

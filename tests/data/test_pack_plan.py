@@ -19,7 +19,7 @@ from test_shards import TINY, config, shard_paths
 
 from avflow.config import Config, ConfigError, DataConfig
 from avflow.data.corpus import write_corpus
-from avflow.data.shards import ShardJob, pack
+from avflow.data.pack import ShardJob, pack
 
 SHARD_SECTIONS = ("data", "mel")
 # pack.name is the shards' file prefix, like the output folder: another name packs another set beside these.

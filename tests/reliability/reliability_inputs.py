@@ -14,7 +14,7 @@ CORPUS = ["corpus.train_segments=20", "corpus.val_segments=1", "corpus.words_per
 def packed(tmp_path_factory):
     """(corpus root, shard folder) of a small demo corpus, packed; tests copy it before damaging anything."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
 
     root = tmp_path_factory.mktemp("packed")
     cfg = load_config(None, CORPUS + [f"data.root={root / 'corpus'}"])

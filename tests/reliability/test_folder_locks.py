@@ -106,7 +106,7 @@ def test_a_second_pack_on_the_folder_is_refused(packed, tmp_path, capsys):  # no
     corpus, _ = packed
     out = tmp_path / "shards"
     argv = ["pack", "-i", str(corpus), "-o", str(out), *CORPUS]
-    with stalled("avflow.data.shards.list_segment_names", argv) as first:
+    with stalled("avflow.data.pack.list_segment_names", argv) as first:
         assert_refused(argv, out, first, capsys)
 
 

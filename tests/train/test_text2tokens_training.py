@@ -29,7 +29,7 @@ TINY = ["task=text2tokens", "text2tokens.front_end=character", "text2tokens.d_mo
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
 
     root = tmp_path_factory.mktemp("data")
     data = [f"data.root={root / 'corpus'}", f"loader.shards={root / 'shards'}"]
@@ -143,8 +143,8 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
     CTC decoding of what it generates for 6 unseen sentences has CER < 5%, and its total length is within
     10% of the corpus's."""
     from avflow.data.corpus import write_corpus
+    from avflow.data.pack import pack
     from avflow.data.shard_index import iter_split_arrays
-    from avflow.data.shards import pack
     from avflow.infer.text2tokens import evaluate_text2tokens
 
     cfg = load_config(None, [
