@@ -630,7 +630,8 @@ def _move_old_keys(tree: dict[str, Any], where: str) -> tuple[dict[str, Any], li
 
 def _warn_moved(moved: list[str], source: str) -> None:
     if moved:
-        log.warning("%s: config keys moved, read in their new place (rename them there): %s", source, ", ".join(moved))
+        log.warning("%s: config keys in their place from before they moved, read in their new one: %s", source,
+                    ", ".join(moved))
 
 
 def _new_name(dotted: str, moved: list[str]) -> str:
