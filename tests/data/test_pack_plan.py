@@ -47,7 +47,7 @@ def _owner(cfg: Config, key: str) -> tuple[Any, str]:
 
 
 def _other_values(cfg: Config, key: str) -> list[Any]:
-    """Values of the key's type other than its current one, most of them outside every valid range."""
+    """Candidates of the key's type other than its current value; the caller keeps the first that validates."""
     owner, name = _owner(cfg, key)
     hint, value = typing.get_type_hints(type(owner))[name], getattr(owner, name)
 
