@@ -172,8 +172,8 @@ def test_wrong_sample_rate_and_missing_files(subject):
 
 def test_subject_packs_into_shards_with_4d_pose_and_face_masks(subject, tmp_path):
     from avflow.config import load_config
+    from avflow.data.pack import pack
     from avflow.data.shard_index import iter_split_arrays
-    from avflow.data.shards import pack
 
     cfg = load_config(None, ["data.layout=a2p", f"data.root={subject.parent}", f"data.subject={subject.name}",
                              "head_vae.pose_dim=4", "pack.name=PXB184"])
