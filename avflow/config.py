@@ -314,6 +314,7 @@ class CorpusConfig:
     val_segments: int = 6
     seed: int = 0
     words_per_segment: list[int] = field(default_factory=lambda: [4, 9])
+    identity: str = "demo"  # the synthetic person (avflow.data.corpus.PERSONAS): voice, face style, head motion
 
     def validate(self) -> None:
         _require(self.seed >= 0, "corpus.seed", "a non-negative integer", self.seed)
