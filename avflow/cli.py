@@ -87,7 +87,8 @@ def apply_pack_data_options(cfg: Config, layout: str | None, folder: Path | None
 
 
 def cmd_pack(args: argparse.Namespace) -> None:
-    from avflow.data.shards import pack, verify
+    from avflow.data.pack import pack
+    from avflow.data.verify import verify
 
     cfg = _config(args)
     if not args.verify:
@@ -98,7 +99,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
         cfg.pack.workers = args.workers
     if args.skip_bad:
         cfg.pack.skip_bad = True
-    output = Path(args.output or cfg.data.shards)
+    output = Path(args.output or cfg.loader.shards)
     if args.output:
         cfg.pack.name = output.name
     cfg.validate()
@@ -366,15 +367,16 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
 
     sub = commands.add_parser("train-head-vae", help="train the head-pose VAE on the training segments")
     with_config(sub)
-    sub.add_argument("-o", "--output", help="checkpoint path (default: data.head_vae or <run_dir>/head_vae.pt)")
+    sub.add_argument("-o", "--output", help="checkpoint path (default: trainer.head_vae or <run_dir>/head_vae.pt)")
     sub.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     sub.set_defaults(run=cmd_train_head_vae)
 
     sub = commands.add_parser("pack", help="pack a dataset layout into WebDataset shards (or --verify them)")
     with_config(sub)
     sub.add_argument("--layout", choices=layout_choices(), help=f"{layout_help()} (default: data.layout)")
-    sub.add_argument("-i", "--input", type=Path, help="dataset folder of the layout (default: data.root)")
-    sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: data.shards)")
+    sub.add_argument("-i", "--input", type=Path,
+                     help="dataset folder of the layout, or the manifest file (default: data.root)")
+    sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: loader.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
     sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")
@@ -383,7 +385,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.set_defaults(run=cmd_pack)
 
     sub = commands.add_parser("extract-asr", help="write wav2vec2 CTC token logits next to a dataset's audio")
-    sub.add_argument("-i", "--input", required=True, type=Path, help="dataset folder of the layout")
+    sub.add_argument("-i", "--input", required=True, type=Path,
+                     help="dataset folder of the layout, or the manifest file")
     sub.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
     sub.add_argument("--layout", choices=layout_choices(), default="50h", help=f"{layout_help()} (default: 50h)")
     sub.add_argument("--device", default="cpu")

@@ -2,7 +2,9 @@
 
 Defaults reproduce the published AV-Flow system (the comment beside a value names its origin); a YAML
 file overrides any subset, and `section.key=value` arguments override the YAML. Unknown keys are errors
-that name the closest valid key. `Config.validate` is the single place that checks values.
+that name the closest valid key. Sections are by owner (`data`: what packed shards are made of; `loader`: how
+training reads them; ...); each checks its values in its `validate`, and `Config.validate` runs them all and
+checks the keys that relate sections. Keys that moved to another section still load (MOVED_KEYS).
 The published values behind the defaults, with their units and layouts: docs/reference.md.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -43,6 +48,14 @@ class MelConfig:
     def frame_rate(self) -> float:
         """All streams run at this rate: 22050 / 256 = 86.1328125 frames per second."""
         return self.sample_rate / self.hop_length
+
+    def validate(self) -> None:
+        for name in ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels"):
+            _require(getattr(self, name) >= 1, f"mel.{name}", "a positive integer", getattr(self, name))
+        _require(self.win_length <= self.n_fft, "mel.win_length", f"at most mel.n_fft={self.n_fft}", self.win_length)
+        _require(0 <= self.fmin < self.fmax <= self.sample_rate / 2, "mel.fmin/fmax",
+                 f"0 <= fmin < fmax <= sample_rate / 2 = {self.sample_rate / 2}", (self.fmin, self.fmax))
+        _require(self.norm_std > 0, "mel.norm_std", "positive", self.norm_std)
 
 
 @dataclass
@@ -81,6 +94,21 @@ class ModelConfig:
         extra = self.token_dim + self.participant_feature_dim if self.dyadic else 0
         return self.token_dim + extra
 
+    def validate(self) -> None:
+        _require(self.d_model % self.n_heads == 0, "model.d_model", f"divisible by model.n_heads={self.n_heads}",
+                 self.d_model)
+        _require((self.d_model // self.n_heads) % 2 == 0, "model.d_model",
+                 "a per-head size that is even (RoPE pairs)", self.d_model)
+        for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim",
+                     "token_dim"):
+            _require(getattr(self, name) > 0, f"model.{name}", "a positive integer", getattr(self, name))
+        for name in ("head_latent_dim", "participant_feature_dim"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "a positive integer", getattr(self, name))
+        _require(self.rope_base > 1, "model.rope_base", "greater than 1", self.rope_base)
+        _require(self.window_back >= 0 and self.window_ahead >= 0, "model.window_back/window_ahead", "non-negative",
+                 (self.window_back, self.window_ahead))
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
+
 
 @dataclass
 class FlowConfig:
@@ -91,6 +119,12 @@ class FlowConfig:
     head_weight: float = 0.2
     mel_weight: float = 3.0  # what the reference config intends (its code slips to 0.2)
     cond_dropout: float = 0.0  # >0 trains an unconditional branch for classifier-free guidance
+
+    def validate(self) -> None:
+        _require(0.0 <= self.sigma_min < 1.0, "flow.sigma_min", "in [0, 1)", self.sigma_min)
+        _require(min(self.expression_weight, self.head_weight, self.mel_weight) >= 0, "flow.*_weight",
+                 "non-negative", (self.expression_weight, self.head_weight, self.mel_weight))
+        _require(0.0 <= self.cond_dropout < 1.0, "flow.cond_dropout", "in [0, 1)", self.cond_dropout)
 
 
 @dataclass
@@ -106,6 +140,19 @@ class SampleConfig:
     max_frames: int = 1725  # reference: one pass covers up to ~20 s
     window_overlap: int = 86  # longer inputs: windows of max_frames overlapping by ~1 s, cross-faded
     max_input_seconds: float = 600.0  # longer inputs fail with a reason, so one item cannot hold up a whole batch
+
+    def validate(self) -> None:
+        _require(self.nfe >= 1, "sample.nfe", "at least 1", self.nfe)
+        _require(self.method != "midpoint" or self.nfe % 2 == 0, "sample.nfe",
+                 "even for the midpoint sampler (2 evaluations per step)", self.nfe)
+        _require(self.temperature >= 0, "sample.temperature", "non-negative", self.temperature)
+        _require(self.num_samples >= 1, "sample.num_samples", "at least 1", self.num_samples)
+        _require(self.guidance_scale >= 0, "sample.guidance_scale", "non-negative", self.guidance_scale)
+        _require(self.seed >= 0, "sample.seed", "a non-negative integer", self.seed)
+        _require(self.max_frames >= 1, "sample.max_frames", "at least 1", self.max_frames)
+        _require(self.max_input_seconds > 0, "sample.max_input_seconds", "positive", self.max_input_seconds)
+        _require(0 <= self.window_overlap < self.max_frames // 2, "sample.window_overlap",
+                 f"in [0, sample.max_frames / 2 = {self.max_frames // 2})", self.window_overlap)
 
 
 @dataclass
@@ -125,38 +172,73 @@ class HeadVAEConfig:
     segment_length: int = 345
     lr: float = 1e-3
 
+    def validate(self) -> None:
+        _require(self.pose_dim in (4, 7), "head_vae.pose_dim",
+                 "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", self.pose_dim)
+        for name in ("hidden", "latent_dim", "n_layers", "n_heads", "ffn_hidden", "steps", "batch_size",
+                     "segment_length"):
+            _require(getattr(self, name) >= 1, f"head_vae.{name}", "at least 1", getattr(self, name))
+        _require(0.0 <= self.dropout < 1.0, "head_vae.dropout", "in [0, 1)", self.dropout)
+        _require(self.kl_weight >= 0, "head_vae.kl_weight", "non-negative", self.kl_weight)
+        _require(self.lr > 0, "head_vae.lr", "positive", self.lr)
+        _require(self.hidden % self.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={self.n_heads}",
+                 self.hidden)
+
 
 @dataclass
 class DataConfig:
+    """What a packed shard's bytes are made of: `avflow pack` keeps a shard exactly while this section and `mel`
+    are unchanged (its plan, avflow.data.pack), so a key that changes no shard byte belongs elsewhere."""
+
     layout: str = "50h"  # a name in avflow.data.layouts.LAYOUTS (50h | a2p), checked when data is read
     root: str = "data/demo"
     subject: str = ""  # a2p: the subject folder under root (PXB184, RLW104, TXB805, GQS883)
-    segment_length: int = 345  # reference training window, ~4.0 s
     val_patterns: list[str] = field(default_factory=lambda: ["20240408", "20240509"])  # 50h validation sessions
     visual_fps: float = 30.0
     token_fps: float = 50.0  # wav2vec2 20 ms stride
     val_last_scenes: int = 2  # a2p: the last N scenes (sorted) are held out, as published
     participant_mel: bool = False  # dyadic: also pack the participant's mel (audio channel 1)
     canonical_quaternion_sign: bool = True  # 50h: continuous quaternion sign; the published code does not
-    head_vae: str = ""  # head-VAE checkpoint; empty: <run_dir>/head_vae.pt, trained first if missing
+    segments_per_shard: int = 32  # with max_chunk_seconds, bounds a shard's size
+    max_chunk_seconds: float = 60.0  # longer segments are stored as consecutive chunks
+
+    def validate(self) -> None:
+        _require(self.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", self.val_last_scenes)
+        _require(self.visual_fps > 0 and self.token_fps > 0, "data.visual_fps/token_fps", "positive",
+                 (self.visual_fps, self.token_fps))
+        _require(self.segments_per_shard >= 1, "data.segments_per_shard", "at least 1", self.segments_per_shard)
+        _require(self.max_chunk_seconds >= 1.0, "data.max_chunk_seconds", "at least 1 second", self.max_chunk_seconds)
+
+
+@dataclass
+class LoaderConfig:
+    """How training and validation stream the packed shards (avflow.data.loader); no shard depends on it."""
+
     shards: str = "shards/demo"  # folder of packed shards + manifest.json that training streams from
+    segment_length: int = 345  # reference training window, ~4.0 s
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 32  # samples held per worker for shuffling
     max_bad_fraction: float = 0.01  # the loader fails when more than this fraction of samples is unreadable
-    avatar: str = ""  # released 50h dataset root with the Codec Avatar: validation logs a rendered clip
-    # camera: head poses are the capture camera's (50h, mm) | relative: rotation only
-    avatar_pose: Literal["camera", "relative"] = "camera"
+
+    def validate(self) -> None:
+        _require(self.segment_length >= 8, "loader.segment_length", "at least 8 frames", self.segment_length)
+        _require(self.num_workers >= 0 and self.shuffle_buffer >= 1, "loader.num_workers/shuffle_buffer",
+                 "num_workers >= 0 and shuffle_buffer >= 1", (self.num_workers, self.shuffle_buffer))
+        _require(0.0 <= self.max_bad_fraction <= 1.0, "loader.max_bad_fraction", "in [0, 1]", self.max_bad_fraction)
 
 
 @dataclass
 class PackConfig:
-    """`avflow pack`: dataset layout -> WebDataset tar shards."""
+    """How `avflow pack` runs (dataset layout -> WebDataset tar shards); what the shards hold is `data`."""
 
     name: str = "demo"  # shard file prefix: NAME-train-000000.tar, NAME-val-000000.tar
-    segments_per_shard: int = 32  # with max_chunk_seconds, bounds a shard's size
-    max_chunk_seconds: float = 60.0  # longer segments are stored as consecutive chunks
     workers: int = 1
     skip_bad: bool = False  # skip (and count) unreadable segments instead of failing
+
+    def validate(self) -> None:
+        _require(self.workers >= 1, "pack.workers", "at least 1", self.workers)
+        _require(bool(self.name) and "/" not in self.name, "pack.name", "a non-empty file prefix without '/'",
+                 self.name)
 
 
 @dataclass
@@ -175,6 +257,11 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each DiT block
     activation_checkpointing: bool = False  # recompute each DiT block in backward
     grad_accumulation: int = 1  # micro-batches per optimizer step
+
+    def validate(self) -> None:
+        _require(self.grad_accumulation >= 1, "parallel.grad_accumulation", "at least 1", self.grad_accumulation)
+        _require(self.init_timeout_s > 0 and self.train_timeout_s > 0, "parallel.init_timeout_s/train_timeout_s",
+                 "positive", (self.init_timeout_s, self.train_timeout_s))
 
 
 @dataclass
@@ -198,6 +285,25 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write checkpoints in the background (torch.distributed.checkpoint)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The head-VAE checkpoint this run uses; empty: <run_dir>/head_vae.pt, trained first if missing. With the
+    # trainer, not head_vae.*: those describe the network and are recorded inside every head-VAE file, where a
+    # path would say nothing; this says where this run finds (or writes) that file.
+    head_vae: str = ""
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "trainer.steps", "at least 1", self.steps)
+        _require(self.batch_size >= 1, "trainer.batch_size", "at least 1", self.batch_size)
+        _require(self.lr > 0, "trainer.lr", "positive", self.lr)
+        _require(self.weight_decay >= 0, "trainer.weight_decay", "non-negative", self.weight_decay)
+        _require(self.warmup_steps >= 0, "trainer.warmup_steps", "non-negative", self.warmup_steps)
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _require(self.grad_clip > 0, "trainer.grad_clip", "positive (the largest gradient norm kept)", self.grad_clip)
+        _require(self.seed >= 0, "trainer.seed", "a non-negative integer", self.seed)
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "trainer.betas",
+                 "two values in [0, 1)", self.betas)
+        _require(0.0 <= self.ema_decay < 1.0, "trainer.ema_decay", "in [0, 1)", self.ema_decay)
+        for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, f"trainer.{name}", "at least 1", getattr(self, name))
 
 
 @dataclass
@@ -208,6 +314,14 @@ class CorpusConfig:
     val_segments: int = 6
     seed: int = 0
     words_per_segment: list[int] = field(default_factory=lambda: [4, 9])
+    identity: str = "demo"  # the synthetic person (avflow.data.corpus.PERSONAS): voice, face style, head motion
+
+    def validate(self) -> None:
+        _require(self.seed >= 0, "corpus.seed", "a non-negative integer", self.seed)
+        _require(self.train_segments >= 1 and self.val_segments >= 1, "corpus.train_segments/val_segments",
+                 "at least 1 each", (self.train_segments, self.val_segments))
+        _require(len(self.words_per_segment) == 2 and 1 <= self.words_per_segment[0] <= self.words_per_segment[1],
+                 "corpus.words_per_segment", "[min, max] with 1 <= min <= max", self.words_per_segment)
 
 
 @dataclass
@@ -242,6 +356,22 @@ class Text2TokensConfig:
     short_pause_s: float = 0.15  # added to a word gap at , ; : and brackets (times the pause scale)
     long_pause_s: float = 0.35  # added at sentence ends
 
+    def validate(self) -> None:
+        for name in ("d_model", "encoder_layers", "n_heads", "ffn_hidden", "duration_hidden", "decoder_layers", "nfe",
+                     "max_symbols", "max_train_frames"):
+            _require(getattr(self, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(self, name))
+        _require(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "text2tokens.d_model",
+                 f"divisible by text2tokens.n_heads={self.n_heads} into even per-head sizes (RoPE pairs)",
+                 self.d_model)
+        _require(self.duration_kernel >= 1 and self.duration_kernel % 2 == 1, "text2tokens.duration_kernel",
+                 "an odd kernel size", self.duration_kernel)
+        _require(0.0 <= self.dropout < 1.0, "text2tokens.dropout", "in [0, 1)", self.dropout)
+        _require(self.decoder_window >= 1, "text2tokens.decoder_window", "at least 1", self.decoder_window)
+        _require(self.temperature >= 0, "text2tokens.temperature", "non-negative", self.temperature)
+        _require(self.duration_weight >= 0, "text2tokens.duration_weight", "non-negative", self.duration_weight)
+        _require(min(self.short_pause_s, self.long_pause_s) >= 0, "text2tokens.short_pause_s/long_pause_s",
+                 "non-negative", (self.short_pause_s, self.long_pause_s))
+
 
 # The metrics avflow.evaluate.metrics defines (docs/evaluation.md); named here so the config stays the bottom stage
 MetricName = Literal["mel_l1", "mel_cepstral_distortion", "log_f0_rmse", "voicing_error", "cer", "expression_l1",
@@ -252,14 +382,37 @@ MetricName = Literal["mel_l1", "mel_cepstral_distortion", "log_f0_rmse", "voicin
 
 @dataclass
 class EvaluateConfig:
-    """Held-out metrics (avflow.evaluate.metrics, docs/evaluation.md) logged by training validation."""
+    """What training validation reports: held-out metrics (avflow.evaluate.metrics, docs/evaluation.md) and,
+    with `avatar`, a rendered clip of the generated motion."""
 
     val_metrics: list[MetricName] = field(default_factory=lambda: [
         "mel_l1", "mel_cepstral_distortion", "expression_l1", "head_pose_l1", "expression_jitter",
         "sync_lag_ms", "sync_peak_correlation"])  # cheap ones: no vocoding or pitch tracking at every validation
     val_items: int = 2  # held-out segments generated whole (one sample each) at every trainer.val_every
     mouth_controls: bool = False  # the demo corpus: expression components 0-2 are its mouth controls
+    avatar: str = ""  # released 50h dataset root with the Codec Avatar: validation logs a rendered clip
+    # camera: head poses are the capture camera's (50h, mm) | relative: rotation only
+    avatar_pose: Literal["camera", "relative"] = "camera"
 
+    def validate(self) -> None:
+        _require(self.val_items >= 0, "evaluate.val_items", "non-negative (0: no generated metrics)", self.val_items)
+
+
+# Keys that moved to another section, old dotted name -> new: config files, overrides, checkpoints and model files
+# written before the move still load, with one warning naming each moved key. The old `data` section mixed what
+# shards are made of with the loader, the head-VAE path and validation rendering; `data` is now only the first.
+MOVED_KEYS = {
+    "data.segment_length": "loader.segment_length",
+    "data.shards": "loader.shards",
+    "data.num_workers": "loader.num_workers",
+    "data.shuffle_buffer": "loader.shuffle_buffer",
+    "data.max_bad_fraction": "loader.max_bad_fraction",
+    "data.head_vae": "trainer.head_vae",
+    "data.avatar": "evaluate.avatar",
+    "data.avatar_pose": "evaluate.avatar_pose",
+    "pack.segments_per_shard": "data.segments_per_shard",
+    "pack.max_chunk_seconds": "data.max_chunk_seconds",
+}
 
 TOOL_SECTIONS = ("pack", "corpus")  # options of `avflow pack` and the demo corpus writer
 
@@ -272,6 +425,7 @@ class Config:
     mel: MelConfig = field(default_factory=MelConfig)
     head_vae: HeadVAEConfig = field(default_factory=HeadVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     pack: PackConfig = field(default_factory=PackConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -282,111 +436,24 @@ class Config:
     task: Literal["avflow", "text2tokens"] = "avflow"
 
     def validate(self) -> "Config":
-        """Check every value once; raise ConfigError naming the field and what was expected."""
-        m, f, s, t, d, h = self.model, self.flow, self.sample, self.trainer, self.data, self.head_vae
+        """Check every value once; raise ConfigError naming the field and what was expected.
+
+        The types (finite numbers, allowed choices) are checked over the whole tree, each section checks its own
+        values, and what is left here relates keys of different sections."""
         self._require_finite()
         _check_choices(self)
-        mel = self.mel
-        for name in ("sample_rate", "n_fft", "hop_length", "win_length", "n_mels"):
-            _require(getattr(mel, name) >= 1, f"mel.{name}", "a positive integer", getattr(mel, name))
-        _require(mel.win_length <= mel.n_fft, "mel.win_length", f"at most mel.n_fft={mel.n_fft}", mel.win_length)
-        _require(0 <= mel.fmin < mel.fmax <= mel.sample_rate / 2, "mel.fmin/fmax",
-                 f"0 <= fmin < fmax <= sample_rate / 2 = {mel.sample_rate / 2}", (mel.fmin, mel.fmax))
-        _require(mel.norm_std > 0, "mel.norm_std", "positive", mel.norm_std)
-        _require(m.d_model % m.n_heads == 0, "model.d_model", f"divisible by model.n_heads={m.n_heads}", m.d_model)
-        _require((m.d_model // m.n_heads) % 2 == 0, "model.d_model", "a per-head size that is even (RoPE pairs)",
-                 m.d_model)
-        for name in ("d_model", "n_blocks", "n_heads", "ffn_hidden", "time_freqs", "expression_dim", "mel_dim",
-                     "token_dim"):
-            _require(getattr(m, name) > 0, f"model.{name}", "a positive integer", getattr(m, name))
+        for section in dataclasses.fields(self):
+            values = getattr(self, section.name)
+            if dataclasses.is_dataclass(values):
+                values.validate()
+        m, h = self.model, self.head_vae
         _require(m.head_latent_dim == h.latent_dim, "model.head_latent_dim",
                  f"equal to head_vae.latent_dim={h.latent_dim}", m.head_latent_dim)
         _require(m.mel_dim == self.mel.n_mels, "model.mel_dim", f"equal to mel.n_mels={self.mel.n_mels}", m.mel_dim)
-        for name in ("head_latent_dim", "participant_feature_dim"):
-            _require(getattr(m, name) >= 1, f"model.{name}", "a positive integer", getattr(m, name))
-        _require(m.rope_base > 1, "model.rope_base", "greater than 1", m.rope_base)
-        _require(m.window_back >= 0 and m.window_ahead >= 0, "model.window_back/window_ahead", "non-negative",
-                 (m.window_back, m.window_ahead))
-        _require(0.0 <= m.dropout < 1.0, "model.dropout", "in [0, 1)", m.dropout)
-        _require(0.0 <= f.sigma_min < 1.0, "flow.sigma_min", "in [0, 1)", f.sigma_min)
-        _require(min(f.expression_weight, f.head_weight, f.mel_weight) >= 0, "flow.*_weight", "non-negative",
-                 (f.expression_weight, f.head_weight, f.mel_weight))
-        _require(0.0 <= f.cond_dropout < 1.0, "flow.cond_dropout", "in [0, 1)", f.cond_dropout)
-        _require(s.nfe >= 1, "sample.nfe", "at least 1", s.nfe)
-        _require(s.method != "midpoint" or s.nfe % 2 == 0, "sample.nfe",
-                 "even for the midpoint sampler (2 evaluations per step)", s.nfe)
-        _require(s.temperature >= 0, "sample.temperature", "non-negative", s.temperature)
-        _require(s.num_samples >= 1, "sample.num_samples", "at least 1", s.num_samples)
-        _require(s.guidance_scale == 1.0 or f.cond_dropout > 0, "sample.guidance_scale",
-                 "1.0 unless the model was trained with flow.cond_dropout > 0", s.guidance_scale)
-        _require(s.guidance_scale >= 0, "sample.guidance_scale", "non-negative", s.guidance_scale)
-        _require(s.seed >= 0, "sample.seed", "a non-negative integer", s.seed)
-        _require(s.max_frames >= 1, "sample.max_frames", "at least 1", s.max_frames)
-        _require(s.max_input_seconds > 0, "sample.max_input_seconds", "positive", s.max_input_seconds)
-        _require(0 <= s.window_overlap < s.max_frames // 2, "sample.window_overlap",
-                 f"in [0, sample.max_frames / 2 = {s.max_frames // 2})", s.window_overlap)
-        _require(h.pose_dim in (4, 7), "head_vae.pose_dim",
-                 "7 (50h quaternion + translation) or 4 (Audio2Photoreal)", h.pose_dim)
-        for name in ("hidden", "latent_dim", "n_layers", "n_heads", "ffn_hidden", "steps", "batch_size",
-                     "segment_length"):
-            _require(getattr(h, name) >= 1, f"head_vae.{name}", "at least 1", getattr(h, name))
-        _require(0.0 <= h.dropout < 1.0, "head_vae.dropout", "in [0, 1)", h.dropout)
-        _require(h.kl_weight >= 0, "head_vae.kl_weight", "non-negative", h.kl_weight)
-        _require(h.lr > 0, "head_vae.lr", "positive", h.lr)
-        _require(h.hidden % h.n_heads == 0, "head_vae.hidden", f"divisible by head_vae.n_heads={h.n_heads}", h.hidden)
-        _require(d.num_workers >= 0 and d.shuffle_buffer >= 1, "data.num_workers/shuffle_buffer",
-                 "num_workers >= 0 and shuffle_buffer >= 1", (d.num_workers, d.shuffle_buffer))
-        _require(0.0 <= d.max_bad_fraction <= 1.0, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
-        _require(not d.avatar or h.pose_dim == 7, "data.avatar", "empty unless head poses are 7-d (the 50h subject's "
-                 "avatar; Audio2Photoreal subjects need the ca_body renderer)", d.avatar)
-        p = self.pack
-        _require(p.segments_per_shard >= 1 and p.workers >= 1, "pack.segments_per_shard/workers", "at least 1 each",
-                 (p.segments_per_shard, p.workers))
-        _require(p.max_chunk_seconds >= 1.0, "pack.max_chunk_seconds", "at least 1 second", p.max_chunk_seconds)
-        _require(bool(p.name) and "/" not in p.name, "pack.name", "a non-empty file prefix without '/'", p.name)
-        _require(d.val_last_scenes >= 0, "data.val_last_scenes", "non-negative", d.val_last_scenes)
-        _require(d.segment_length >= 8, "data.segment_length", "at least 8 frames", d.segment_length)
-        _require(d.visual_fps > 0 and d.token_fps > 0, "data.visual_fps/token_fps", "positive",
-                 (d.visual_fps, d.token_fps))
-        par = self.parallel
-        _require(par.grad_accumulation >= 1, "parallel.grad_accumulation", "at least 1", par.grad_accumulation)
-        _require(par.init_timeout_s > 0 and par.train_timeout_s > 0, "parallel.init_timeout_s/train_timeout_s",
-                 "positive", (par.init_timeout_s, par.train_timeout_s))
-        _require(t.steps >= 1, "trainer.steps", "at least 1", t.steps)
-        _require(t.batch_size >= 1, "trainer.batch_size", "at least 1", t.batch_size)
-        _require(t.lr > 0, "trainer.lr", "positive", t.lr)
-        _require(t.weight_decay >= 0, "trainer.weight_decay", "non-negative", t.weight_decay)
-        _require(t.warmup_steps >= 0, "trainer.warmup_steps", "non-negative", t.warmup_steps)
-        _require(0.0 <= t.min_lr_ratio <= 1.0, "trainer.min_lr_ratio", "in [0, 1]", t.min_lr_ratio)
-        _require(t.grad_clip > 0, "trainer.grad_clip", "positive (the largest gradient norm kept)", t.grad_clip)
-        _require(t.seed >= 0, "trainer.seed", "a non-negative integer", t.seed)
-        _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two values in [0, 1)",
-                 t.betas)
-        _require(0.0 <= t.ema_decay < 1.0, "trainer.ema_decay", "in [0, 1)", t.ema_decay)
-        for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
-            _require(getattr(t, name) >= 1, f"trainer.{name}", "at least 1", getattr(t, name))
-        c = self.corpus
-        _require(c.seed >= 0, "corpus.seed", "a non-negative integer", c.seed)
-        _require(c.train_segments >= 1 and c.val_segments >= 1, "corpus.train_segments/val_segments",
-                 "at least 1 each", (c.train_segments, c.val_segments))
-        _require(len(c.words_per_segment) == 2 and 1 <= c.words_per_segment[0] <= c.words_per_segment[1],
-                 "corpus.words_per_segment", "[min, max] with 1 <= min <= max", c.words_per_segment)
-        x = self.text2tokens
-        for name in ("d_model", "encoder_layers", "n_heads", "ffn_hidden", "duration_hidden", "decoder_layers", "nfe",
-                     "max_symbols", "max_train_frames"):
-            _require(getattr(x, name) >= 1, f"text2tokens.{name}", "at least 1", getattr(x, name))
-        _require(x.d_model % x.n_heads == 0 and (x.d_model // x.n_heads) % 2 == 0, "text2tokens.d_model",
-                 f"divisible by text2tokens.n_heads={x.n_heads} into even per-head sizes (RoPE pairs)", x.d_model)
-        _require(x.duration_kernel >= 1 and x.duration_kernel % 2 == 1, "text2tokens.duration_kernel",
-                 "an odd kernel size", x.duration_kernel)
-        _require(0.0 <= x.dropout < 1.0, "text2tokens.dropout", "in [0, 1)", x.dropout)
-        _require(x.decoder_window >= 1, "text2tokens.decoder_window", "at least 1", x.decoder_window)
-        _require(x.temperature >= 0, "text2tokens.temperature", "non-negative", x.temperature)
-        _require(x.duration_weight >= 0, "text2tokens.duration_weight", "non-negative", x.duration_weight)
-        _require(min(x.short_pause_s, x.long_pause_s) >= 0, "text2tokens.short_pause_s/long_pause_s", "non-negative",
-                 (x.short_pause_s, x.long_pause_s))
-        _require(self.evaluate.val_items >= 0, "evaluate.val_items", "non-negative (0: no generated metrics)",
-                 self.evaluate.val_items)
+        _require(self.sample.guidance_scale == 1.0 or self.flow.cond_dropout > 0, "sample.guidance_scale",
+                 "1.0 unless the model was trained with flow.cond_dropout > 0", self.sample.guidance_scale)
+        _require(not self.evaluate.avatar or h.pose_dim == 7, "evaluate.avatar", "empty unless head poses are 7-d "
+                 "(the 50h subject's avatar; Audio2Photoreal subjects need the ca_body renderer)", self.evaluate.avatar)
         return self
 
     def _require_finite(self) -> None:
@@ -538,6 +605,43 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _move_old_keys(tree: dict[str, Any], where: str) -> tuple[dict[str, Any], list[str]]:
+    """A copy of a config tree with every key of MOVED_KEYS in its new place, and the moves made ("old -> new").
+
+    A key given both in its old and its new place is an error: which one the user meant is unknown."""
+    tree = {name: dict(value) if isinstance(value, dict) else value for name, value in tree.items()}
+    moved = []
+    for old, new in MOVED_KEYS.items():
+        old_section, old_key = old.split(".")
+        section = tree.get(old_section)
+        if not isinstance(section, dict) or old_key not in section:
+            continue
+        new_section, new_key = new.split(".")
+        target = tree.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{where}{new_section}: expected a mapping of config keys, got {target!r}")
+        if new_key in target:
+            raise ConfigError(f"{where}{old} and {new} are both set; {old} is the old name of {new}, keep only {new}")
+        target[new_key] = section.pop(old_key)
+        moved.append(f"{old} -> {new}")
+    return tree, moved
+
+
+def _warn_moved(moved: list[str], source: str) -> None:
+    if moved:
+        log.warning("%s: config keys in their place from before they moved, read in their new one: %s", source,
+                    ", ".join(moved))
+
+
+def _new_name(dotted: str, moved: list[str]) -> str:
+    """The override key under its current name, recording a move in `moved`."""
+    new = MOVED_KEYS.get(dotted)
+    if new is None:
+        return dotted
+    moved.append(f"{dotted} -> {new} (override)")
+    return new
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load defaults <- YAML file <- dotted overrides, then validate."""
     tree: dict[str, Any] = {}
@@ -552,13 +656,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
         tree = loaded or {}
+    tree, moved = _move_old_keys(tree, f"{path}: " if path is not None else "")
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value)
-    return config_from_dict(tree)
+        _set_dotted(tree, _new_name(key, moved), value)
+    cfg = _build(Config, tree).validate()
+    _warn_moved(moved, str(path) if path is not None else "overrides")
+    return cfg
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    return _build(Config, tree).validate()
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> Config:
+    """A validated Config from a dict as written by `Config.to_dict` (checkpoints, model files), of this version or
+    an earlier one: keys in an old place are moved to their new one, with one warning naming `source`."""
+    tree, moved = _move_old_keys(tree, "")
+    cfg = _build(Config, tree).validate()
+    _warn_moved(moved, source)
+    return cfg
 
 
 def with_overrides(cfg: Config, overrides: list[str], sections: tuple[str, ...]) -> Config:

@@ -19,8 +19,8 @@ import torch
 from avflow.config import Config, load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
+from avflow.data.pack import pack
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import pack
 from avflow.evaluate.run import DEFAULT_METRICS, Settings, evaluate_models, held_out_segments, markdown_table
 from avflow.infer.generate import generate
 from avflow.infer.model import load_inference_model
@@ -35,7 +35,7 @@ TEXT2TOKENS_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "text2tok
 
 def text2tokens_config(cfg: Config) -> Config:
     """The demo's text-to-tokens run: configs/text2tokens_demo.yaml on the demo's shards, in <run_dir>/text2tokens."""
-    return load_config(TEXT2TOKENS_CONFIG, [f"data.root={cfg.data.root}", f"data.shards={cfg.data.shards}",
+    return load_config(TEXT2TOKENS_CONFIG, [f"data.root={cfg.data.root}", f"loader.shards={cfg.loader.shards}",
                                             f"trainer.run_dir={Path(cfg.trainer.run_dir) / 'text2tokens'}",
                                             f"trainer.device={cfg.trainer.device}"])
 
@@ -47,8 +47,8 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     write_corpus(root, cfg.corpus)
     transcripts = json.loads((root / "transcripts.json").read_text())
 
-    print(f"[2/6] packing it into shards in {cfg.data.shards}")
-    manifest = pack(cfg, cfg.data.shards)
+    print(f"[2/6] packing it into shards in {cfg.loader.shards}")
+    manifest = pack(cfg, cfg.loader.shards)
     print(f"  {manifest['splits']['train']['hours'] * 60:.1f} min train, "
           f"{manifest['splits']['val']['hours'] * 60:.1f} min held out")
 
@@ -64,10 +64,10 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     torch.manual_seed(cfg.trainer.seed)
     untrained = dataclasses.replace(model, net=AVFlowNet(cfg.model).to(model.device).eval(), samplers={})
     names = DEFAULT_METRICS + (["mouth_correlation"] if cfg.evaluate.mouth_controls else [])
-    settings = Settings(str(Path(cfg.data.shards).resolve()), "val", cfg.sample, None, names, None)
+    settings = Settings(str(Path(cfg.loader.shards).resolve()), "val", cfg.sample, None, names, None)
     report_dir = output / "evaluation"
     shutil.rmtree(report_dir, ignore_errors=True)  # the models may differ from a previous run's
-    report = evaluate_models({"untrained": untrained, "trained": model}, held_out_segments(cfg.data.shards), settings,
+    report = evaluate_models({"untrained": untrained, "trained": model}, held_out_segments(cfg.loader.shards), settings,
                              report_dir, sources={"untrained": f"initialization of seed {cfg.trainer.seed}",
                                                   "trained": str(checkpoint)})
     print(markdown_table(report))
@@ -80,7 +80,7 @@ def run_demo(cfg: Config, output: Path) -> dict[str, dict[str, float]]:
     text2tokens = load_text2tokens(t2t_trainer.fit(), t2t_trainer.device)
     held_out_names = sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns))
     frames = [arrays["tokens"].shape[0]
-              for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",), cfg.data.max_bad_fraction)]
+              for arrays in iter_split_arrays(cfg.loader.shards, "val", ("tokens",), cfg.loader.max_bad_fraction)]
     t2t_scores = evaluate_text2tokens(text2tokens, [transcripts[name] for name in held_out_names], frames)
     print(f"  held-out sentences: CER of the generated tokens {t2t_scores['cer']:.1%}, "
           f"total duration error {t2t_scores['duration_error']:.1%}")

@@ -5,7 +5,7 @@
 
 Writes the demo corpus (default CorpusConfig) into a temporary folder and packs it with one worker (timed:
 hours of audio per minute). Then times, in one process with one torch thread (so per core):
-- shards: `training_batches` with data.num_workers=0, the packed path training uses;
+- shards: `training_batches` with loader.num_workers=0, the packed path training uses;
 - raw: per window, `read_segment_record` + `align_segment` of a random train segment and a random crop,
   stacked into the same batch tensors: what a loader without packing has to do.
 Both read files the corpus writer just wrote, so both are served from the page cache.
@@ -30,7 +30,7 @@ from avflow.data.corpus import write_corpus
 from avflow.data.layouts import read_segment_record
 from avflow.data.layouts.fifty_h import is_validation
 from avflow.data.loader import assemble_batch, training_batches
-from avflow.data.shards import pack
+from avflow.data.pack import pack
 
 
 def windows_per_second(next_batch, batch_size: int, seconds: float) -> float:
@@ -45,7 +45,7 @@ def windows_per_second(next_batch, batch_size: int, seconds: float) -> float:
 
 def raw_batch_maker(cfg: Config, names: list[str], dims: dict[str, int], rng: np.random.Generator):
     """A function building one batch the unpacked way: read + align one random segment per window."""
-    window, batch_size = cfg.data.segment_length, cfg.trainer.batch_size
+    window, batch_size = cfg.loader.segment_length, cfg.trainer.batch_size
     streams = tuple(dims)
 
     def next_batch() -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = Config()
-    cfg.data.segment_length = args.window
+    cfg.loader.segment_length = args.window
     cfg.trainer.batch_size = args.batch
     cfg.pack.workers = 1
 

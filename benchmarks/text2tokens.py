@@ -4,7 +4,7 @@
     python benchmarks/text2tokens.py --variants flow:character flow:phoneme regression:character
     python benchmarks/text2tokens.py --val-segments 60     # a fresh demo corpus with 60 held-out sentences
 
-Expects the demo shards (`avflow demo`, or `avflow corpus` + `avflow pack --layout demo`) at data.shards of
+Expects the demo shards (`avflow demo`, or `avflow corpus` + `avflow pack --layout demo`) at loader.shards of
 configs/text2tokens_demo.yaml; with --val-segments N it writes and packs the demo corpus with N held-out
 segments into a temporary folder instead (the training segments are the same: every segment is a pure
 function of the corpus seed, its split and its index). For each variant it trains that config with the
@@ -29,8 +29,8 @@ from pathlib import Path
 from avflow.config import load_config
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts.fifty_h import is_validation
+from avflow.data.pack import pack
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import pack
 from avflow.infer.text2tokens import load_text2tokens
 from avflow.text.normalize import normalize_text
 from avflow.text.transcripts import character_error_rate, greedy_transcript
@@ -43,18 +43,19 @@ def held_out(cfg) -> tuple[list[str], list[int]]:
     """The held-out sentences (sorted by segment name, the shards' order) and their lengths in mel frames."""
     transcripts = json.loads((Path(cfg.data.root) / "transcripts.json").read_text())
     names = sorted(name for name in transcripts if is_validation(name, cfg.data.val_patterns))
-    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
+    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.loader.shards, "val", ("tokens",))]
     if len(frames) != len(names):
-        raise ValueError(f"{cfg.data.shards}: {len(frames)} held-out segments, but transcripts.json names {len(names)}")
+        raise ValueError(f"{cfg.loader.shards}: {len(frames)} held-out segments, but transcripts.json names "
+                         f"{len(names)}")
     return [transcripts[name] for name in names], frames
 
 
 def write_demo_shards(val_segments: int, work: Path) -> list[str]:
     """The demo corpus with `val_segments` held-out segments, packed; returns the data.* overrides for it."""
-    data = [f"data.root={work / 'corpus'}", f"data.shards={work / 'shards'}", f"corpus.val_segments={val_segments}"]
+    data = [f"data.root={work / 'corpus'}", f"loader.shards={work / 'shards'}", f"corpus.val_segments={val_segments}"]
     cfg = load_config(CONFIG, data)
     write_corpus(cfg.data.root, cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
+    pack(cfg, cfg.loader.shards, progress=False)
     return data
 
 

@@ -94,15 +94,15 @@ def prepare_data(scratch: Path, overrides: list[str], device: torch.device) -> l
     """The corpus written and packed, and one head VAE trained on the training device; returns the data.*
     overrides naming them."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
     from avflow.train.batches import train_head_vae_stage
 
-    data = [f"data.root={scratch / 'corpus'}", f"data.shards={scratch / 'shards'}"]
+    data = [f"data.root={scratch / 'corpus'}", f"loader.shards={scratch / 'shards'}"]
     cfg = load_config(None, overrides + data + [f"head_vae.steps={HEAD_VAE_STEPS}"])
     write_corpus(Path(cfg.data.root), cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
+    pack(cfg, cfg.loader.shards, progress=False)
     train_head_vae_stage(cfg, scratch / "head_vae.pt", progress=False, device=device)
-    return data + [f"data.head_vae={scratch / 'head_vae.pt'}"]
+    return data + [f"trainer.head_vae={scratch / 'head_vae.pt'}"]
 
 
 def measure_trainer(overrides: list[str], info, steps: int) -> float:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.compile}; loader workers {workers}; torch {torch.__version__}", flush=True)
     scratch = tempfile.TemporaryDirectory()
     model_overrides = [f"model.{key}={value}" for key, value in sizes.items()]
-    data_overrides = (QUICK_CORPUS if args.quick else CORPUS) + [f"data.segment_length={window}"]
+    data_overrides = (QUICK_CORPUS if args.quick else CORPUS) + [f"loader.segment_length={window}"]
     try:
         shards = None
         if not args.no_trainer:
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer_overrides = None if shards is None else data_overrides + shards + model_overrides + [
                 f"parallel.strategy={strategy}", f"parallel.compile={str(args.compile).lower()}",
                 f"trainer.batch_size={batch}", f"trainer.run_dir={Path(scratch.name) / strategy}",
-                f"data.num_workers={workers}", "trainer.ema_decay=0.999"]
+                f"loader.num_workers={workers}", "trainer.ema_decay=0.999"]
             rows = [("loop", lambda: measure_loop(cfg.validate(), info, batch, window, steps))]
             if trainer_overrides is not None:
                 rows.append(("avflow train", lambda: measure_trainer(trainer_overrides, info, steps)))

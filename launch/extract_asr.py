@@ -53,7 +53,8 @@ def split_recordings(input_dir: Path, layout: str, tasks: int) -> list[list[tupl
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m launch.extract_asr", description=__doc__.splitlines()[0])
-    parser.add_argument("-i", "--input", required=True, type=Path, help="dataset folder of the layout")
+    parser.add_argument("-i", "--input", required=True, type=Path,
+                        help="dataset folder of the layout, or the manifest file")
     parser.add_argument("--model", required=True, type=Path, help="local wav2vec2 CTC model directory")
     parser.add_argument("--layout", choices=layout_choices(), default="50h", help=f"{layout_help()} (default: 50h)")
     parser.add_argument("--tasks", required=True, type=int, help="array jobs to split the recordings over")

@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML config")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     parser.add_argument("--layout", choices=layout_choices(), help=f"{layout_help()} (default: data.layout)")
-    parser.add_argument("-i", "--input", type=Path, help="dataset folder of the layout (default: data.root)")
-    parser.add_argument("-o", "--output", type=Path, help="shard folder, e.g. shards/NAME (default: data.shards)")
+    parser.add_argument("-i", "--input", type=Path,
+                        help="dataset folder of the layout, or the manifest file (default: data.root)")
+    parser.add_argument("-o", "--output", type=Path, help="shard folder, e.g. shards/NAME (default: loader.shards)")
     parser.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
     parser.add_argument("--job-name", default="avflow-pack")

@@ -33,16 +33,16 @@ def packed_tiny_corpus(root, overrides: list[str]) -> list[str]:
     """Write and pack the demo corpus under `root` and train a throwaway head VAE, so a test trains only the
     main model; returns the data.* overrides that point a config at them."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
     from avflow.train.head_vae import train_head_vae
 
-    data = [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}"]
+    data = [f"data.root={root / 'corpus'}", f"loader.shards={root / 'shards'}"]
     cfg = load_config(None, overrides + data)
     write_corpus(cfg.data.root, cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
+    pack(cfg, cfg.loader.shards, progress=False)
     poses = [np.random.default_rng(0).standard_normal((40, 7)).astype(np.float32)]
     train_head_vae(poses, cfg.head_vae, root / "head_vae.pt", progress=False)
-    return data + [f"data.head_vae={root / 'head_vae.pt'}"]
+    return data + [f"trainer.head_vae={root / 'head_vae.pt'}"]
 
 
 def randomized(module, scale=0.2):

@@ -94,7 +94,7 @@ def test_every_numeric_key_is_range_checked(key, kind):
     ("trainer.grad_clip=-1", "trainer.grad_clip: expected positive"),
     ("mel.hop_length=0", "mel.hop_length: expected a positive integer, got 0"),
     ("head_vae.batch_size=0", "head_vae.batch_size: expected at least 1, got 0"),
-    ("pack.max_chunk_seconds=.inf", "pack.max_chunk_seconds: expected a finite number, got inf"),
+    ("data.max_chunk_seconds=.inf", "data.max_chunk_seconds: expected a finite number, got inf"),
     ("mel.fmax=20000", "mel.fmin/fmax: expected 0 <= fmin < fmax <= sample_rate / 2"),
     ("text2tokens.duration_kernel=-1", "text2tokens.duration_kernel: expected an odd kernel size"),
     ("trainer.betas=[0.9,", "override 'trainer.betas=[0.9,': the value is not valid YAML"),
@@ -145,3 +145,106 @@ def test_metric_names_are_those_evaluate_defines_and_unknown_ones_are_refused():
     cfg.evaluate.val_metrics.append("mel_l3")
     with pytest.raises(ConfigError, match=r"evaluate.val_metrics: expected names among mel_l1, .*got \['mel_l3'\]"):
         cfg.validate()
+
+
+# The `data` and `pack` sections as avflow wrote them before `data` held only what shards are made of (every field
+# of the old DataConfig and PackConfig, none at its default).
+OLD_DATA = {"layout": "50h", "root": "/data/50h", "subject": "", "segment_length": 172,
+            "val_patterns": ["20240408"], "visual_fps": 30.0, "token_fps": 50.0, "val_last_scenes": 3,
+            "participant_mel": False, "canonical_quaternion_sign": True, "head_vae": "/runs/vae.pt",
+            "shards": "/shards/50h", "num_workers": 4, "shuffle_buffer": 16, "max_bad_fraction": 0.02,
+            "avatar": "/data/50h-release", "avatar_pose": "relative"}
+OLD_PACK = {"name": "50h", "segments_per_shard": 8, "max_chunk_seconds": 30.0, "workers": 8, "skip_bad": True}
+MOVES = ["data.segment_length -> loader.segment_length", "data.shards -> loader.shards",
+         "data.num_workers -> loader.num_workers", "data.shuffle_buffer -> loader.shuffle_buffer",
+         "data.max_bad_fraction -> loader.max_bad_fraction", "data.head_vae -> trainer.head_vae",
+         "data.avatar -> evaluate.avatar", "data.avatar_pose -> evaluate.avatar_pose"]
+PACK_MOVES = ["pack.segments_per_shard -> data.segments_per_shard", "pack.max_chunk_seconds -> data.max_chunk_seconds"]
+
+
+def assert_old_values_in_new_places(cfg, pack=True):
+    assert (cfg.data.root, cfg.data.val_patterns, cfg.data.val_last_scenes) == ("/data/50h", ["20240408"], 3)
+    assert (cfg.loader.segment_length, cfg.loader.shards, cfg.loader.num_workers, cfg.loader.shuffle_buffer,
+            cfg.loader.max_bad_fraction) == (172, "/shards/50h", 4, 16, 0.02)
+    assert cfg.trainer.head_vae == "/runs/vae.pt"
+    assert (cfg.evaluate.avatar, cfg.evaluate.avatar_pose) == ("/data/50h-release", "relative")
+    if pack:
+        assert (cfg.data.segments_per_shard, cfg.data.max_chunk_seconds) == (8, 30.0)
+        assert (cfg.pack.name, cfg.pack.workers, cfg.pack.skip_bad) == ("50h", 8, True)
+
+
+def moved_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "avflow.config"]
+
+
+def test_a_config_dict_of_the_old_shape_loads_with_one_warning_naming_every_move(caplog):
+    from avflow.config import config_from_dict
+
+    with caplog.at_level("WARNING", logger="avflow.config"):
+        cfg = config_from_dict({"data": dict(OLD_DATA), "pack": dict(OLD_PACK)}, "old.yaml")
+    assert_old_values_in_new_places(cfg)
+    (warning,) = moved_warnings(caplog)
+    assert warning.startswith("old.yaml: ")
+    for move in MOVES + PACK_MOVES:
+        assert move in warning
+
+
+def test_an_old_config_file_and_old_overrides_load_with_one_warning(tmp_path, caplog):
+    import yaml
+
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": {key: OLD_DATA[key] for key in ("layout", "root", "shards", "num_workers")},
+                                    "pack": {"name": "50h", "workers": 8}}))
+    overrides = ["data.avatar=/data/50h-release", "pack.max_chunk_seconds=30", "loader.shuffle_buffer=16"]
+    with caplog.at_level("WARNING", logger="avflow.config"):
+        cfg = load_config(path, overrides)
+    assert (cfg.loader.shards, cfg.loader.num_workers, cfg.loader.shuffle_buffer) == ("/shards/50h", 4, 16)
+    assert (cfg.evaluate.avatar, cfg.data.max_chunk_seconds, cfg.pack.workers) == ("/data/50h-release", 30.0, 8)
+    (warning,) = moved_warnings(caplog)
+    for move in ("data.shards -> loader.shards", "data.num_workers -> loader.num_workers",
+                 "data.avatar -> evaluate.avatar (override)", "pack.max_chunk_seconds -> data.max_chunk_seconds"):
+        assert move in warning
+    assert "shuffle_buffer" not in warning and "pack.workers" not in warning
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="avflow.config"):
+        load_config(None, ["loader.num_workers=2", "evaluate.avatar=/x"])
+        Config().validate()
+    assert moved_warnings(caplog) == []
+
+
+def test_a_key_given_in_its_old_and_its_new_place_is_refused(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("data:\n  num_workers: 4\nloader:\n  num_workers: 2\n")
+    with pytest.raises(ConfigError, match="data.num_workers and loader.num_workers are both set"):
+        load_config(path)
+
+
+def test_a_checkpoint_config_of_the_old_shape_loads(tmp_path, caplog):
+    """What checkpoints and model files written before the move store: `Config.checkpoint_dict()` of the old
+    sections (no `pack`, `corpus` or `loader`; the loader keys, head-VAE path and avatar inside `data`)."""
+    from avflow.model.io import checkpoint_config
+
+    stored = Config().checkpoint_dict()
+    del stored["loader"]
+    del stored["trainer"]["head_vae"]
+    del stored["evaluate"]["avatar"], stored["evaluate"]["avatar_pose"]
+    stored["data"] = dict(OLD_DATA)
+    with caplog.at_level("WARNING", logger="avflow.config"):
+        cfg = checkpoint_config({"config": stored}, tmp_path / "checkpoint-1000")
+    assert_old_values_in_new_places(cfg, pack=False)
+    (warning,) = moved_warnings(caplog)
+    assert warning.startswith(f"{tmp_path / 'checkpoint-1000'}: ") and all(move in warning for move in MOVES)
+
+
+def test_each_section_validates_its_own_keys():
+    """A section checks its values alone (no Config around it), with the same `section.key: expected` message."""
+    from avflow.config import DataConfig, LoaderConfig, PackConfig
+
+    for section, message in ((LoaderConfig(num_workers=-1), "loader.num_workers/shuffle_buffer: expected"),
+                             (DataConfig(segments_per_shard=0), "data.segments_per_shard: expected at least 1"),
+                             (PackConfig(workers=0), "pack.workers: expected at least 1, got 0")):
+        with pytest.raises(ConfigError, match=message):
+            section.validate()
+    with pytest.raises(ConfigError, match="evaluate.avatar: expected empty unless head poses are 7-d"):
+        load_config(None, ["evaluate.avatar=/data/50h", "head_vae.pose_dim=4"])

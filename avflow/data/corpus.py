@@ -40,11 +40,6 @@ ALIGNMENTS = "alignments.json"
 
 MOUTH_CONTROLS = ("jaw_open", "lip_round", "lip_close", "blink")
 
-# Mixes the 4 controls into the other 252 components. Fixed, independent of the corpus seed, so every
-# corpus shows the same "face".
-FACE_MIX_SEED = 1234
-FACE_MIX = np.random.default_rng(FACE_MIX_SEED).normal(0.0, 0.5, size=(len(MOUTH_CONTROLS),
-                                                                       EXPRESSION_DIM - len(MOUTH_CONTROLS)))
 
 WORDS = (
     "the be to of and a in that have it for not on with he as you do at this but his by from they we say "
@@ -88,6 +83,49 @@ JAW_OPEN_CONSONANT = 0.15
 LIP_ROUND = {"O": 0.9, "U": 1.0, "W": 1.0, "R": 0.3}
 LIP_CLOSE = {"M": 1.0, "B": 1.0, "P": 1.0, "F": 0.3, "V": 0.3}
 COARTICULATION_SIGMA_SECONDS = 0.025  # Gaussian smoothing, ~60 ms full width at half maximum
+
+
+@dataclass(frozen=True)
+class Persona:
+    """One synthetic person: a voice, a face style and a way of moving the head.
+
+    Real identities differ in exactly these ways: pitch and vocal-tract length (formants), how their avatar's
+    expression code encodes the same mouth movement, and how much they move. The mouth controls stay the first
+    four expression components for every persona, so mouth metrics read the same for all.
+    """
+
+    f0_range: tuple[float, float]  # Hz: each segment's base pitch is drawn from it
+    formant_scale: float  # every formant times this: a shorter vocal tract is higher
+    face_seed: int  # draws the matrix that mixes the mouth controls into the other 252 components
+    jaw_scale: float  # how wide the jaw opens for the same letter
+    head_motion_scale: float  # amplitude of the idle drift and of the speech nods
+    nod_rate: tuple[float, float]  # nods per second, drawn per segment
+    seed_salt: int  # 0 keeps the original corpus; others draw their own sentences and noise
+
+    def face_mix(self) -> np.ndarray:
+        """(4, 252): fixed per persona, independent of the corpus seed, so every corpus of it shows one face."""
+        return np.random.default_rng(self.face_seed).normal(0.0, 0.5, size=(len(MOUTH_CONTROLS),
+                                                                            EXPRESSION_DIM - len(MOUTH_CONTROLS)))
+
+
+# `demo` is the corpus every demo and test has used; the others give the demo several people to learn at once.
+PERSONAS = {
+    "demo": Persona(f0_range=(115.0, 140.0), formant_scale=1.0, face_seed=1234, jaw_scale=1.0,
+                    head_motion_scale=1.0, nod_rate=(1.2, 2.2), seed_salt=0),
+    "bright": Persona(f0_range=(195.0, 235.0), formant_scale=1.17, face_seed=2345, jaw_scale=0.75,
+                      head_motion_scale=1.6, nod_rate=(2.0, 3.0), seed_salt=1),
+    "deep": Persona(f0_range=(82.0, 98.0), formant_scale=0.88, face_seed=3456, jaw_scale=1.25,
+                    head_motion_scale=0.55, nod_rate=(0.8, 1.3), seed_salt=2),
+    "quick": Persona(f0_range=(150.0, 175.0), formant_scale=1.08, face_seed=4567, jaw_scale=0.9,
+                     head_motion_scale=1.25, nod_rate=(2.5, 3.5), seed_salt=3),
+}
+
+
+def persona(name: str) -> Persona:
+    """The persona called `name`, or one error listing the known ones."""
+    if name not in PERSONAS:
+        raise ValueError(f"corpus.identity: expected one of {', '.join(PERSONAS)}, got {name!r}")
+    return PERSONAS[name]
 
 
 @dataclass
@@ -155,14 +193,15 @@ def _band_gains(table: dict[str, tuple[str, float]], symbols: list[str], band: s
     return np.array([table[symbol][1] if symbol in table and table[symbol][0] == band else 0.0 for symbol in symbols])
 
 
-def _speech(symbols: list[str], starts: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _speech(symbols: list[str], starts: np.ndarray, counts: np.ndarray, voice: Persona,
+            rng: np.random.Generator) -> np.ndarray:
     """Source-filter speech at 48 kHz: formant-filtered glottal source plus band noise and bursts."""
     total = int(counts.sum())
     span = np.repeat(np.arange(len(symbols)), counts)
     seconds = np.arange(total) / SAMPLE_RATE
     duration = total / SAMPLE_RATE
 
-    base_f0 = rng.uniform(115.0, 140.0)
+    base_f0 = rng.uniform(*voice.f0_range)
     intonation = 1.0 + 0.07 * np.sin(2.0 * math.pi * rng.uniform(0.3, 0.7) * seconds + rng.uniform(0, 2 * math.pi))
     declination = 1.06 - 0.12 * seconds / duration
     f0 = base_f0 * intonation * declination
@@ -177,7 +216,7 @@ def _speech(symbols: list[str], starts: np.ndarray, counts: np.ndarray, rng: np.
         weight = _smooth((np.array(classes) == name).astype(np.float64)[span], int(0.02 * SAMPLE_RATE))
         filtered = np.zeros(total)
         for frequency, bandwidth, gain in zip(FORMANTS[name], FORMANT_BANDWIDTHS, FORMANT_GAINS):
-            b, a = _resonator(frequency, bandwidth)
+            b, a = _resonator(frequency * voice.formant_scale, bandwidth)
             filtered += gain * lfilter(b, a, source)
         speech += weight * filtered
 
@@ -199,11 +238,12 @@ def _frame_times(frames: int) -> np.ndarray:
     return (np.arange(frames) + 0.5) / VISUAL_FPS
 
 
-def _mouth_controls(symbols: list[str], seconds: list[float], frames: int, rng: np.random.Generator) -> np.ndarray:
+def _mouth_controls(symbols: list[str], seconds: list[float], frames: int, jaw_scale: float,
+                    rng: np.random.Generator) -> np.ndarray:
     """(frames, 4) controls: per-letter targets on a 1 ms grid, smoothed for coarticulation, plus blinks."""
     _, counts = _spans(seconds, CONTROL_RATE)
     span = np.repeat(np.arange(len(symbols)), counts)
-    targets = np.array([[JAW_OPEN.get(symbol, JAW_OPEN_CONSONANT if symbol.isalpha() else 0.0),
+    targets = np.array([[jaw_scale * JAW_OPEN.get(symbol, JAW_OPEN_CONSONANT if symbol.isalpha() else 0.0),
                          LIP_ROUND.get(symbol, 0.0), LIP_CLOSE.get(symbol, 0.0)] for symbol in symbols])[span]
     smoothed = gaussian_filter1d(targets, COARTICULATION_SIGMA_SECONDS * CONTROL_RATE, axis=0, mode="nearest")
     times = _frame_times(frames)
@@ -227,7 +267,7 @@ def _drift(times: np.ndarray, amplitude: float, rng: np.random.Generator) -> np.
                         + 0.3 * np.sin(2 * math.pi * frequencies[1] * times + phases[1]))
 
 
-def _headpose(actor: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
+def _headpose(actor: np.ndarray, frames: int, mover: Persona, rng: np.random.Generator) -> np.ndarray:
     """(frames, 4, 4) rigid transforms: a few degrees of idle drift plus nods that grow with speech energy.
 
     Angles are in radians internally, translation in metres.
@@ -235,12 +275,14 @@ def _headpose(actor: np.ndarray, frames: int, rng: np.random.Generator) -> np.nd
     rms = np.sqrt(np.mean(actor.reshape(frames, SAMPLES_PER_FRAME) ** 2, axis=1))
     energy = gaussian_filter1d(rms / max(rms.max(), 1e-12), 5.0, mode="nearest")
     times = _frame_times(frames)
-    nod = 0.5 - 0.5 * np.cos(2 * math.pi * rng.uniform(1.2, 2.2) * times + rng.uniform(0, 2 * math.pi))
-    yaw = np.radians(_drift(times, 3.0, rng))
-    pitch = np.radians(_drift(times, 1.5, rng) + 4.0 * energy * nod)
-    roll = np.radians(_drift(times, 1.5, rng))
-    translation = np.column_stack([_drift(times, 0.01, rng), _drift(times, 0.008, rng) - 0.006 * energy * nod,
-                                   _drift(times, 0.01, rng)])
+    nod = 0.5 - 0.5 * np.cos(2 * math.pi * rng.uniform(*mover.nod_rate) * times + rng.uniform(0, 2 * math.pi))
+    scale = mover.head_motion_scale
+    yaw = np.radians(_drift(times, 3.0 * scale, rng))
+    pitch = np.radians(_drift(times, 1.5 * scale, rng) + 4.0 * scale * energy * nod)
+    roll = np.radians(_drift(times, 1.5 * scale, rng))
+    translation = np.column_stack([_drift(times, 0.01 * scale, rng),
+                                   _drift(times, 0.008 * scale, rng) - 0.006 * scale * energy * nod,
+                                   _drift(times, 0.01 * scale, rng)])
     zero, one = np.zeros(frames), np.ones(frames)
 
     def rotation(rows: list[list[np.ndarray]]) -> np.ndarray:
@@ -256,19 +298,22 @@ def _headpose(actor: np.ndarray, frames: int, rng: np.random.Generator) -> np.nd
     return pose.astype(np.float32)
 
 
-def synthesize_segment(seed: int, index: int, is_val: bool, words_per_segment: list[int]) -> SegmentStreams:
-    """One segment, a pure function of (seed, split, index)."""
-    rng = np.random.default_rng((seed, int(is_val), index))
+def synthesize_segment(seed: int, index: int, is_val: bool, words_per_segment: list[int],
+                       who: Persona = PERSONAS["demo"]) -> SegmentStreams:
+    """One segment, a pure function of (seed, split, index, persona)."""
+    entropy = (seed, int(is_val), index) + ((who.seed_salt,) if who.seed_salt else ())
+    rng = np.random.default_rng(entropy)
     low, high = words_per_segment
     sentence = " ".join(str(word) for word in rng.choice(WORDS, size=int(rng.integers(low, high + 1))))
     symbols, seconds, frames = _timeline(sentence, rng)
 
     sample_starts, sample_counts = _spans(seconds, SAMPLE_RATE)
-    actor = _speech(symbols, sample_starts, sample_counts, rng) + rng.normal(0.0, 3e-4, frames * SAMPLES_PER_FRAME)
+    actor = _speech(symbols, sample_starts, sample_counts, who, rng) + rng.normal(0.0, 3e-4, frames * SAMPLES_PER_FRAME)
     participant = rng.normal(0.0, 3e-4, frames * SAMPLES_PER_FRAME)
 
-    controls = _mouth_controls(symbols, seconds, frames, rng)
-    mixed = controls @ FACE_MIX + rng.normal(0.0, 0.02, (frames, FACE_MIX.shape[1]))
+    controls = _mouth_controls(symbols, seconds, frames, who.jaw_scale, rng)
+    face_mix = who.face_mix()
+    mixed = controls @ face_mix + rng.normal(0.0, 0.02, (frames, face_mix.shape[1]))
 
     token_counts = seconds_to_frames(seconds, TOKEN_FPS)
     actor_tokens = token_logits_from_durations(list(zip(symbols, token_counts)), TOKEN_FPS, rng, noise=0.5)
@@ -278,7 +323,7 @@ def synthesize_segment(seed: int, index: int, is_val: bool, words_per_segment: l
         sentence=sentence,
         audio=np.stack([actor, participant]).astype(np.float32),
         expression=np.concatenate([controls, mixed], axis=1).astype(np.float32),
-        headpose=_headpose(actor, frames, rng),
+        headpose=_headpose(actor, frames, who, rng),
         tokens=np.stack([actor_tokens, participant_tokens]),
         alignment=[(symbol, int(start), int(start + count))
                    for symbol, start, count in zip(symbols, sample_starts, sample_counts)],
@@ -314,19 +359,21 @@ def _remove_stale_segments(root: Path, keep: set[str]) -> None:
 
 
 def write_corpus(root: str | Path, cfg: CorpusConfig) -> list[str]:
-    """Write the demo corpus in the 50h layout under `root`; return the segment names, train then val.
+    """Write the demo corpus of persona `cfg.identity` in the 50h layout under `root`; return the segment names,
+    train then val.
 
     Each file is written atomically; `transcripts.json` ({segment: sentence}) and `alignments.json`
     ({segment: [[symbol, first sample, end sample], ...]} at 48 kHz) are written last.
     """
     if cfg.seed < 0:
         raise ValueError(f"corpus.seed: expected a non-negative integer, got {cfg.seed}")
+    who = persona(cfg.identity)
     root = Path(root)
     transcripts, alignments = {}, {}
     for is_val, count in ((False, cfg.train_segments), (True, cfg.val_segments)):
         for index in range(count):
             name = segment_name(index, is_val)
-            streams = synthesize_segment(cfg.seed, index, is_val, cfg.words_per_segment)
+            streams = synthesize_segment(cfg.seed, index, is_val, cfg.words_per_segment, who)
             paths = stream_paths(root, name)
             save_wav(paths["audio"], streams.audio, SAMPLE_RATE)
             _save_npy(paths["expression"], streams.expression)

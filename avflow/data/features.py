@@ -225,7 +225,7 @@ def _quaternion_from_rotation(rotation: np.ndarray) -> np.ndarray:
     return quaternion / np.linalg.norm(quaternion, axis=1, keepdims=True)
 
 
-def _continuous_signs(quaternion: np.ndarray) -> np.ndarray:
+def continuous_quaternion_signs(quaternion: np.ndarray) -> np.ndarray:
     """Flip q -> -q (the same rotation) so each frame has dot >= 0 with its predecessor and frame 0 has w >= 0."""
     first_sign = 1.0 if quaternion[0, 0] >= 0 else -1.0
     step_signs = np.where(np.sum(quaternion[1:] * quaternion[:-1], axis=1) >= 0, 1.0, -1.0)
@@ -249,7 +249,7 @@ def rigid_to_pose7(transforms: np.ndarray, canonical_sign: bool = False) -> np.n
         return np.zeros((0, 7), dtype=out_dtype)
     quaternion = _quaternion_from_rotation(transforms[:, :3, :3])
     if canonical_sign:
-        quaternion = _continuous_signs(quaternion)
+        quaternion = continuous_quaternion_signs(quaternion)
     return np.concatenate([quaternion, transforms[:, :3, 3]], axis=1).astype(out_dtype)
 
 

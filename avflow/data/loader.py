@@ -2,11 +2,11 @@
 
 Training is an infinite stream per rank, a pure function of (seed, rank, worker, position):
 
-- Consumers. Rank r's DataLoader worker w is consumer c = r * W + w of C = world_size * W (W = data.num_workers,
+- Consumers. Rank r's DataLoader worker w is consumer c = r * W + w of C = world_size * W (W = loader.num_workers,
   1 without workers). In epoch e the train shards are permuted with rng(seed, e) and dealt c::C, so consumers
   read disjoint shards; with fewer shards than consumers each consumer draws one shard per epoch with
   rng(seed, e, c) instead, so none runs dry and no rank waits for another.
-- Windows. A consumer's samples pass a shuffle buffer (data.shuffle_buffer); each sample gives
+- Windows. A consumer's samples pass a shuffle buffer (loader.shuffle_buffer); each sample gives
   ceil(frames / window) random crops, a shorter one a single zero-padded crop. Crops are drawn from a pool of
   batch_size samples at a time, so a batch mixes several samples even when each sample is a minute long.
   Batches are assembled inside the worker, so every batch comes from one worker and the DataLoader delivers
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from avflow.config import Config, DataConfig
+from avflow.config import Config, LoaderConfig
+from avflow.data.shard_format import MANIFEST
 from avflow.data.shard_index import (
     EXPRESSION_MASK,
     BadDataError,
@@ -44,7 +45,6 @@ from avflow.data.shard_index import (
     read_or_record_bad,
     scan_shard,
 )
-from avflow.data.shards import MANIFEST
 
 BARREN_SHARDS_PER_SHARD = 20  # consecutive shard reads without a readable sample, per train shard, before giving up
 SHARD_ORDER, SAMPLE_ORDER, SHARD_DRAW = 0, 1, 2  # tags that keep the random streams of one seed apart
@@ -102,7 +102,7 @@ def _worker_id_and_count(num_workers: int) -> tuple[int, int]:
     if info is None:
         return 0, workers
     if info.num_workers != workers:
-        raise RuntimeError(f"shard stream built for data.num_workers={num_workers} runs in a DataLoader with "
+        raise RuntimeError(f"shard stream built for loader.num_workers={num_workers} runs in a DataLoader with "
                            f"{info.num_workers} workers")
     return info.id, workers
 
@@ -129,7 +129,7 @@ def _raising_bad_data(batch: dict[str, Any]) -> dict[str, Any]:
 class TrainingShards(IterableDataset):
     """The infinite window-batch stream of one rank, from `resume_batches` on (see the module docstring)."""
 
-    def __init__(self, shards: ShardList, data_cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int):
+    def __init__(self, shards: ShardList, loader: LoaderConfig, batch_size: int, seed: int, rank: int, world_size: int):
         if not shards.paths:
             raise ValueError(f"{shards.directory / MANIFEST}: no train shard with samples; expected at least one")
         if seed < 0:
@@ -137,11 +137,11 @@ class TrainingShards(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank}: expected 0 <= rank < world_size={world_size}")
         self.shards = shards
-        self.window = data_cfg.segment_length
-        self.num_workers = data_cfg.num_workers
-        self.consumers_per_rank = max(data_cfg.num_workers, 1)
-        self.shuffle_buffer = data_cfg.shuffle_buffer
-        self.max_bad_fraction = data_cfg.max_bad_fraction
+        self.window = loader.segment_length
+        self.num_workers = loader.num_workers
+        self.consumers_per_rank = max(loader.num_workers, 1)
+        self.shuffle_buffer = loader.shuffle_buffer
+        self.max_bad_fraction = loader.max_bad_fraction
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -252,7 +252,7 @@ class TrainingBatches:
                 "num_workers": self.dataset.num_workers, "world_size": self.dataset.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at batch state["batches"]; the stream depends on data.num_workers and the world size, so both
+        """Continue at batch state["batches"]; the stream depends on loader.num_workers and the world size, so both
         must be what they were when the state was saved."""
         batches = state.get("batches")
         if not isinstance(batches, int) or batches < 0:
@@ -260,7 +260,7 @@ class TrainingBatches:
         saved = (state.get("num_workers", self.dataset.num_workers), state.get("world_size", self.dataset.world_size))
         current = (self.dataset.num_workers, self.dataset.world_size)
         if saved != current:
-            raise ValueError(f"loader state: saved with data.num_workers={saved[0]} and world size {saved[1]}, this "
+            raise ValueError(f"loader state: saved with loader.num_workers={saved[0]} and world size {saved[1]}, this "
                              f"run has {current[0]} and {current[1]}; resume with the same values to continue the "
                              f"same stream")
         workers = self.dataset.consumers_per_rank
@@ -282,19 +282,20 @@ def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
 def training_batches(shard_dir: str | os.PathLike, cfg: Config, rank: int = 0, world_size: int = 1) -> TrainingBatches:
     """The training stream of `rank` of `world_size` over the train shards in `shard_dir`."""
     shards = open_split(shard_dir, "train", cfg)
-    return TrainingBatches(TrainingShards(shards, cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, rank, world_size))
+    return TrainingBatches(TrainingShards(shards, cfg.loader, cfg.trainer.batch_size, cfg.trainer.seed, rank,
+                                          world_size))
 
 
 class ValidationShards(IterableDataset):
     """A rank's share of the validation samples, each tiled into consecutive windows, in a fixed order."""
 
-    def __init__(self, shards: ShardList, data_cfg: DataConfig, batch_size: int, rank: int, world_size: int):
+    def __init__(self, shards: ShardList, loader: LoaderConfig, batch_size: int, rank: int, world_size: int):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank}: expected 0 <= rank < world_size={world_size}")
         self.shards = shards
-        self.window = data_cfg.segment_length
-        self.num_workers = data_cfg.num_workers
-        self.max_bad_fraction = data_cfg.max_bad_fraction
+        self.window = loader.segment_length
+        self.num_workers = loader.num_workers
+        self.max_bad_fraction = loader.max_bad_fraction
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -347,4 +348,4 @@ def validation_batches(shard_dir: str | os.PathLike, cfg: Config, rank: int = 0,
     Ranks may get different numbers of batches, so reduce validation sums across ranks after the loop.
     """
     shards = open_split(shard_dir, "val", cfg)
-    return ValidationBatches(ValidationShards(shards, cfg.data, cfg.trainer.batch_size, rank, world_size))
+    return ValidationBatches(ValidationShards(shards, cfg.loader, cfg.trainer.batch_size, rank, world_size))

@@ -26,3 +26,4 @@ class SegmentRecord:
     token_fps: float
     expression_valid: np.ndarray | None = None  # (N,) bool; None means every frame is data
     participant_features: np.ndarray | None = None  # (N, D) at visual_fps, min-max normalized to [-1, 1]
+    identity: str = ""  # whose voice and face this is (a2p: the subject); empty: the dataset's one identity

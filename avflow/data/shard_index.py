@@ -1,11 +1,11 @@
-"""Random access to packed shards (avflow.data.shards) from their headers alone.
+"""Random access to packed shards (avflow.data.shard_format) from their headers alone.
 
 `open_split` reads a split's shard list from the manifest; `scan_shard` walks one tar's members and reads
 each sample's JSON header and the headers of its .npy members, which give every array's offset, dtype and
 shape without decoding a value. A `SampleRef` is therefore enough to plan training windows (avflow.data.loader
 does, for exact resume) and to read the sample's arrays later with `read_arrays`, which checks them against
 the sha256 recorded at pack time. Bad samples are counted by `BadSampleCounter`, which stops a pass once
-more than data.max_bad_fraction of what it read was bad.
+more than loader.max_bad_fraction of what it read was bad.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from avflow.config import Config, DataConfig
-from avflow.data.shards import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
+from avflow.config import Config, LoaderConfig
+from avflow.data.shard_format import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.li
 
 
 class BadDataError(ValueError):
-    """More unreadable samples than data.max_bad_fraction allows, or no readable sample left to train on."""
+    """More unreadable samples than loader.max_bad_fraction allows, or no readable sample left to train on."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class BadSampleCounter:
     def _check(self) -> None:
         if self.seen >= MIN_SAMPLES_FOR_BAD_FRACTION and self.bad > self.max_fraction * self.seen:
             raise BadDataError(f"{self.source}: {self.bad} of {self.seen} samples read are bad, more than "
-                               f"data.max_bad_fraction={self.max_fraction}; {self.shard_summary()}; "
+                               f"loader.max_bad_fraction={self.max_fraction}; {self.shard_summary()}; "
                                f"last: {self.last_problem}")
 
     def shard_summary(self) -> str:
@@ -278,7 +278,7 @@ def read_or_record_bad(sample: SampleRef, counter: BadSampleCounter,
 
 
 def iter_split_arrays(shard_dir: str | os.PathLike, split: str, streams: tuple[str, ...] = REQUIRED_STREAMS,
-                      max_bad_fraction: float = DataConfig.max_bad_fraction) -> Iterator[dict[str, np.ndarray]]:
+                      max_bad_fraction: float = LoaderConfig.max_bad_fraction) -> Iterator[dict[str, np.ndarray]]:
     """Every readable sample of `split` in shard order, as {stream: whole-sample array} (float32; bool mask).
 
     For passes over the data outside training, such as fitting the head-pose VAE.

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from avflow.config import Config, SampleConfig
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import resample
+from avflow.data.shard_format import SPLITS
 from avflow.data.shard_index import BadSampleCounter, open_split, read_or_record_bad, scan_shard
-from avflow.data.shards import SPLITS
 from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
 from avflow.infer.generate import conditioning, generate_batch

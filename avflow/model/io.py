@@ -129,7 +129,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_config(meta: dict[str, Any], path: str | Path) -> Config:
     try:
-        return config_from_dict(meta["config"])
+        return config_from_dict(meta["config"], str(path))
     except (KeyError, ValueError) as error:
         raise ValueError(f"{path}: its stored config is unusable ({error})") from error
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from avflow.config import Config
+from avflow.data.shard_format import load_manifest
 from avflow.data.shard_index import iter_split_arrays
-from avflow.data.shards import load_manifest
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import load_head_vae
 from avflow.model.state import StateCodec
@@ -65,7 +65,7 @@ class BatchEncoder:
 
 
 def head_vae_path(cfg: Config) -> Path:
-    return Path(cfg.data.head_vae) if cfg.data.head_vae else Path(cfg.trainer.run_dir) / "head_vae.pt"
+    return Path(cfg.trainer.head_vae) if cfg.trainer.head_vae else Path(cfg.trainer.run_dir) / "head_vae.pt"
 
 
 def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
@@ -75,10 +75,10 @@ def codec_from_manifest(manifest: dict, cfg: Config) -> StateCodec:
 
 
 def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True, device: str | torch.device = "cpu") -> dict:
-    """The head-pose VAE stage: a VAE trained on the poses of data.shards' train split, written to `output`.
+    """The head-pose VAE stage: a VAE trained on the poses of loader.shards' train split, written to `output`.
     `avflow train-head-vae` runs it alone; `avflow train` runs it first, on its training device, when it has no VAE
     yet."""
-    split = iter_split_arrays(cfg.data.shards, "train", ("pose",), cfg.data.max_bad_fraction)
+    split = iter_split_arrays(cfg.loader.shards, "train", ("pose",), cfg.loader.max_bad_fraction)
     poses = [arrays["pose"] for arrays in split]
     return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, device=str(device), progress=progress)
 
@@ -86,13 +86,13 @@ def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True, devic
 def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True,
                     device: str | torch.device = "cpu") -> Path:
     """The head VAE the batch encoder needs, as an explicit step of training that says in the log what it does:
-    data.head_vae when set (it must exist), else <run_dir>/head_vae.pt, reused when there (a resumed run)
+    trainer.head_vae when set (it must exist), else <run_dir>/head_vae.pt, reused when there (a resumed run)
     and otherwise trained once by rank 0 while the other ranks wait."""
     vae_path = head_vae_path(cfg)
-    if cfg.data.head_vae:
+    if cfg.trainer.head_vae:
         if not vae_path.is_file():
-            raise FileNotFoundError(f"data.head_vae={vae_path}: no such head-VAE checkpoint")
-        log.info("head-pose VAE: %s (data.head_vae)", vae_path)
+            raise FileNotFoundError(f"trainer.head_vae={vae_path}: no such head-VAE checkpoint")
+        log.info("head-pose VAE: %s (trainer.head_vae)", vae_path)
     elif vae_path.is_file():
         log.info("head-pose VAE: reusing %s", vae_path)
     elif is_main:
@@ -111,5 +111,5 @@ def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True,
 def build_batch_encoder(cfg: Config, vae_path: Path, device: torch.device) -> BatchEncoder:
     """The batch encoder from the head VAE at `vae_path` and the normalization statistics of the shard manifest."""
     head_vae, pose_mean, pose_std = load_head_vae(vae_path, cfg.head_vae)
-    return BatchEncoder(cfg, codec_from_manifest(load_manifest(cfg.data.shards), cfg), head_vae, pose_mean, pose_std,
+    return BatchEncoder(cfg, codec_from_manifest(load_manifest(cfg.loader.shards), cfg), head_vae, pose_mean, pose_std,
                         device)

@@ -68,10 +68,10 @@ class AVFlowTask:
         """The head VAE (its own stage, `ensure_head_vae`), the batch encoder and this rank's training stream."""
         vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main, self.info.device)
         self.encoder = build_batch_encoder(self.cfg, vae_path, self.device)
-        self.train_batches = training_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
+        self.train_batches = training_batches(self.cfg.loader.shards, self.cfg, self.info.rank, self.info.world_size)
         self.avatar = None  # only the main rank logs samples
-        if self.cfg.data.avatar and self.info.is_main:
-            self.avatar = CodecAvatar.from_dataset(self.cfg.data.avatar, self.device, self.cfg.data.avatar_pose)
+        if self.cfg.evaluate.avatar and self.info.is_main:
+            self.avatar = CodecAvatar.from_dataset(self.cfg.evaluate.avatar, self.device, self.cfg.evaluate.avatar_pose)
 
     def prepare(self, features: dict[str, Any]) -> Batch:
         return self.encoder(features)
@@ -85,7 +85,7 @@ class AVFlowTask:
         return batch.valid
 
     def validation_batches(self) -> Iterable[dict[str, Any]]:
-        return validation_batches(self.cfg.data.shards, self.cfg, self.info.rank, self.info.world_size)
+        return validation_batches(self.cfg.loader.shards, self.cfg, self.info.rank, self.info.world_size)
 
     def checkpoint_tensors(self) -> dict[str, Any]:
         encoder = self.encoder
@@ -96,8 +96,8 @@ class AVFlowTask:
 
     def log_sample(self, writer, model: AVFlowNet, step: int) -> None:
         """Generate the first validation window from its tokens: audio (Griffin-Lim), a plot vs. the recording
-        and, with data.avatar, the Codec Avatar rendering the generated motion."""
-        features = next(iter(validation_batches(self.cfg.data.shards, self.cfg)), None)
+        and, with evaluate.avatar, the Codec Avatar rendering the generated motion."""
+        features = next(iter(validation_batches(self.cfg.loader.shards, self.cfg)), None)
         if features is None:
             return
         batch = self.encoder(features)
@@ -137,7 +137,7 @@ class AVFlowTask:
         streams = ("mel", "expression", "pose", "expression_valid", *conditioning)
         one = dataclasses.replace(cfg.sample, num_samples=1)
         generated_scores, truth_scores = [], []
-        split = iter_split_arrays(cfg.data.shards, "val", streams, cfg.data.max_bad_fraction)
+        split = iter_split_arrays(cfg.loader.shards, "val", streams, cfg.loader.max_bad_fraction)
         for arrays in itertools.islice(split, x.val_items):
             frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in arrays.items()}

@@ -45,7 +45,7 @@ def prepare_examples(shard_dir: str, split: str, cfg: Config) -> tuple[list[Exam
     front_end = build_front_end(cfg.text2tokens.front_end, cfg.text2tokens.language)
     index = {symbol: i for i, symbol in enumerate(front_end_symbols(front_end.name))}
     aligned, skipped = [], 0
-    for arrays in iter_split_arrays(shard_dir, split, ("tokens",), cfg.data.max_bad_fraction):
+    for arrays in iter_split_arrays(shard_dir, split, ("tokens",), cfg.loader.max_bad_fraction):
         tokens = arrays["tokens"]
         try:
             aligned.append((align_characters(tokens), tokens))
@@ -180,8 +180,8 @@ class Text2TokensTask:
     def load_data(self) -> None:
         """Align every segment of both splits (a pass over the shards' token stream) and fix the normalization."""
         cfg = self.cfg
-        train, skipped = prepare_examples(cfg.data.shards, "train", cfg)
-        self.val_examples, _ = prepare_examples(cfg.data.shards, "val", cfg)
+        train, skipped = prepare_examples(cfg.loader.shards, "train", cfg)
+        self.val_examples, _ = prepare_examples(cfg.loader.shards, "val", cfg)
         log.info("text2tokens: %d training segments (%d left out), %d held out, %s front end", len(train), skipped,
                  len(self.val_examples), cfg.text2tokens.front_end)
         self.token_mean, self.token_std = (tensor.to(self.device) for tensor in token_statistics(train))

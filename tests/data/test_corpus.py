@@ -8,7 +8,7 @@ import pytest
 import soundfile
 
 from avflow.config import CorpusConfig
-from avflow.data.corpus import MOUTH_CONTROLS, ground_truth_mouth_controls, write_corpus
+from avflow.data.corpus import MOUTH_CONTROLS, PERSONAS, ground_truth_mouth_controls, synthesize_segment, write_corpus
 from avflow.text.normalize import normalize_text
 from avflow.text.token_labels import TOKEN_LABELS
 
@@ -190,3 +190,61 @@ def test_head_pose_is_a_small_smooth_rigid_motion(corpus):
         step = np.degrees(np.arccos(np.clip((np.einsum("nij,nij->n", rotation[1:], rotation[:-1]) - 1) / 2, -1, 1)))
         assert step.max() < 1.5
         assert np.abs(pose[:, :3, 3]).max() < 0.05
+
+
+def _vowel_windows(streams, sample_rate: int = 48000):
+    """(symbol, 40 ms Hann-windowed actor audio) at the centre of each long enough vowel."""
+    for symbol, start, end in streams.alignment:
+        if symbol in FIRST_FORMANT_HZ and end - start >= 0.06 * sample_rate:
+            centre = (start + end) // 2
+            yield symbol, streams.audio[0, centre - 960:centre + 960] * np.hanning(1920)
+
+
+def _pitch_hz(window: np.ndarray, sample_rate: int = 48000) -> float:
+    """The autocorrelation peak between 70 and 300 Hz."""
+    correlation = np.correlate(window, window, mode="full")[len(window) - 1:]
+    lags = np.arange(sample_rate // 300, sample_rate // 70)
+    return sample_rate / lags[correlation[lags].argmax()]
+
+
+@pytest.mark.parametrize("name", sorted(PERSONAS))
+def test_each_persona_speaks_with_its_own_pitch_and_vocal_tract(name):
+    who = PERSONAS[name]
+    pitches, formant_ratios = [], []
+    for index in range(3):
+        streams = synthesize_segment(0, index, False, [6, 8], who)
+        for symbol, window in _vowel_windows(streams):
+            pitches.append(_pitch_hz(window))
+            spectrum = np.abs(np.fft.rfft(window, 48000))
+            band = np.arange(200, 1400)
+            formant_ratios.append(band[spectrum[band].argmax()] / FIRST_FORMANT_HZ[symbol])
+    low, high = who.f0_range
+    # intonation (+-7%) and declination (+6% to -6%) move the pitch around the segment's base
+    assert low * 0.85 < np.median(pitches) < high * 1.15
+    # the strongest low peak is the first formant, or its harmonic nearest to it
+    assert abs(np.median(formant_ratios) - who.formant_scale) < 0.08
+
+
+def test_personas_differ_in_face_style_and_head_motion():
+    fitted, head_speed = {}, {}
+    for name, who in PERSONAS.items():
+        streams = [synthesize_segment(0, index, False, [6, 8], who) for index in range(3)]
+        expression = np.concatenate([s.expression for s in streams])
+        controls, rest = expression[:, :len(MOUTH_CONTROLS)], expression[:, len(MOUTH_CONTROLS):]
+        fitted[name] = np.linalg.lstsq(controls, rest, rcond=None)[0]
+        rotation = np.concatenate([s.headpose[:, :3, :3].astype(np.float64) for s in streams])
+        step = np.einsum("nij,nij->n", rotation[1:], rotation[:-1])
+        head_speed[name] = float(np.degrees(np.arccos(np.clip((step - 1) / 2, -1, 1))).mean())
+    for name, mix in fitted.items():
+        np.testing.assert_allclose(mix, PERSONAS[name].face_mix(), atol=0.05)  # recovered from the data alone
+        for other in fitted:
+            if other != name:
+                assert np.abs(mix - fitted[other]).mean() > 0.2
+    by_motion = sorted(PERSONAS, key=lambda name: PERSONAS[name].head_motion_scale)
+    assert sorted(head_speed, key=head_speed.get) == by_motion
+
+
+def test_unknown_persona_is_one_error_listing_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match="corpus.identity: expected one of demo, bright, deep, quick, got 'nobody'"):
+        write_corpus(tmp_path, CorpusConfig(identity="nobody"))
+    assert not any(tmp_path.iterdir())

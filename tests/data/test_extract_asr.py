@@ -113,5 +113,5 @@ def test_a2p_subject_folder_gets_tokens_its_reader_accepts(tmp_path, tiny_wav2ve
 def test_layout_errors(tmp_path, tiny_wav2vec2):
     with pytest.raises(FileNotFoundError, match="no audio folder"):
         extract_directory(tmp_path, tiny_wav2vec2, progress=False)
-    with pytest.raises(ValueError, match="^layout: expected one of 50h, a2p, got 'x'$"):
+    with pytest.raises(ValueError, match="^layout: expected one of 50h, a2p, manifest, got 'x'$"):
         recordings(tmp_path, "x")

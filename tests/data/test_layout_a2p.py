@@ -68,6 +68,14 @@ def test_records_carry_every_stream_at_its_native_rate(subject):
         np.testing.assert_array_equal(record.tokens, np.load(subject / TOKEN_DIR / f"{name}.npy"))
         assert record.tokens.shape == (2, round(frames * 50 / 30), 29)
         assert record.participant_features is None
+        assert record.identity == "PXB184"  # the subject: one model may train on several
+
+
+def test_the_identity_is_the_subject_folder_however_the_subject_is_named(tmp_path):
+    subject = write_subject(tmp_path / "dataset", "TXB805")
+    by_root = DataConfig(layout="a2p", root=str(subject.parent), subject="TXB805")
+    assert read_segment_record(by_root, "scene01").identity == "TXB805"
+    assert read_record(subject, "scene01", DataConfig(layout="a2p")).identity == "TXB805"
 
 
 def test_missing_face_frames_are_masked_and_kept_as_stored(subject):
@@ -164,8 +172,8 @@ def test_wrong_sample_rate_and_missing_files(subject):
 
 def test_subject_packs_into_shards_with_4d_pose_and_face_masks(subject, tmp_path):
     from avflow.config import load_config
+    from avflow.data.pack import pack
     from avflow.data.shard_index import iter_split_arrays
-    from avflow.data.shards import pack
 
     cfg = load_config(None, ["data.layout=a2p", f"data.root={subject.parent}", f"data.subject={subject.name}",
                              "head_vae.pose_dim=4", "pack.name=PXB184"])

@@ -61,7 +61,7 @@ def test_a_registered_layout_is_offered_everywhere_and_packs(seeded, tmp_path, c
     commands = _parsers()[1]
     for parser in (commands["pack"], commands["extract-asr"], launch.pack.build_parser(),
                    launch.extract_asr.build_parser()):
-        assert layout_option(parser) == ("50h", "demo", "a2p", "seeded")
+        assert layout_option(parser) == ("50h", "demo", "a2p", "manifest", "seeded")
     assert "seeded, segments drawn from seeds" in " ".join(commands["pack"].format_help().split())
     assert recordings(seeded, "seeded") == [(seeded / f"{name}.wav", seeded / f"{name}.npy")
                                             for name in ("a", "b", "val1")]
@@ -78,16 +78,17 @@ def test_a_registered_layout_is_offered_everywhere_and_packs(seeded, tmp_path, c
 def test_an_unknown_layout_is_one_line_naming_the_registered_ones(tmp_path, capsys):
     dataset = tmp_path / "dataset"
     dataset.mkdir()
-    with pytest.raises(ConfigError, match="^data.layout: expected one of 50h, a2p, got 'mystery'$"):
+    with pytest.raises(ConfigError, match="^data.layout: expected one of 50h, a2p, manifest, got 'mystery'$"):
         list_segment_names(DataConfig(layout="mystery", root=str(dataset)))
 
     output = tmp_path / "shards"
     assert main(["pack", "-i", str(dataset), "-o", str(output), "data.layout=mystery"]) == 2
-    assert capsys.readouterr().err == "avflow pack: error: data.layout: expected one of 50h, a2p, got 'mystery'\n"
+    assert capsys.readouterr().err == ("avflow pack: error: data.layout: expected one of 50h, a2p, manifest, got "
+                                       "'mystery'\n")
     assert not output.exists()  # failed before any work
 
     with pytest.raises(SystemExit) as exit_status:  # before anything is queued
         launch.pack.main(["-i", str(dataset), "-o", str(output), "data.layout=mystery", "--partition", "cpu",
                           "--time", "10"])
     assert exit_status.value.code == 2
-    assert capsys.readouterr().err.endswith("error: data.layout: expected one of 50h, a2p, got 'mystery'\n")
+    assert capsys.readouterr().err.endswith("error: data.layout: expected one of 50h, a2p, manifest, got 'mystery'\n")

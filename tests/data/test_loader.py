@@ -19,8 +19,9 @@ from avflow.config import Config, CorpusConfig
 from avflow.data import shard_index
 from avflow.data.corpus import write_corpus
 from avflow.data.loader import training_batches, validation_batches
+from avflow.data.pack import pack
+from avflow.data.shard_format import FORMAT, MANIFEST, shard_file_name
 from avflow.data.shard_index import BadDataError, iter_split_arrays
-from avflow.data.shards import FORMAT, MANIFEST, pack, shard_file_name
 
 WINDOW = 16
 DIMS = {"mel": 80, "expression": 256, "pose": 7, "tokens": 29}
@@ -95,15 +96,15 @@ def write_shards(directory: Path, train: list[list[int]], val: list[list[int]],
     return directory
 
 
-def small_config(num_workers: int = 0, seed: int = 0, batch_size: int = 4, **data) -> Config:
+def small_config(num_workers: int = 0, seed: int = 0, batch_size: int = 4, **loader) -> Config:
     cfg = Config()
-    cfg.data.segment_length = WINDOW
-    cfg.data.shuffle_buffer = 4
-    cfg.data.num_workers = num_workers
+    cfg.loader.segment_length = WINDOW
+    cfg.loader.shuffle_buffer = 4
+    cfg.loader.num_workers = num_workers
     cfg.trainer.batch_size = batch_size
     cfg.trainer.seed = seed
-    for key, value in data.items():
-        setattr(cfg.data, key, value)
+    for key, value in loader.items():
+        setattr(cfg.loader, key, value)
     return cfg
 
 
@@ -140,7 +141,7 @@ def packed(tmp_path_factory) -> Path:
     write_corpus(root / "corpus", CorpusConfig(train_segments=4, val_segments=2, words_per_segment=[3, 5]))
     cfg = Config()
     cfg.data.root = str(root / "corpus")
-    cfg.pack.segments_per_shard = 2
+    cfg.data.segments_per_shard = 2
     pack(cfg, root / "shards", progress=False)
     return root / "shards"
 
@@ -295,7 +296,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
 def test_too_many_bad_samples_stop_the_stream(tmp_path):
     damage = {f"train00_{index:03d}": "wrong_dims" for index in (1, 2)}
     directory = write_shards(tmp_path, train=[[12] * 30], val=[[12]], damage=damage)
-    with pytest.raises(BadDataError, match=r"2 of 20 samples read are bad, more than data.max_bad_fraction=0.05"):
+    with pytest.raises(BadDataError, match=r"2 of 20 samples read are bad, more than loader.max_bad_fraction=0.05"):
         take(training_batches(directory, small_config(max_bad_fraction=0.05)), 10)
 
 

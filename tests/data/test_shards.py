@@ -10,13 +10,15 @@ import pytest
 import torch
 import webdataset
 
+import avflow.data.pack as packing
 from avflow.config import Config, CorpusConfig, DataConfig
-from avflow.data import shards
 from avflow.data.align_streams import align_segment
 from avflow.data.corpus import write_corpus
 from avflow.data.layouts import list_segment_names, read_segment_record
 from avflow.data.layouts.fifty_h import SMIRK_DIR, stream_paths
-from avflow.data.shards import chunk_bounds, iter_shard_samples, load_manifest, pack, verify
+from avflow.data.pack import chunk_bounds, pack
+from avflow.data.shard_format import iter_shard_samples, load_manifest
+from avflow.data.verify import verify
 from avflow.utils import LOCK_FILE
 
 TINY = CorpusConfig(train_segments=3, val_segments=1, words_per_segment=[2, 3])
@@ -24,14 +26,14 @@ SMIRK_WIDTHS = {"expression": 55, "headpose": 3}
 FLOAT16_TOLERANCE = 4e-3  # half a float16 step at the demo's largest log-mel magnitudes (8 to 16)
 
 
-def config(root, **pack_overrides) -> Config:
+def config(root, **data_overrides) -> Config:
     """One-second chunks so that every tiny segment is stored as several samples."""
     cfg = Config()
     cfg.data.root = str(root)
-    cfg.pack.max_chunk_seconds = 1.0
-    cfg.pack.segments_per_shard = 2
-    for key, value in pack_overrides.items():
-        setattr(cfg.pack, key, value)
+    cfg.data.max_chunk_seconds = 1.0
+    cfg.data.segments_per_shard = 2
+    for key, value in data_overrides.items():
+        setattr(cfg.data, key, value)
     return cfg
 
 
@@ -182,7 +184,7 @@ def test_expression_mask_is_stored_and_excluded_from_statistics(corpus, tmp_path
             record.expression_valid[:10] = False
         return record
 
-    monkeypatch.setattr(shards, "read_segment_record", read_with_gap)
+    monkeypatch.setattr(packing, "read_segment_record", read_with_gap)
     manifest = pack(config(corpus, max_chunk_seconds=60.0), tmp_path, workers=1, progress=False)
     samples = {sample["key"]: sample for sample in decoded_samples(tmp_path, "train")}
     valid = samples[masked]["expression_valid"]
@@ -219,8 +221,8 @@ def test_resume_rewrites_only_the_missing_shard(packed, tmp_path, monkeypatch):
     kept = {path: path.stat().st_mtime_ns for path in folder.glob("demo-*") if not path.name.startswith(lost.name)}
 
     written = []
-    write_shard = shards._write_shard
-    monkeypatch.setattr(shards, "_write_shard", lambda job: written.append(job.path.name) or write_shard(job))
+    write_shard = packing._write_shard
+    monkeypatch.setattr(packing, "_write_shard", lambda job: written.append(job.path.name) or write_shard(job))
     manifest = pack(cfg, folder, workers=1, progress=False)
     assert written == [lost.name]
     assert lost.read_bytes() == original
@@ -233,8 +235,8 @@ def test_a_changed_plan_rewrites_the_shards(packed, tmp_path, monkeypatch):
     cfg, output, _ = packed
     shutil.copytree(output, tmp_path / "shards")
     written = []
-    write_shard = shards._write_shard
-    monkeypatch.setattr(shards, "_write_shard", lambda job: written.append(job.path.name) or write_shard(job))
+    write_shard = packing._write_shard
+    monkeypatch.setattr(packing, "_write_shard", lambda job: written.append(job.path.name) or write_shard(job))
     manifest = pack(config(cfg.data.root, max_chunk_seconds=60.0, segments_per_shard=8), tmp_path / "shards",
                     workers=1, progress=False)
     assert written == ["demo-train-000000.tar", "demo-val-000000.tar"]
@@ -349,7 +351,7 @@ def test_participant_mel_is_packed_and_streamed_when_asked_for(corpus, tmp_path)
 
     cfg = config(corpus)
     cfg.data.participant_mel = True
-    cfg.data.segment_length = 32
+    cfg.loader.segment_length = 32
     cfg.trainer.batch_size = 2
     manifest = pack(cfg, tmp_path, workers=1, progress=False)
     assert manifest["dims"]["participant_mel"] == 80

@@ -19,7 +19,7 @@ from avflow.train.checkpoint import write_model_file
 
 TINY = ["corpus.train_segments=3", "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]",
         "model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32",
-        "data.segment_length=64", "trainer.batch_size=2", "trainer.steps=4", "trainer.warmup_steps=1",
+        "loader.segment_length=64", "trainer.batch_size=2", "trainer.steps=4", "trainer.warmup_steps=1",
         "trainer.val_every=4", "trainer.checkpoint_every=2", "head_vae.ffn_hidden=8", "head_vae.steps=3",
         "head_vae.segment_length=32", "head_vae.batch_size=2", "evaluate.val_items=1"]
 FAST = ["--num-samples", "2", "--nfe", "2", "--quiet"]
@@ -28,7 +28,7 @@ FAST = ["--num-samples", "2", "--nfe", "2", "--quiet"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}",
+    overrides = TINY + [f"data.root={root / 'data'}", f"loader.shards={root / 'shards'}",
                         f"trainer.run_dir={root / 'run'}"]
     assert main(["corpus", *overrides]) == 0
     assert main(["pack", *overrides]) == 0

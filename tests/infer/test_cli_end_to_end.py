@@ -9,7 +9,7 @@ from avflow.config import load_config
 
 TINY = ["corpus.train_segments=3", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]",
         "model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32",
-        "data.segment_length=64", "trainer.batch_size=2", "trainer.steps=3", "trainer.warmup_steps=1",
+        "loader.segment_length=64", "trainer.batch_size=2", "trainer.steps=3", "trainer.warmup_steps=1",
         "trainer.val_every=3", "trainer.checkpoint_every=3", "head_vae.ffn_hidden=8", "head_vae.steps=3",
         "head_vae.segment_length=32", "head_vae.batch_size=2", "sample.nfe=2", "sample.num_samples=2",
         "sample.max_frames=64", "sample.window_overlap=8"]  # inputs longer than 0.74 s go through windows
@@ -18,7 +18,7 @@ TINY = ["corpus.train_segments=3", "corpus.val_segments=1", "corpus.words_per_se
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
-    overrides = TINY + [f"data.root={root / 'data'}", f"data.shards={root / 'shards'}",
+    overrides = TINY + [f"data.root={root / 'data'}", f"loader.shards={root / 'shards'}",
                         f"trainer.run_dir={root / 'run'}"]
     assert main(["corpus", *overrides]) == 0
     assert main(["pack", *overrides]) == 0

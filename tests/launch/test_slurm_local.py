@@ -212,11 +212,11 @@ def free_port() -> int:
 
 
 TRAIN_TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48",
-              "data.segment_length=24", "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3",
+              "loader.segment_length=24", "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3",
               "trainer.steps=150", "trainer.checkpoint_every=10", "trainer.val_every=1000",
               "trainer.keep_checkpoints=20", "head_vae.ffn_hidden=8", "head_vae.steps=2",
               "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=4",
-              "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]", "pack.segments_per_shard=1",
+              "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]", "data.segments_per_shard=1",
               "parallel.strategy=ddp"]
 
 
@@ -227,7 +227,7 @@ def test_preempted_two_task_training_resumes_to_the_uninterrupted_weights(slurm_
     from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # same kernels, so the same floating-point sums, in both runs
-    data = [f"data.root={tmp_path / 'corpus'}", f"data.shards={tmp_path / 'shards'}"]
+    data = [f"data.root={tmp_path / 'corpus'}", f"loader.shards={tmp_path / 'shards'}"]
     assert main(["corpus", *TRAIN_TINY, *data]) == 0
     assert main(["pack", *TRAIN_TINY, *data]) == 0
     overrides = TRAIN_TINY + data

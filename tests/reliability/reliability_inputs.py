@@ -4,17 +4,17 @@ import pytest
 
 from avflow.config import load_config
 
-# 20 training segments in shards of 4: enough samples for data.max_bad_fraction to apply (the loader
+# 20 training segments in shards of 4: enough samples for loader.max_bad_fraction to apply (the loader
 # judges the fraction only after 20 samples).
 CORPUS = ["corpus.train_segments=20", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]",
-          "pack.segments_per_shard=4"]
+          "data.segments_per_shard=4"]
 
 
 @pytest.fixture(scope="session")
 def packed(tmp_path_factory):
     """(corpus root, shard folder) of a small demo corpus, packed; tests copy it before damaging anything."""
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
 
     root = tmp_path_factory.mktemp("packed")
     cfg = load_config(None, CORPUS + [f"data.root={root / 'corpus'}"])

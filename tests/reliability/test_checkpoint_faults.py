@@ -104,7 +104,7 @@ def test_a_step_written_before_checksums_still_loads_with_a_warning(steps, tiny_
         load_inference_tensors(steps[1])
 
 
-TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
+TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "loader.segment_length=24",
         "trainer.batch_size=3", "trainer.steps=6", "trainer.warmup_steps=2", "trainer.checkpoint_every=3",
         "trainer.val_every=6", "trainer.lr=1e-3", "head_vae.ffn_hidden=8", "head_vae.steps=2",
         "head_vae.segment_length=16", "head_vae.batch_size=2", "corpus.train_segments=3", "corpus.val_segments=1",

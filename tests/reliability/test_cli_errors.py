@@ -9,7 +9,7 @@ from reliability_inputs import CORPUS, packed, step_directories, tiny_model  # n
 from avflow.cli import main
 
 TINY_TRAIN = ["model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32",
-              "data.segment_length=64", "trainer.batch_size=2", "trainer.steps=2", "head_vae.ffn_hidden=8",
+              "loader.segment_length=64", "trainer.batch_size=2", "trainer.steps=2", "head_vae.ffn_hidden=8",
               "head_vae.steps=2", "head_vae.segment_length=32", "head_vae.batch_size=2"]
 
 
@@ -32,22 +32,22 @@ def places(packed, tiny_model, tmp_path_factory):  # noqa: F811
 CASES = [  # (name, command line with {place} fields, what the one line must say)
     ("corpus output under a file", "corpus -o {file}/data", "Not a directory"),
     ("pack output under a file", "pack -i {corpus} -o {file}/shards", "Not a directory"),
-    ("train run_dir under a file", "train data.root={corpus} data.shards={shards} trainer.run_dir={file}/run "
+    ("train run_dir under a file", "train data.root={corpus} loader.shards={shards} trainer.run_dir={file}/run "
                                    + " ".join(TINY_TRAIN), "Not a directory"),
     ("generate output under a file", "generate --checkpoint {model} --text hi -o {file}/out", "Not a directory"),
     ("infer output under a file", "infer --checkpoint {model} --text hi --no-video -o {file}/out", "Not a directory"),
     ("malformed YAML override", "train trainer.betas=[0.9,",
      "override 'trainer.betas=[0.9,': the value is not valid YAML"),
-    ("infinite chunk length", "pack -i {corpus} -o {root}/s pack.max_chunk_seconds=.inf",
-     "pack.max_chunk_seconds: expected a finite number, got inf"),
+    ("infinite chunk length", "pack -i {corpus} -o {root}/s data.max_chunk_seconds=.inf",
+     "data.max_chunk_seconds: expected a finite number, got inf"),
     ("zero hop length", "train mel.hop_length=0", "mel.hop_length: expected a positive integer, got 0"),
     ("zero head-VAE batch", "train-head-vae head_vae.batch_size=0", "head_vae.batch_size: expected at least 1, got 0"),
     ("negative min_lr_ratio", "train trainer.min_lr_ratio=-3", "trainer.min_lr_ratio: expected in [0, 1], got -3.0"),
     ("negative warmup", "train trainer.warmup_steps=-10", "trainer.warmup_steps: expected non-negative, got -10"),
     ("negative grad_clip", "train trainer.grad_clip=-1", "trainer.grad_clip: expected positive"),
     ("NaN learning rate", "train trainer.lr=.nan", "trainer.lr: expected a finite number, got nan"),
-    ("too many bad samples", "train-head-vae data.shards={truncated_shards} -o {root}/vae.pt",
-     "more than data.max_bad_fraction=0.01"),
+    ("too many bad samples", "train-head-vae loader.shards={truncated_shards} -o {root}/vae.pt",
+     "more than loader.max_bad_fraction=0.01"),
     ("truncated checkpoint metadata (generate)", "generate --checkpoint {truncated_step} --text hi -o {root}/g",
      "{truncated_step}/.metadata: 10 bytes"),
     ("truncated checkpoint metadata (consolidate)", "checkpoint consolidate {truncated_step} -o {root}/m.safetensors",

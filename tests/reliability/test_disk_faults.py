@@ -65,7 +65,7 @@ def _places(packed, tiny_model, tmp_path, disk):  # noqa: F811
 FULL_DISK = [  # (name, command line, bytes left free, what must hold after the rerun)
     ("corpus", "corpus -o {disk}/data {corpus_options}", 256 << 10, "corpus"),
     ("pack", "pack -i {corpus} -o {disk}/shards {corpus_options}", 256 << 10, "pack"),
-    ("train", "train data.root={corpus} data.shards={shards} trainer.run_dir={disk}/run {train}", 64 << 10, "train"),
+    ("train", "train data.root={corpus} loader.shards={shards} trainer.run_dir={disk}/run {train}", 64 << 10, "train"),
     ("generate", "generate --checkpoint {model} --text hello -o {disk}/out", 16 << 10, "generate"),
     ("consolidate", "checkpoint consolidate {step} -o {disk}/model.safetensors", 128 << 10, "consolidate"),
     ("export", "export --checkpoint {model} -o {disk}/exported", 256 << 10, "export"),
@@ -117,7 +117,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_completes(packed, tiny_model, tmp
 @pytest.mark.parametrize("command", [
     "infer --checkpoint {model} --text hello --no-video -o {disk}/out",
     "generate --checkpoint {model} --text hello -o {disk}/out",
-    "train data.root={corpus} data.shards={shards} trainer.run_dir={disk}/run {train}",
+    "train data.root={corpus} loader.shards={shards} trainer.run_dir={disk}/run {train}",
     "pack -i {corpus} -o {disk}/shards",
     "export --checkpoint {model} -o {disk}/exported",
 ], ids=["infer", "generate", "train", "pack", "export"])

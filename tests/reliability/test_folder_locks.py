@@ -106,14 +106,14 @@ def test_a_second_pack_on_the_folder_is_refused(packed, tmp_path, capsys):  # no
     corpus, _ = packed
     out = tmp_path / "shards"
     argv = ["pack", "-i", str(corpus), "-o", str(out), *CORPUS]
-    with stalled("avflow.data.shards.list_segment_names", argv) as first:
+    with stalled("avflow.data.pack.list_segment_names", argv) as first:
         assert_refused(argv, out, first, capsys)
 
 
 def test_a_second_training_on_the_run_dir_is_refused_and_a_requeued_one_trains(packed, tmp_path, capsys):  # noqa: F811
     corpus, shards = packed
     run_dir = tmp_path / "run"
-    argv = ["train", f"data.root={corpus}", f"data.shards={shards}", f"trainer.run_dir={run_dir}", *TINY_TRAIN]
+    argv = ["train", f"data.root={corpus}", f"loader.shards={shards}", f"trainer.run_dir={run_dir}", *TINY_TRAIN]
     with stalled("avflow.train.entry.Trainer", argv) as first:
         assert_refused(argv, run_dir, first, capsys)
         assert_refused([*argv[:1], "--resume", *argv[1:]], run_dir, first, capsys)  # --resume too
@@ -153,7 +153,7 @@ def test_every_rank_of_a_refused_torchrun_job_stops_with_the_one_line(packed, tm
     exits with the same line instead of waiting for rank 0 in a collective."""
     corpus, shards = packed
     run_dir = tmp_path / "run"
-    overrides = [f"data.root={corpus}", f"data.shards={shards}", f"trainer.run_dir={run_dir}", *TINY_TRAIN]
+    overrides = [f"data.root={corpus}", f"loader.shards={shards}", f"trainer.run_dir={run_dir}", *TINY_TRAIN]
     with stalled("avflow.train.entry.Trainer", ["train", *overrides]) as first:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))

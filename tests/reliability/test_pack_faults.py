@@ -98,7 +98,7 @@ def _workers_of(parent: psutil.Process, count: int, timeout_s: float) -> list[ps
 
 def test_killing_pack_takes_its_workers_down(tmp_path):
     root = tmp_path / "corpus"
-    overrides = ["corpus.train_segments=30", "corpus.val_segments=2", "pack.segments_per_shard=4", f"data.root={root}"]
+    overrides = ["corpus.train_segments=30", "corpus.val_segments=2", "data.segments_per_shard=4", f"data.root={root}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-m", "avflow.cli", "corpus", *overrides], check=True, env=env,
                    capture_output=True)

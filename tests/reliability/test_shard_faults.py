@@ -1,5 +1,5 @@
 """Corrupted shard bytes that still decode to finite numbers: each such sample is a counted bad sample named by
-shard and key, and more of them than data.max_bad_fraction stops the stream with one line naming the shards."""
+shard and key, and more of them than loader.max_bad_fraction stops the stream with one line naming the shards."""
 
 import itertools
 import logging
@@ -57,12 +57,12 @@ def test_too_many_corrupted_samples_stop_training_with_one_line_naming_the_shard
     damaged = sorted(shards.glob("*-train-*.tar"))[:2]
     for shard in damaged:
         corrupt_mel(shard)
-    cfg = load_config(None, CORPUS + ["data.num_workers=1", "data.segment_length=64", "trainer.batch_size=4",
-                                      "data.max_bad_fraction=0.01"])
+    cfg = load_config(None, CORPUS + ["loader.num_workers=1", "loader.segment_length=64", "trainer.batch_size=4",
+                                      "loader.max_bad_fraction=0.01"])
     with pytest.raises(BadDataError) as error:  # read in a DataLoader worker, raised in this process
         list(itertools.islice(training_batches(shards, cfg), 50))
     message = str(error.value)
-    assert len(message.splitlines()) == 1 and "more than data.max_bad_fraction=0.01" in message
+    assert len(message.splitlines()) == 1 and "more than loader.max_bad_fraction=0.01" in message
     named = [shard for shard in shards.glob("*.tar") if str(shard) in message]
     assert named and set(named) <= set(damaged), message  # the shards it found bad samples in, and only those
 
@@ -70,7 +70,7 @@ def test_too_many_corrupted_samples_stop_training_with_one_line_naming_the_shard
 def test_the_command_line_reports_it_in_one_line(shards, capsys):
     for shard in sorted(shards.glob("*-train-*.tar"))[:3]:
         corrupt_mel(shard)
-    assert main(["train-head-vae", f"data.shards={shards}", "-o", str(shards.parent / "vae.pt")]) == 2
+    assert main(["train-head-vae", f"loader.shards={shards}", "-o", str(shards.parent / "vae.pt")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "bad samples in" in error[0] and "mel bytes differ" in error[0]
     assert not (shards.parent / "vae.pt").exists()
@@ -81,9 +81,9 @@ def test_the_head_vae_stage_honours_max_bad_fraction(shards, capsys, fraction, p
     damaged = corrupt_mel(sorted(shards.glob("*-train-*.tar"))[0])  # 4 of the 20 training samples: 20%
     assert len(damaged) == 4
     out = shards.parent / "vae.pt"
-    argv = ["train-head-vae", f"data.shards={shards}", f"data.max_bad_fraction={fraction}", "head_vae.steps=2",
+    argv = ["train-head-vae", f"loader.shards={shards}", f"loader.max_bad_fraction={fraction}", "head_vae.steps=2",
             "head_vae.ffn_hidden=8", "head_vae.segment_length=32", "head_vae.batch_size=2", "-o", str(out)]
     assert main(argv) == (0 if passes else 2)
     assert out.exists() == passes
     if not passes:
-        assert f"more than data.max_bad_fraction={fraction}" in capsys.readouterr().err
+        assert f"more than loader.max_bad_fraction={fraction}" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""With data.avatar, validation logs the Codec Avatar rendering the generated sample to TensorBoard."""
+"""With evaluate.avatar, validation logs the Codec Avatar rendering the generated sample to TensorBoard."""
 
 import io
 
@@ -10,7 +10,7 @@ from PIL import Image
 from avflow.config import load_config
 from avflow.train.loop import Trainer
 
-TINY = ["model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32", "data.segment_length=24",
+TINY = ["model.d_model=32", "model.n_blocks=1", "model.n_heads=2", "model.ffn_hidden=32", "loader.segment_length=24",
         "trainer.batch_size=2", "trainer.steps=1", "trainer.warmup_steps=1", "trainer.checkpoint_every=1",
         "trainer.val_every=1", "head_vae.ffn_hidden=8", "head_vae.steps=2", "head_vae.segment_length=16",
         "head_vae.batch_size=2", "corpus.train_segments=2", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]",
@@ -23,8 +23,8 @@ def test_validation_logs_a_rendered_avatar_clip(tmp_path):
 
     data = packed_tiny_corpus(tmp_path / "data", TINY)
     avatar = write_synthetic_avatar(tmp_path / "avatar")
-    cfg = load_config(None, TINY + data + [f"trainer.run_dir={tmp_path / 'run'}", f"data.avatar={avatar}",
-                                           "data.avatar_pose=relative"])
+    cfg = load_config(None, TINY + data + [f"trainer.run_dir={tmp_path / 'run'}", f"evaluate.avatar={avatar}",
+                                           "evaluate.avatar_pose=relative"])
     Trainer(cfg, progress=False).fit()
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()

@@ -17,11 +17,11 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from avflow.train.checkpoint import consolidate, latest_checkpoint, read_meta, verify_checkpoint
 
-TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "data.segment_length=24",
+TINY = ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48", "loader.segment_length=24",
         "trainer.batch_size=2", "trainer.warmup_steps=2", "trainer.lr=1e-3", "trainer.log_every=5",
         "head_vae.ffn_hidden=8", "head_vae.steps=2", "head_vae.segment_length=16", "head_vae.batch_size=2",
         "corpus.train_segments=4", "corpus.val_segments=2", "corpus.words_per_segment=[2, 3]",
-        "pack.segments_per_shard=1", "parallel.fsdp_param_dtype=fp32"]
+        "data.segments_per_shard=1", "parallel.fsdp_param_dtype=fp32"]
 
 
 @pytest.fixture(scope="module")

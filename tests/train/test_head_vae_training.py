@@ -156,10 +156,10 @@ def test_bad_training_segment_is_named(tmp_path):
 
 def test_training_runs_the_head_vae_as_a_stage_of_its_own_and_loading_never_trains(tmp_path, caplog):
     """ensure_head_vae says in the log what it does: trains <run_dir>/head_vae.pt once, reuses it on the next
-    run, takes data.head_vae as given; build_batch_encoder only loads, so it cannot train as a side effect."""
+    run, takes trainer.head_vae as given; build_batch_encoder only loads, so it cannot train as a side effect."""
     tiny = ["head_vae.ffn_hidden=8", "head_vae.steps=2", "head_vae.segment_length=16", "head_vae.batch_size=2",
             "corpus.train_segments=2", "corpus.val_segments=1", "corpus.words_per_segment=[2, 3]"]
-    data = [o for o in packed_tiny_corpus(tmp_path / "data", tiny) if not o.startswith("data.head_vae=")]
+    data = [o for o in packed_tiny_corpus(tmp_path / "data", tiny) if not o.startswith("trainer.head_vae=")]
     cfg = load_config(None, tiny + data + [f"trainer.run_dir={tmp_path / 'run'}"])
     with pytest.raises(FileNotFoundError):
         build_batch_encoder(cfg, tmp_path / "run" / "head_vae.pt", torch.device("cpu"))

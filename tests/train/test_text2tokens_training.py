@@ -29,13 +29,13 @@ TINY = ["task=text2tokens", "text2tokens.front_end=character", "text2tokens.d_mo
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from avflow.data.corpus import write_corpus
-    from avflow.data.shards import pack
+    from avflow.data.pack import pack
 
     root = tmp_path_factory.mktemp("data")
-    data = [f"data.root={root / 'corpus'}", f"data.shards={root / 'shards'}"]
+    data = [f"data.root={root / 'corpus'}", f"loader.shards={root / 'shards'}"]
     cfg = load_config(None, TINY + data)
     write_corpus(cfg.data.root, cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
+    pack(cfg, cfg.loader.shards, progress=False)
     return data
 
 
@@ -55,7 +55,7 @@ def test_examples_come_from_the_shards_own_tokens(shards):
     cfg = config(shards, "unused")
     transcripts = json.loads((Path(cfg.data.root) / "transcripts.json").read_text())
     for split in ("train", "val"):
-        examples, skipped = prepare_examples(cfg.data.shards, split, cfg)
+        examples, skipped = prepare_examples(cfg.loader.shards, split, cfg)
         names = sorted(n for n in transcripts if is_validation(n, cfg.data.val_patterns) == (split == "val"))
         assert skipped == 0
         assert [e.text for e in examples] == [normalize_text(transcripts[n]) for n in names]
@@ -143,8 +143,8 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
     CTC decoding of what it generates for 6 unseen sentences has CER < 5%, and its total length is within
     10% of the corpus's."""
     from avflow.data.corpus import write_corpus
+    from avflow.data.pack import pack
     from avflow.data.shard_index import iter_split_arrays
-    from avflow.data.shards import pack
     from avflow.infer.text2tokens import evaluate_text2tokens
 
     cfg = load_config(None, [
@@ -154,13 +154,13 @@ def test_a_small_model_reads_back_held_out_sentences(tmp_path):
         "trainer.batch_size=8", "trainer.steps=600", "trainer.warmup_steps=20", "trainer.lr=3e-3",
         "trainer.val_every=1000", "trainer.checkpoint_every=1000", "trainer.ema_decay=0.95",
         "corpus.train_segments=16", "corpus.val_segments=6", f"data.root={tmp_path / 'corpus'}",
-        f"data.shards={tmp_path / 'shards'}", f"trainer.run_dir={tmp_path / 'run'}"])
+        f"loader.shards={tmp_path / 'shards'}", f"trainer.run_dir={tmp_path / 'run'}"])
     write_corpus(cfg.data.root, cfg.corpus)
-    pack(cfg, cfg.data.shards, progress=False)
+    pack(cfg, cfg.loader.shards, progress=False)
     model = load_text2tokens(Trainer(cfg, progress=False).fit())
     transcripts = json.loads((Path(cfg.data.root) / "transcripts.json").read_text())
     held_out = sorted(name for name in transcripts if is_validation(name, cfg.data.val_patterns))
-    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.data.shards, "val", ("tokens",))]
+    frames = [arrays["tokens"].shape[0] for arrays in iter_split_arrays(cfg.loader.shards, "val", ("tokens",))]
     scores = evaluate_text2tokens(model, [transcripts[name] for name in held_out], frames)
     assert scores["cer"] < 0.05 and scores["duration_error"] < 0.10, scores
 

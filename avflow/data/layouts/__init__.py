@@ -9,11 +9,11 @@ defines a `Layout` (avflow.data.layouts.layout) plus its entry below. `list_segm
 from __future__ import annotations
 
 from avflow.config import ConfigError, DataConfig
-from avflow.data.layouts import a2p, fifty_h
+from avflow.data.layouts import a2p, fifty_h, manifest
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
 
-LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (fifty_h.LAYOUT, a2p.LAYOUT)}
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (fifty_h.LAYOUT, a2p.LAYOUT, manifest.LAYOUT)}
 
 
 def layout_choices() -> tuple[str, ...]:

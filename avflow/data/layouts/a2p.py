@@ -202,6 +202,7 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
         token_fps=cfg.token_fps,
         expression_valid=expression_valid,
         participant_features=None,
+        identity=subject_name(root),
     )
 
 

@@ -1,4 +1,4 @@
-"""Packing of a dataset layout into WebDataset tar shards, their verification, and the manifest.
+"""Packing of a dataset layout into WebDataset tar shards (format: avflow.data.shard_format) and their manifest.
 
 Training streams fixed-size tar shards instead of reading thousands of per-segment files: `pack` reads
 every segment through the layout reader (once to learn its split for the shard plan, once to write it),
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -27,7 +25,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -36,31 +34,22 @@ from tqdm import tqdm
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.align_streams import AlignedSegment, align_segment
 from avflow.data.layouts import list_segment_names, read_segment_record
+from avflow.data.shard_format import (
+    FORMAT,
+    MANIFEST,
+    OPTIONAL_STREAMS,
+    REQUIRED_STREAMS,
+    SAMPLE_CHECKSUM,
+    SPLITS,
+    STORED_DTYPES,
+    add_members,
+    encode_sample,
+    shard_file_name,
+)
 from avflow.utils import atomic_path, file_sha256, hold_folder, reporting_disk_errors
 
-FORMAT = "avflow-shards-v1"
 SIDECAR_FORMAT = "avflow-shard-sidecar-v1"
-MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
-CHUNK_SEPARATOR = "__c"  # webdataset cuts keys at the first dot, so chunk keys use no dot
-STORED_DTYPES = {  # stream -> dtype inside the tar; float16 where its rounding is far below the data's noise
-    "mel": np.float16,
-    "expression": np.float16,
-    "pose": np.float32,  # the quaternion's w sits near 1 and moves by less than float16's step there
-    "tokens": np.float16,
-    "expression_valid": np.bool_,
-    "participant_tokens": np.float16,
-    "participant_features": np.float16,
-    "participant_mel": np.float16,
-}
-REQUIRED_STREAMS = ("mel", "expression", "pose", "tokens")
-OPTIONAL_STREAMS = ("participant_tokens", "participant_features", "participant_mel")
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
-# DataConfig fields that only the shard loader uses: changing them must not invalidate packed shards.
-LOADER_ONLY_FIELDS = ("segment_length", "head_vae", "shards", "num_workers", "shuffle_buffer", "max_bad_fraction")
-# Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
-# bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
-SAMPLE_CHECKSUM = "sha256"
 # What reading one segment's files can raise: a bad segment, counted under pack.skip_bad, not a failed pack
 # (the layout readers turn what they anticipate into ValueError naming the file; OSError and EOFError
 # cover unreadable and empty files they did not anticipate).
@@ -77,27 +66,22 @@ class ShardJob:
     segments: tuple[str, ...]
     data_cfg: DataConfig
     mel_cfg: MelConfig
-    max_chunk_frames: int
     skip_bad: bool
+
+    @property
+    def max_chunk_frames(self) -> int:
+        return max_chunk_frames(self.data_cfg, self.mel_cfg)
 
     def plan(self) -> dict[str, Any]:
         """Everything besides the input files that the shard's bytes depend on; recorded in its sidecar.
 
-        A shard on disk is reused only when its recorded plan equals this one exactly.
+        A shard on disk is reused only when its recorded plan equals this one exactly. The `data` section holds
+        exactly what shards are made of (the config's other sections change no shard byte), so the plan is that
+        section and `mel` whole: a key added to `data` is in the plan without being listed here.
         """
-        data = {key: value for key, value in dataclasses.asdict(self.data_cfg).items() if key not in LOADER_ONLY_FIELDS}
-        return {"format": FORMAT, "split": self.split, "segments": list(self.segments), "data": data,
-                "mel": dataclasses.asdict(self.mel_cfg), "max_chunk_frames": self.max_chunk_frames,
+        return {"format": FORMAT, "split": self.split, "segments": list(self.segments),
+                "data": dataclasses.asdict(self.data_cfg), "mel": dataclasses.asdict(self.mel_cfg),
                 "sample_checksums": SAMPLE_CHECKSUM}
-
-
-def shard_file_name(name: str, split: str, index: int) -> str:
-    return f"{name}-{split}-{index:06d}.tar"
-
-
-def sample_key(segment: str, chunk: int, chunks: int) -> str:
-    """`segment` for a segment stored whole, `segment__c000`, `segment__c001`, ... for one stored in chunks."""
-    return segment if chunks == 1 else f"{segment}{CHUNK_SEPARATOR}{chunk:03d}"
 
 
 def chunk_bounds(frames: int, max_frames: int) -> list[tuple[int, int]]:
@@ -156,82 +140,6 @@ def _pack_locked(cfg: Config, output: Path, workers: int, skip_bad: bool, progre
     return manifest
 
 
-def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read `shard_dir/manifest.json`, checking that it is an avflow shard manifest."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (expected the output folder of `avflow pack`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); expected an {FORMAT} manifest") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ValueError(f"{path}: expected format {FORMAT!r}, got {found!r}")
-    missing = [key for key in ("dims", "frame_rate", "splits", "stats") if key not in manifest]
-    missing += [f"splits.{split}" for split in SPLITS if split not in manifest.get("splits", {})]
-    if missing:
-        raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
-    return manifest
-
-
-def verify(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    """Re-read every shard of the manifest: size, sha256, tar structure, member dims and counts.
-
-    Returns per-split totals; raises ValueError naming every bad shard and why.
-    """
-    shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    summary: dict[str, Any] = {"shards": 0, "samples": 0, "frames": 0}
-    problems = []
-    for split in SPLITS:
-        totals = {"shards": 0, "samples": 0, "frames": 0}
-        for entry in manifest["splits"][split]["shards"]:
-            path = shard_dir / entry["file"]
-            try:
-                samples, frames = _verify_shard(path, entry, manifest["dims"])
-            except (ValueError, OSError, tarfile.TarError) as error:
-                problems.append(f"{path}: {error}")
-                continue
-            totals["shards"] += 1
-            totals["samples"] += samples
-            totals["frames"] += frames
-        for key in ("samples", "frames"):
-            if not problems and totals[key] != manifest["splits"][split][key]:
-                problems.append(f"{shard_dir / MANIFEST}: split {split} lists {manifest['splits'][split][key]} "
-                                f"{key}, its shards hold {totals[key]}")
-        totals["hours"] = totals["frames"] / manifest["frame_rate"] / 3600.0
-        summary[split] = totals
-        for key in ("shards", "samples", "frames"):
-            summary[key] += totals[key]
-    if problems:
-        raise ValueError(f"{shard_dir}: {len(problems)} bad shard(s):\n" + "\n".join(problems))
-    return summary
-
-
-def iter_shard_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {member suffix: bytes}) per sample of a shard, checking that each sample's members are contiguous."""
-    seen: set[str] = set()
-    key, members = None, {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                raise ValueError(f"member {info.name!r} is not a regular file")
-            member_key, dot, suffix = info.name.partition(".")
-            if not dot or not suffix:
-                raise ValueError(f"member {info.name!r} has no '.suffix' (expected KEY.STREAM.npy or KEY.json)")
-            if member_key != key:
-                if key is not None:
-                    yield key, members
-                if member_key in seen:
-                    raise ValueError(f"sample {member_key!r} is split into non-contiguous members")
-                seen.add(member_key)
-                key, members = member_key, {}
-            members[suffix] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
 def _init_worker(parent_pid: int) -> None:
     """One torch thread per worker process (the pool already uses every core it was given), and a watch on
     the packing process: a worker whose parent is gone (killed) exits instead of packing on for nobody."""
@@ -279,20 +187,19 @@ def _segment_split(data_cfg: DataConfig, name: str) -> tuple[str, str | None, st
 
 
 def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[str]], skip_bad: bool) -> list[ShardJob]:
-    per_shard = cfg.pack.segments_per_shard
+    per_shard = cfg.data.segments_per_shard
     jobs = []
     for split in SPLITS:
         names = splits[split]
         for index, start in enumerate(range(0, len(names), per_shard)):
             jobs.append(ShardJob(output / shard_file_name(cfg.pack.name, split, index), split,
-                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, max_chunk_frames(cfg),
-                                 skip_bad))
+                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, skip_bad))
     return jobs
 
 
-def max_chunk_frames(cfg: Config) -> int:
-    """pack.max_chunk_seconds in mel frames: the longest sample a shard holds."""
-    return int(cfg.pack.max_chunk_seconds * cfg.mel.frame_rate)
+def max_chunk_frames(data_cfg: DataConfig, mel_cfg: MelConfig) -> int:
+    """data.max_chunk_seconds in mel frames: the longest sample a shard holds."""
+    return int(data_cfg.max_chunk_seconds * mel_cfg.frame_rate)
 
 
 def _write_shards(jobs: list[ShardJob], executor: Executor | None, progress: bool) -> list[dict[str, Any]]:
@@ -346,7 +253,9 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
                     arrays = {stream: values[start:end] for stream, values in stored.items()}
                     if "expression_valid" in arrays and arrays["expression_valid"].all():
                         del arrays["expression_valid"]
-                    _add_sample(tar, job, name, chunk, len(bounds), start, arrays)
+                    add_members(tar, encode_sample(name, chunk, len(bounds), start, arrays,
+                                                   frame_rate=job.mel_cfg.frame_rate, layout=job.data_cfg.layout,
+                                                   split=job.split))
                     _accumulate(stats, arrays)
                     samples += 1
                     frames += end - start
@@ -376,32 +285,6 @@ def _stored_streams(segment: AlignedSegment) -> dict[str, np.ndarray]:
                              f"(largest magnitude {np.abs(values).max():.6g}); expected finite values that fit")
         stored[stream] = converted
     return stored
-
-
-def _add_sample(tar: tarfile.TarFile, job: ShardJob, segment: str, chunk: int, chunks: int, start: int,
-                arrays: dict[str, np.ndarray]) -> None:
-    """Append one sample's members in sorted order with fixed metadata, so equal input gives equal bytes."""
-    key = sample_key(segment, chunk, chunks)
-    frames = arrays["mel"].shape[0]
-    members = {}
-    for stream, values in arrays.items():
-        buffer = io.BytesIO()
-        np.save(buffer, values, allow_pickle=False)
-        members[f"{key}.{stream}.npy"] = buffer.getvalue()
-    header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
-              "frame_rate": job.mel_cfg.frame_rate, "layout": job.data_cfg.layout, "split": job.split,
-              "streams": sorted(arrays),
-              SAMPLE_CHECKSUM: {stream: hashlib.sha256(members[f"{key}.{stream}.npy"]).hexdigest()
-                                for stream in sorted(arrays)}}
-    members[f"{key}.json"] = json.dumps(header, sort_keys=True).encode()
-    for member in sorted(members):
-        info = tarfile.TarInfo(member)
-        info.size = len(members[member])
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        tar.addfile(info, io.BytesIO(members[member]))
 
 
 def _accumulate(stats: dict[str, dict | None], arrays: dict[str, np.ndarray]) -> None:
@@ -460,7 +343,7 @@ def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mel": dataclasses.asdict(cfg.mel),
         "frame_rate": frame_rate,
-        "max_chunk_frames": max_chunk_frames(cfg),
+        "max_chunk_frames": max_chunk_frames(cfg.data, cfg.mel),
         "dims": _merged_dims(sidecars),
         "splits": splits,
         "stats": _train_stats([sidecar for job, sidecar in zip(jobs, sidecars) if job.split == "train"]),
@@ -494,56 +377,6 @@ def _train_stats(sidecars: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
         merged[feature] = {"count": count, "mean": mean.tolist(), "std": std.tolist()}
     return merged
-
-
-def _verify_shard(path: Path, entry: dict[str, Any], dims: dict[str, int]) -> tuple[int, int]:
-    """(samples, frames) of one shard, or ValueError/OSError saying what is wrong with it."""
-    if not path.is_file():
-        raise ValueError("file missing")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise ValueError(f"size {size} bytes; the manifest expects {entry['bytes']}")
-    if file_sha256(path) != entry["sha256"]:
-        raise ValueError("sha256 differs from the manifest (file changed or corrupted)")
-    samples = frames = 0
-    for key, members in iter_shard_samples(path):
-        frames += _verify_sample(key, members, dims)
-        samples += 1
-    if (samples, frames) != (entry["samples"], entry["frames"]):
-        raise ValueError(f"holds {samples} samples / {frames} frames; the manifest expects "
-                         f"{entry['samples']} / {entry['frames']}")
-    return samples, frames
-
-
-def _verify_sample(key: str, members: dict[str, bytes], dims: dict[str, int]) -> int:
-    """The sample's frame count, after checking its header and every array's dtype and shape."""
-    if "json" not in members:
-        raise ValueError(f"sample {key}: no {key}.json header")
-    header = json.loads(members["json"])
-    if not isinstance(header, dict):
-        raise ValueError(f"sample {key}: {key}.json is not a JSON object")
-    segment, chunk, chunks = header.get("segment"), header.get("chunk"), header.get("chunks")
-    if not (isinstance(segment, str) and isinstance(chunk, int) and isinstance(chunks, int)
-            and key == sample_key(segment, chunk, chunks)):
-        raise ValueError(f"sample {key}: header names segment {segment!r} chunk {chunk!r} of {chunks!r}, "
-                         f"which gives a different key")
-    frames = header.get("frames")
-    streams = set(header.get("streams", []))
-    missing = [stream for stream in REQUIRED_STREAMS if stream not in streams or f"{stream}.npy" not in members]
-    missing += [stream for stream in streams if f"{stream}.npy" not in members]
-    if missing:
-        raise ValueError(f"sample {key}: missing {', '.join(sorted(set(missing)))}")
-    digests = header.get(SAMPLE_CHECKSUM, {})
-    for stream in sorted(streams):
-        if stream in digests and hashlib.sha256(members[f"{stream}.npy"]).hexdigest() != digests[stream]:
-            raise ValueError(f"sample {key}: {stream} bytes differ from their {SAMPLE_CHECKSUM} recorded at pack time")
-        values = np.load(io.BytesIO(members[f"{stream}.npy"]), allow_pickle=False)
-        expected_shape = (frames,) if stream == "expression_valid" else (frames, dims.get(stream))
-        expected_dtype = np.dtype(STORED_DTYPES.get(stream, values.dtype))
-        if values.shape != expected_shape or values.dtype != expected_dtype:
-            raise ValueError(f"sample {key}: {stream} is {values.dtype} {values.shape}; expected "
-                             f"{expected_dtype} {expected_shape}")
-    return frames
 
 
 def _sidecar_path(shard: Path) -> Path:
