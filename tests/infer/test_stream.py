@@ -42,44 +42,47 @@ def _window_config(model):
     return dataclasses.replace(model.cfg.sample, num_samples=1, max_frames=80, window_overlap=12)
 
 
-@pytest.mark.parametrize("frames, first_window_s", [(347, None), (347, 0.35), (80, None), (81, None), (23, None)])
+@pytest.mark.parametrize("frames, first_window_s",
+                         [(347, None), (347, 0.35), (80, None), (81, None), (148, None), (149, None), (23, None)])
 def test_the_stream_speaks_and_moves_as_generate_does(model, frames, first_window_s):
     """Tokens known whole, one sample, the same seed and windows: the streamed mel equals generate's, and the
-    30 fps expression codes equal generate's written ones (lengths at, around and below one window; a shorter
+    30 fps expression codes and head poses equal generate's written ones (lengths below, at and around one
+    window, at and just past two windows, and five windows, so every kind of window edge is crossed; a shorter
     first window changes the windows, so there it equals the windowed sampler on its own plan only)."""
     tokens = _tokens(frames)
     sample_cfg = _window_config(model)
     chunks = list(model.stream(tokens=tokens, sample_cfg=sample_cfg, first_window_s=first_window_s))
     assert [c.mel_start for c in chunks] == list(np.cumsum([0] + [c.mel.shape[0] for c in chunks]))[:-1]
+    assert [c.motion_start for c in chunks] == list(np.cumsum([0] + [c.expression.shape[0] for c in chunks]))[:-1]
     mel = np.concatenate([c.mel for c in chunks])
     expression = np.concatenate([c.expression for c in chunks])
+    head_pose = np.concatenate([c.head_pose for c in chunks])
     audio = np.concatenate([c.audio for c in chunks])
+    frames_30 = max(1, round(frames / model.cfg.mel.frame_rate * 30))
     assert mel.shape[0] == frames and audio.size == frames * model.cfg.mel.hop_length
+    assert expression.shape[0] == head_pose.shape[0] == frames_30
     if first_window_s is not None:
         assert len(chunks) > 1 and chunks[0].mel.shape[0] == round(0.35 * model.cfg.mel.frame_rate) - 12
         return
     expected = generate_batch(model, [conditioning(model, tokens)], sample_cfg)[0]
     np.testing.assert_allclose(mel, expected.mel[0], atol=1e-5 * np.abs(expected.mel).max(), rtol=0)
-    frames_30 = max(1, round(frames / model.cfg.mel.frame_rate * 30))
-    written = interpolate_frames(expected.expression[0], model.cfg.mel.frame_rate, frames_30, 30.0)
-    np.testing.assert_allclose(expression, written, atol=1e-5 * np.abs(written).max(), rtol=0)
+    for streamed, generated in ((expression, expected.expression[0]), (head_pose, expected.head_pose[0])):
+        written = interpolate_frames(generated, model.cfg.mel.frame_rate, frames_30, 30.0)
+        np.testing.assert_allclose(streamed, written, atol=1e-5 * np.abs(written).max(), rtol=0)
 
 
 def test_avflow_stream_writes_what_avflow_generate_writes(model_file, tmp_path):
     """The issue's command pair: `generate ... sample.max_frames=80 sample.window_overlap=12` and `stream` with the
-    same overrides give the same 30 fps expression codes; the head pose, which the head VAE decodes over
-    every frame it is given (the stream gives it each chunk with the frames before it), is measured."""
+    same overrides write the same 30 fps expression codes, head poses and head transforms."""
     np.save(tmp_path / "speech.npy", _tokens(300, seed=3))  # 50 Hz: 6 s, 516 mel frames, 8 windows
     common = ["--checkpoint", str(model_file), "--tokens", str(tmp_path / "speech.npy"), *WINDOWS]
     assert main(["generate", *common, "--num-samples", "1", "-o", str(tmp_path / "generate")]) == 0
     assert main(["stream", *common, "-o", str(tmp_path / "stream")]) == 0
     generated, streamed = np.load(tmp_path / "generate" / "speech_s0.npz"), np.load(tmp_path / "stream" / "stream.npz")
-    assert streamed["expression"].shape == generated["expression"].shape
-    np.testing.assert_allclose(streamed["expression"], generated["expression"],
-                               atol=1e-5 * np.abs(generated["expression"]).max(), rtol=0)
-    pose_error = np.abs(streamed["head_pose"] - generated["head_pose"]).max()
-    print(f"head pose: largest |stream - generate| {pose_error:.3g}, range {np.ptp(generated['head_pose']):.3g}")
-    assert pose_error < 0.1 * np.ptp(generated["head_pose"])  # measured 0.114 of 3.21 here
+    for name in ("expression", "head_pose", "head_transform"):
+        assert streamed[name].shape == generated[name].shape, name
+        np.testing.assert_allclose(streamed[name], generated[name], atol=1e-5 * np.abs(generated[name]).max(),
+                                   rtol=0, err_msg=name)
     with wave.open(str(tmp_path / "stream" / "stream.wav")) as wav:
         assert wav.getnframes() == 516 * 256
     latency = json.loads((tmp_path / "stream" / "latency.json").read_text())
