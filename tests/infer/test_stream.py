@@ -199,6 +199,53 @@ def test_an_interrupted_feed_ends_the_stream_with_everything_that_arrived(model,
     assert json.loads((tmp_path / "latency.json").read_text())["interrupted"].startswith("OSError")
 
 
+def test_the_video_is_encoded_as_chunks_come_and_appears_whole_when_the_stream_ends(model, tmp_path, monkeypatch):
+    """With a face decoder, each chunk's frames go to ffmpeg as the chunk comes (counted at the encoder's input),
+    while nothing is under stream.mp4; an interrupted feed still ends with a complete stream.mp4 holding every
+    frame that came, with the speech muxed in, and no scratch file left behind."""
+    import subprocess
+
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="the video needs imageio-ffmpeg")
+    from avflow.render import ProceduralFaceDecoder
+
+    encoded = []
+    write_frames = imageio_ffmpeg.write_frames
+
+    def counting_write_frames(*args, **kwargs):
+        encoder = write_frames(*args, **kwargs)
+
+        class Counting:
+            def send(self, frame):
+                encoded.extend([] if frame is None else [frame.shape])
+                return encoder.send(frame)
+
+            def close(self):
+                encoder.close()
+
+        return Counting()
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", counting_write_frames)
+    stream = Stream(model, _interrupted(model, 6, 3), _window_config(model),
+                    face_decoder=ProceduralFaceDecoder(latitudes=6, longitudes=8))
+    writer = StreamWriter(tmp_path, model.cfg, video=True)
+    rendered = 0
+    for chunk in stream:
+        writer.add(chunk)
+        rendered += 0 if chunk.frames is None else chunk.frames.shape[0]
+        assert len(encoded) == rendered  # encoded now, not held until the end
+        assert not (tmp_path / "stream.mp4").exists()
+    written = writer.close(stream.summary())
+    frames_30 = round(120 / model.cfg.mel.frame_rate * 30)
+    assert rendered == frames_30 and tmp_path / "stream.mp4" in written
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "stream.mp4"))
+    next(reader)
+    assert sum(1 for _ in reader) == frames_30
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(tmp_path / "stream.mp4")], capture_output=True,
+                           text=True)
+    assert "Audio: aac" in probe.stderr
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_the_input_length_cap_applies_per_stream(model_file, tmp_path, capsys, monkeypatch):
     """Lines whose total passes sample.max_input_seconds: the stream stops there with one error line (exit 2),
     and what came before is written."""
