@@ -9,9 +9,9 @@ default (windows of STREAM_WINDOW_SECONDS, one sample, 16 Euler steps unless --n
 speed does not depend on them): rule-based text timing -> windowed sampling -> head pose -> Griffin-Lim on the
 CPU or BigVGAN (random weights) on CUDA. The model is loaded and warmed up before the clock starts, as a
 serving process would be; the text's timing is on the clock. first_audio_s / first_motion_s: from the request
-to the first chunk holding audio / 30 fps motion (the median over --repeats runs stopped there and the whole
-run); chunk latency: from the request (the input is all there at
-the start) to each chunk; real-time factor: wall seconds over seconds of audio; stall: how long playback started at
+to the first chunk holding audio / 30 fps motion (the median over --repeats runs stopped once both came and the
+whole run); chunk latency: from the request (the input is all there at the start) to each chunk; real-time
+factor: wall seconds over seconds of audio; stall: how long playback started at
 the first audio would pause, waiting for chunks. No frames are rendered here.
 
 Rows are printed and written to --json as each is measured, so a run stopped by a time limit keeps what it
@@ -76,7 +76,7 @@ def text_of(seconds: float, frame_rate: float) -> str:
 
 def measure(model, text: str, nfe: int, repeats: int) -> dict:
     """One whole stream (chunk latency, real-time factor), and the median first audio and first motion over
-    `repeats` streams stopped at their first audio (the CPU is shared: single timings scatter)."""
+    `repeats` streams stopped once both came (the CPU is shared: single timings scatter)."""
     import statistics
 
     from avflow.infer.stream import stream_sample_config
@@ -86,7 +86,11 @@ def measure(model, text: str, nfe: int, repeats: int) -> dict:
     firsts = []
     for _ in range(repeats):
         stream = model.stream(text, sample_cfg=cfg)
-        next(chunk for chunk in stream if chunk.audio.size)
+        audio = motion = False
+        for chunk in stream:  # a chunk may hold audio and no 30 fps frame yet
+            audio, motion = audio or chunk.audio.size > 0, motion or chunk.expression.shape[0] > 0
+            if audio and motion:
+                break
         firsts.append((stream.summary()["first_audio_s"], stream.summary()["first_motion_s"]))
     started = time.perf_counter()
     stream = model.stream(text, sample_cfg=cfg)
@@ -118,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nfe", type=int, help="network evaluations per sample (default 16; --quick 4)")
     parser.add_argument("--vocoder", choices=("griffin-lim", "bigvgan"),
                         help="default: BigVGAN (random weights) on CUDA, Griffin-Lim on the CPU")
-    parser.add_argument("--repeats", type=int, help="runs stopped at the first audio, besides the whole run, for "
-                                                    "the median first audio (default 4; --quick 1)")
+    parser.add_argument("--repeats", type=int, help="runs stopped once audio and motion came, besides the whole "
+                                                    "run, for the median first audio and motion (default 4; --quick 1)")
     parser.add_argument("--budget-s", type=float, help="skip rows that would not finish within this many seconds")
     parser.add_argument("--json", type=Path, help="write the settings and every row here, after each row")
     args = parser.parse_args(argv)

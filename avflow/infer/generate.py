@@ -6,25 +6,14 @@ samples from a loaded InferenceModel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from avflow.config import SampleConfig
 from avflow.infer.model import InferenceModel
-from avflow.model.head_vae import decode_latents
 from avflow.model.sampling import sample_sequences, sequence_noise
+from avflow.model.state import Generated
 from avflow.text.token_labels import TOKEN_LABELS
-
-
-@dataclass
-class Generated:
-    """N samples of one input: log-mel (N, T, n_mels), expression (N, T, 256), head pose (N, T, 7), at mel rate."""
-
-    mel: np.ndarray
-    expression: np.ndarray
-    head_pose: np.ndarray
 
 
 def conditioning(model: InferenceModel, tokens: np.ndarray, participant_tokens: np.ndarray | None = None,
@@ -64,16 +53,11 @@ def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: S
     noises = [sample_cfg.temperature * sequence_noise(seed, n, cond.shape[0], state_dim)
               for cond, seed in zip(conds, seeds)]
     runner, frames, buckets, rows, row_counts = model.sampler(sample_cfg)
-    states = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],
-                              [noise.to(model.device) for noise in noises], frames, sample_cfg.window_overlap,
-                              buckets, rows, row_counts)
-    results = []
-    for state in states:
-        parts = model.codec.decode(state.float().cpu())
-        head_pose = np.stack([decode_latents(model.head_vae, model.pose_mean, model.pose_std, latent.numpy())
-                              for latent in parts["head_latent"]])
-        results.append(Generated(parts["mel"].numpy(), parts["expression"].numpy(), head_pose.astype(np.float32)))
-    return results
+    decoder = model.state_decoder
+    sampled = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],
+                               [noise.to(model.device) for noise in noises], frames, sample_cfg.window_overlap,
+                               buckets, rows, row_counts, window_map=decoder.with_poses)
+    return [decoder(item) for item in sampled]
 
 
 def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig | None = None) -> Generated:

@@ -23,7 +23,7 @@ from avflow.infer.artifacts import (
 )
 from avflow.infer.sampler import GraphSampler
 from avflow.model.avflow import AVFlowNet
-from avflow.model.head_vae import HeadVAE
+from avflow.model.head_vae import HeadVAE, PoseDecoder
 from avflow.model.io import head_vae_from_payload, load_inference_tensors
 from avflow.model.sampling import (
     FixedStepSampler,
@@ -32,7 +32,7 @@ from avflow.model.sampling import (
     length_buckets,
     row_buckets,
 )
-from avflow.model.state import StateCodec
+from avflow.model.state import StateCodec, StateDecoder
 from avflow.runtime import DTYPES, pick_device
 from avflow.vocoder.bigvgan import BigVGAN
 from avflow.vocoder.weights import load_vocoder_file
@@ -61,6 +61,11 @@ class InferenceModel:
     length_bucket_count: int = 4
     compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
     samplers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def state_decoder(self) -> StateDecoder:
+        """Generated states -> log-mel, expression and head pose."""
+        return StateDecoder(self.codec, PoseDecoder(self.head_vae, self.pose_mean, self.pose_std))
 
     def sampler(self, sample_cfg: SampleConfig) -> tuple[GraphSampler, int, list[int], int, list[int]]:
         """(loop runner, window frames, length buckets, rows per call, row counts a call is padded to) for these

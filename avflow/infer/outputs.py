@@ -13,7 +13,7 @@ import torch
 
 from avflow.config import Config
 from avflow.data.features import interpolate_frames, pose7_to_rigid, save_wav
-from avflow.infer.generate import Generated
+from avflow.model.state import Generated
 from avflow.render import Camera, CodecAvatar, FaceDecoder, render_mesh, side_by_side, write_video
 from avflow.render.plots import sample_figure
 from avflow.utils import atomic_path

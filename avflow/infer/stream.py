@@ -4,13 +4,14 @@
 since the last one: mel frames, their audio, 30 fps expression codes and head poses, and with a face decoder
 the rendered frames. The sequence is sampled by `avflow.model.sampling.StreamSampler` on the windows, noise
 and cross-fade `generate` uses, so with the whole input known at the start and the same seed and windows, the
-mel and expression codes are `generate`'s. Around it, per chunk:
+mel, expression codes and head poses are `generate`'s. Around it, per chunk:
 
 - audio: BigVGAN is convolutional, so a chunk vocoded with BIGVGAN_CONTEXT_FRAMES of mel on both sides is the
   whole mel's audio; Griffin-Lim chunks get context on both sides too and continue the audio already out
   (its phases are kept, not started afresh);
-- head pose: the head VAE's decoder attends over every frame it is given, so the stream decodes each chunk
-  with up to `head_vae.segment_length` frames before it (what the VAE is trained on), not the whole sequence;
+- head pose: the head VAE's decoder attends over every frame it is given, so each window's head latents are
+  decoded together as soon as the window is sampled and the poses cross-faded with the states
+  (`avflow.model.state.StateDecoder`, as `generate` decodes them): final with their states;
 - motion: resampled to 30 fps exactly as `write_outputs` does, each 30 fps frame once both of its mel-rate
   neighbours are final.
 
@@ -35,13 +36,13 @@ import numpy as np
 import torch
 
 from avflow.config import MelConfig, SampleConfig
-from avflow.model.head_vae import decode_latents
 from avflow.model.sampling import NoiseStream, StreamSampler, WindowPlan, bucket_for, sample_windows
 from avflow.vocoder.bigvgan import BigVGAN
 from avflow.vocoder.vocode import vocode
 
 if TYPE_CHECKING:
     from avflow.infer.model import InferenceModel
+    from avflow.model.state import StateDecoder
     from avflow.render import CodecAvatar, FaceDecoder
 
 log = logging.getLogger(__name__)
@@ -190,6 +191,7 @@ class Stream:
         self.finished_at: float | None = None
         self._arrivals: list[tuple[int, float]] = []  # (input frames received, when) after each piece
         self.runner, _, self.buckets, _, row_counts = model.sampler(sample_cfg)
+        self.decoder = model.state_decoder
         self.rows = min(row_counts)
         self._warm_up()
         # the clock runs from the request: work done on the input before the stream opened (text timing) counts
@@ -198,7 +200,8 @@ class Stream:
 
     def _sample_window(self, noise: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         jobs = [(noise.to(self.model.device), cond.to(self.model.device))]
-        return sample_windows(self.runner, jobs, bucket_for(cond.shape[0], self.buckets), self.rows)[0]
+        states = sample_windows(self.runner, jobs, bucket_for(cond.shape[0], self.buckets), self.rows)[0]
+        return self.decoder.with_poses(states)
 
     def _warm_up(self) -> None:
         """Run every window shape and the vocoder once before the clock starts: the first call of a shape pays
@@ -236,7 +239,7 @@ class Stream:
         model, cfg = self.model, self.cfg
         noise = NoiseStream(cfg.seed, 1, model.cfg.model.state_dim)
         sampler = StreamSampler(self._sample_window, self.plan, noise, cfg.temperature)
-        self.state = _Outputs(model, self.face_decoder)
+        self.state = _Outputs(model, self.decoder, self.face_decoder)
         limit = math.floor(cfg.max_input_seconds * model.cfg.mel.frame_rate)
         for piece in self._pieces():
             if not self._arrivals and self.realtime:
@@ -338,13 +341,12 @@ class _Rows:
 class _Outputs:
     """The final frames so far, decoded, vocoded, resampled to 30 fps and rendered chunk by chunk."""
 
-    def __init__(self, model: InferenceModel, face_decoder):
-        self.model, self.face_decoder = model, face_decoder
+    def __init__(self, model: InferenceModel, decoder: StateDecoder, face_decoder):
+        self.model, self.decoder, self.face_decoder = model, decoder, face_decoder
         self.vocoder = ChunkVocoder(model.vocoder, model.cfg.mel)
         self.motion = FrameResampler(model.cfg.mel.frame_rate, VISUAL_OUTPUT_FPS)
         self.mel = _Rows(model.cfg.model.mel_dim)
         self.expression = _Rows(model.cfg.model.expression_dim)
-        self.latent = _Rows(model.cfg.model.head_latent_dim)
         self.pose = _Rows(model.cfg.head_vae.pose_dim)
         self.audio_done = 0
 
@@ -352,13 +354,10 @@ class _Outputs:
         model = self.model
         mel_start = self.mel.size
         if states is not None:
-            parts = model.codec.decode(states)
-            self.mel.append(parts["mel"].numpy())
-            self.expression.append(parts["expression"].numpy())
-            self.latent.append(parts["head_latent"].numpy())
-            context = max(0, mel_start - model.cfg.head_vae.segment_length)
-            pose = decode_latents(model.head_vae, model.pose_mean, model.pose_std, self.latent.rows[context:])
-            self.pose.append(pose[mel_start - context:])
+            parts = self.decoder(states[None])
+            self.mel.append(parts.mel[0])
+            self.expression.append(parts.expression[0])
+            self.pose.append(parts.head_pose[0])
         final = self.mel.size
         if final == 0:
             return None

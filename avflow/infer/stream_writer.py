@@ -1,5 +1,6 @@
-"""`avflow stream`'s outputs, written as chunks come: stream.wav (a valid wav after every chunk), and at the end
-stream.npz (30 fps motion, as `generate` writes it), stream.mp4 with a face decoder, and latency.json."""
+"""`avflow stream`'s outputs, written as chunks come: stream.wav (a valid wav after every chunk), stream.mp4 with a
+face decoder (its frames encoded as they come, the file finished with the speech muxed in at the end), and at
+the end stream.npz (30 fps motion, as `generate` writes it) and latency.json."""
 
 from __future__ import annotations
 
@@ -47,12 +48,16 @@ class StreamWriter:
         if existing:
             raise FileExistsError(f"{self.out_dir}: holds a previous stream's {', '.join(existing)}; use another -o "
                                   "or remove them")
-        self.cfg, self.video = cfg, video
+        self.cfg = cfg
         self.wav = GrowingWav(self.out_dir / "stream.wav", cfg.mel.sample_rate)
+        self.video = None
+        if video:
+            from avflow.render import VideoWriter
+
+            self.video = VideoWriter(self.out_dir / "stream.mp4", VISUAL_OUTPUT_FPS)
         self.audio: list[np.ndarray] = []
         self.expression: list[np.ndarray] = []
         self.head_pose: list[np.ndarray] = []
-        self.frames: list[np.ndarray] = []
 
     def add(self, chunk: StreamChunk) -> None:
         if chunk.audio.size:
@@ -60,8 +65,8 @@ class StreamWriter:
             self.audio.append(chunk.audio)
         self.expression.append(chunk.expression)
         self.head_pose.append(chunk.head_pose)
-        if chunk.frames is not None:
-            self.frames.append(chunk.frames)
+        if chunk.frames is not None and self.video is not None:
+            self.video.append(chunk.frames)
 
     def close(self, summary: dict) -> list[Path]:
         """Finish stream.wav and write the rest from whatever arrived; returns the files written."""
@@ -76,13 +81,12 @@ class StreamWriter:
                 np.savez(handle, expression=expression, head_pose=pose, head_transform=pose7_to_rigid(pose),
                          fps=np.float32(VISUAL_OUTPUT_FPS))
             written.append(self.out_dir / "stream.npz")
-        if self.video and self.frames:
-            from avflow.render import write_video
-
+        if self.video is not None and self.video.frames:
             audio = np.concatenate(self.audio) if self.audio else None
-            write_video(self.out_dir / "stream.mp4", np.concatenate(self.frames), VISUAL_OUTPUT_FPS, audio,
-                        self.cfg.mel.sample_rate)
+            self.video.close(audio, self.cfg.mel.sample_rate)
             written.append(self.out_dir / "stream.mp4")
+        elif self.video is not None:
+            self.video.discard()
         with atomic_path(self.out_dir / "latency.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
         return written + [self.out_dir / "latency.json"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -105,34 +104,30 @@ def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if mask is None else ~mask
 
 
-def encode_poses(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, pose: np.ndarray) -> np.ndarray:
-    """Raw pose (T, pose_dim) -> latent mu (T, latent_dim): the flow model's head target."""
-    _check_frames(pose, vae.cfg.pose_dim, "pose")
-    device = next(vae.parameters()).device
-    normalized = (torch.as_tensor(pose, dtype=torch.float32, device=device) - mean.to(device)) / std.to(device)
-    with _eval_mode(vae), torch.no_grad():
-        mu, _ = vae.encode(normalized.unsqueeze(0))
-    return mu.squeeze(0).cpu().numpy()
+class PoseDecoder:
+    """Head latents -> raw (denormalized) head pose: a trained head VAE with the pose statistics it was trained on.
 
+    The decoder attends over every frame it is given, so a frame's pose depends on which frames are decoded
+    with it: every stage decodes the latents of each sampled window together, and cross-fades the poses as it
+    cross-fades the states (avflow.model.state.StateDecoder).
+    """
 
-def decode_latents(vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor, latent: np.ndarray) -> np.ndarray:
-    """Latent (T, latent_dim) -> raw, denormalized pose (T, pose_dim)."""
-    _check_frames(latent, vae.cfg.latent_dim, "latent")
-    device = next(vae.parameters()).device
-    with _eval_mode(vae), torch.no_grad():
-        normalized = vae.decode(torch.as_tensor(latent, dtype=torch.float32, device=device).unsqueeze(0))
-    return (normalized.squeeze(0) * std.to(device) + mean.to(device)).cpu().numpy()
+    def __init__(self, vae: HeadVAE, mean: torch.Tensor, std: torch.Tensor):
+        self.vae = vae
+        device = next(vae.parameters()).device
+        self.mean, self.std = mean.float().to(device), std.float().to(device)
 
-
-def _check_frames(values: np.ndarray, width: int, name: str) -> None:
-    shape = np.shape(values)
-    if len(shape) != 2 or shape[1] != width:
-        raise ValueError(f"head-VAE {name}: expected shape (frames, {width}), got {shape}")
+    def __call__(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents (N, frames, latent_dim) decoded together -> raw pose (N, frames, pose_dim), float32, on the
+        latents' device."""
+        with _eval_mode(self.vae), torch.no_grad():
+            normalized = self.vae.decode(latent.to(self.mean.device, torch.float32))
+        return (normalized * self.std + self.mean).to(latent.device)
 
 
 @contextlib.contextmanager
 def _eval_mode(vae: HeadVAE) -> Iterator[None]:
-    """Encode/decode deterministically (no dropout), then restore the caller's train/eval mode."""
+    """Decode deterministically (no dropout), then restore the caller's train/eval mode."""
     was_training = vae.training
     vae.eval()
     try:

@@ -1,4 +1,5 @@
-"""The generated state and its normalization: x = [expression | head latent | mel], each part scaled.
+"""The generated state, its normalization, and its decoding into outputs: x = [expression | head latent | mel],
+each part scaled; `StateDecoder` turns sampled states into log-mel, expression and head pose for every stage.
 
 Expression codes are z-normalized per dimension with statistics of the training data (stored in every
 checkpoint); the mel uses the published constants; the head latent is the VAE's mu, already O(1).
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from avflow.config import MelConfig, ModelConfig
+from avflow.model.head_vae import PoseDecoder
 
 
 @dataclass
@@ -55,3 +58,40 @@ class StateCodec:
     def from_state_dict(cls, state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> "StateCodec":
         return cls(state["expression_mean"].float(), state["expression_std"].float(), float(state["mel_mean"]),
                    float(state["mel_std"]), model_cfg)
+
+
+@dataclass
+class Generated:
+    """N samples of one input: log-mel (N, T, n_mels), expression (N, T, 256), head pose (N, T, 7), at mel rate."""
+
+    mel: np.ndarray
+    expression: np.ndarray
+    head_pose: np.ndarray
+
+
+@dataclass
+class StateDecoder:
+    """Sampled states -> log-mel, expression and head pose, one way for every stage (generate, infer, evaluate,
+    training validation, the stream).
+
+    The head VAE's decoder attends over every frame it is given, so each sampled window's head latents are
+    decoded together (`with_poses`, the sampler's window map) and the poses cross-faded with the states: an
+    input of one window is decoded whole, and a stream, which samples the same windows, gets the same poses
+    as soon as their states are final. `__call__` then splits the cross-faded result.
+    """
+
+    codec: StateCodec
+    poses: PoseDecoder
+
+    def with_poses(self, states: torch.Tensor) -> torch.Tensor:
+        """One window's states (N, frames, state_dim) -> (N, frames, state_dim + pose_dim), float32: the states
+        and the head poses their head latents decode to."""
+        head_latent = self.codec.decode(states)["head_latent"]
+        return torch.cat([states.float(), self.poses(head_latent)], dim=-1)
+
+    def __call__(self, sampled: torch.Tensor) -> Generated:
+        """`with_poses` windows cross-faded (N, T, state_dim + pose_dim) -> numpy (N, T, ...) parts."""
+        sampled = sampled.float().cpu()
+        states, head_pose = sampled[..., :self.codec.model_cfg.state_dim], sampled[..., self.codec.model_cfg.state_dim:]
+        parts = self.codec.decode(states)
+        return Generated(parts["mel"].numpy(), parts["expression"].numpy(), head_pose.numpy())

@@ -12,8 +12,8 @@ from avflow.render.codec_avatar import AvatarError, CodecAvatar
 from avflow.render.obj import TexturedMesh, load_obj, load_textured_obj
 from avflow.render.procedural import FaceDecoder, ProceduralFaceDecoder, load_face_decoder, quaternion_to_matrix
 from avflow.render.raster import Camera, interpolate, rasterize, render_mesh, render_textured
-from avflow.render.video import side_by_side, write_video
+from avflow.render.video import VideoWriter, side_by_side, write_video
 
 __all__ = ["AvatarError", "Camera", "CodecAvatar", "FaceDecoder", "ProceduralFaceDecoder", "TexturedMesh",
-           "interpolate", "load_face_decoder", "load_obj", "load_textured_obj", "quaternion_to_matrix", "rasterize",
-           "render_mesh", "render_textured", "side_by_side", "write_video"]
+           "VideoWriter", "interpolate", "load_face_decoder", "load_obj", "load_textured_obj", "quaternion_to_matrix",
+           "rasterize", "render_mesh", "render_textured", "side_by_side", "write_video"]

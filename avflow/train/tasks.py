@@ -26,9 +26,10 @@ from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss
-from avflow.model.head_vae import decode_latents
+from avflow.model.head_vae import PoseDecoder
 from avflow.model.io import model_state_tensors
 from avflow.model.sampling import sample_sequence
+from avflow.model.state import StateDecoder
 from avflow.render import CodecAvatar
 from avflow.render.plots import sample_figure
 from avflow.text.phonemes import resolve_front_end
@@ -68,6 +69,8 @@ class AVFlowTask:
         """The head VAE (its own stage, `ensure_head_vae`), the batch encoder and this rank's training stream."""
         vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main, self.info.device)
         self.encoder = build_batch_encoder(self.cfg, vae_path, self.device)
+        encoder = self.encoder
+        self.decoder = StateDecoder(encoder.codec, PoseDecoder(encoder.head_vae, encoder.pose_mean, encoder.pose_std))
         self.train_batches = training_batches(self.cfg.loader.shards, self.cfg, self.info.rank, self.info.world_size)
         self.avatar = None  # only the main rank logs samples
         if self.cfg.evaluate.avatar and self.info.is_main:
@@ -103,19 +106,18 @@ class AVFlowTask:
         batch = self.encoder(features)
         frames = int(batch.valid[0].sum())
         one = dataclasses.replace(self.cfg.sample, num_samples=1)
-        state = sample_sequence(model, batch.cond[0, :frames], self.cfg.model.state_dim, one, VAL_SEED)[0]
-        generated = self.encoder.codec.decode(state.float().cpu())
+        generated = self.decoder(sample_sequence(model, batch.cond[0, :frames], self.cfg.model.state_dim, one,
+                                                 VAL_SEED, self.decoder.with_poses))
+        mel, expression, pose = generated.mel[0], generated.expression[0], generated.head_pose[0]
         recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
-        pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
-                              generated["head_latent"].numpy())
-        audio = mel_to_audio(generated["mel"].T.contiguous(), self.cfg.mel)
+        audio = mel_to_audio(torch.from_numpy(mel).T.contiguous(), self.cfg.mel)
         writer.add_audio("val/sample_audio", audio[None], step, sample_rate=self.cfg.mel.sample_rate)
-        writer.add_figure("val/sample", sample_figure(generated["mel"].numpy(), generated["expression"].numpy(), pose,
-                                                      self.cfg.mel.frame_rate, recorded["mel"].numpy()), step)
+        writer.add_figure("val/sample", sample_figure(mel, expression, pose, self.cfg.mel.frame_rate,
+                                                      recorded["mel"].numpy()), step)
         if self.avatar is not None:
             frame_rate = self.cfg.mel.frame_rate
             clip_frames = max(1, round(frames / frame_rate * VAL_VIDEO_FPS))
-            expression = interpolate_frames(generated["expression"].numpy(), frame_rate, clip_frames, VAL_VIDEO_FPS)
+            expression = interpolate_frames(expression, frame_rate, clip_frames, VAL_VIDEO_FPS)
             pose_30 = interpolate_frames(pose, frame_rate, clip_frames, VAL_VIDEO_FPS)
             video = self.avatar.render_pose7(expression, pose_30, VAL_VIDEO_SIZE, VAL_VIDEO_SIZE)
             writer.add_video("val/sample_video", torch.from_numpy(video).permute(0, 3, 1, 2)[None], step,
@@ -142,11 +144,9 @@ class AVFlowTask:
             frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in arrays.items()}
             cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))
-            state = sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED)[0]
-            parts = self.encoder.codec.decode(state.float().cpu())
-            pose = decode_latents(self.encoder.head_vae, self.encoder.pose_mean, self.encoder.pose_std,
-                                  parts["head_latent"].numpy())
-            generated = metrics.Segment(parts["mel"].numpy()[None], parts["expression"].numpy()[None], pose[None])
+            sample = self.decoder(sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED,
+                                                  self.decoder.with_poses))
+            generated = metrics.Segment(sample.mel, sample.expression, sample.head_pose)
             truth = metrics.Segment(arrays["mel"], arrays["expression"], arrays["pose"], arrays["expression_valid"])
             if any(name in metrics.NEEDS_AUDIO for name in names):
                 generated.pitch = [self._pitch(generated.mel[0])]

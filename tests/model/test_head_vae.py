@@ -1,4 +1,4 @@
-"""HeadVAE against the published layout and against the Transformer math written out by hand."""
+"""HeadVAE against the published layout and against the Transformer math written out by hand; PoseDecoder."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from avflow.config import HeadVAEConfig
-from avflow.model.head_vae import HeadVAE
+from avflow.model.head_vae import HeadVAE, PoseDecoder
 
 
 def published_shapes(pose_dim: int) -> dict[str, tuple[int, ...]]:
@@ -168,3 +168,19 @@ def test_wrong_input_width_is_reported():
     vae = HeadVAE(HeadVAEConfig())
     with pytest.raises(ValueError, match=r"pose: expected shape \(batch, frames, 7\), got \(1, 5, 4\)"):
         vae.encode(torch.zeros(1, 5, 4))
+
+
+def test_pose_decoder_decodes_its_frames_together_without_dropout_and_denormalizes():
+    """The poses of latents decoded together, then denormalized by the statistics; dropout stays off in a module in
+    training mode, whose mode is restored."""
+    torch.manual_seed(5)
+    vae = HeadVAE(HeadVAEConfig(ffn_hidden=32)).train()
+    mean, std = torch.linspace(-1.0, 1.0, 7), torch.linspace(0.5, 2.0, 7)
+    latent = torch.randn(2, 30, 8, generator=torch.Generator().manual_seed(0))
+    vae.eval()
+    with torch.no_grad():
+        expected = vae.decode(latent) * std + mean
+    vae.train()
+    decoded = PoseDecoder(vae, mean, std)(latent)
+    assert vae.training
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-6)

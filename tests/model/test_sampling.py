@@ -74,6 +74,48 @@ def test_windowed_sampling_of_a_frame_local_field_equals_one_pass():
     torch.testing.assert_close(windowed, one_pass, atol=1e-6, rtol=1e-6)
 
 
+def test_head_poses_are_decoded_per_sampled_window_and_cross_faded():
+    """StateDecoder.with_poses as the window map: an input of one window gets the head VAE's decode of all of its
+    latents together; a longer one, outside the overlaps, the decode of its own window's latents alone, and in
+    an overlap a pose between its two windows' (the decoder attends across every frame it is given, so the
+    whole-sequence decode differs)."""
+    from avflow.config import HeadVAEConfig
+    from avflow.model.head_vae import HeadVAE, PoseDecoder
+    from avflow.model.state import StateCodec, StateDecoder
+
+    model_cfg = ModelConfig()
+    codec = StateCodec(torch.zeros(model_cfg.expression_dim), torch.ones(model_cfg.expression_dim), -5.0, 2.0,
+                       model_cfg)
+    torch.manual_seed(5)
+    vae = HeadVAE(HeadVAEConfig(ffn_hidden=32, dropout=0.0)).eval()
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.mul_(3.0)  # attention that depends strongly on which frames are decoded together
+    poses = PoseDecoder(vae, torch.zeros(7), torch.ones(7))
+    decoder = StateDecoder(codec, poses)
+    drift = lambda x, t, c, valid: torch.tanh(c.sum(-1, keepdim=True)) - x  # noqa: E731
+    loop = FixedStepSampler(drift, "euler", 2)
+    cond = torch.randn(100, 3, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 100, model_cfg.state_dim, generator=torch.Generator().manual_seed(1))
+    latent_of = lambda states: codec.decode(states)["head_latent"]  # noqa: E731
+
+    short = sample_sequences(loop, [cond[:40]], [noise[:, :40]], 40, 8, [40], 1, window_map=decoder.with_poses)[0]
+    states = sample_sequences(loop, [cond[:40]], [noise[:, :40]], 40, 8, [40], 1)[0]
+    torch.testing.assert_close(decoder(short).head_pose, poses(latent_of(states)).numpy(), rtol=0, atol=1e-6)
+
+    generated = decoder(sample_sequences(loop, [cond], [noise], 40, 8, [40], 1, window_map=decoder.with_poses)[0])
+    alone = [poses(latent_of(loop(noise[:, a:b], cond[None, a:b], torch.ones(1, b - a, dtype=torch.bool))))[0].numpy()
+             for a, b in [(0, 40), (32, 72), (60, 100)]]  # the plan's windows of 100 frames
+    pose = generated.head_pose[0]
+    np.testing.assert_allclose(pose[:32], alone[0][:32], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pose[40:60], alone[1][8:28], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pose[72:], alone[2][12:], atol=1e-5, rtol=0)
+    low, high = np.minimum(alone[0][32:], alone[1][:8]), np.maximum(alone[0][32:], alone[1][:8])
+    assert np.all((pose[32:40] >= low - 1e-5) & (pose[32:40] <= high + 1e-5))
+    stitched = sample_sequences(loop, [cond], [noise], 40, 8, [40], 1)[0]
+    assert np.abs(pose - poses(latent_of(stitched))[0].numpy()).max() > 1e-2
+
+
 def test_fixed_step_sampler_scripts_to_the_same_function(tiny_net):
     """The TorchScript form of the loop (around a traced network) computes what the eager loop does."""
     x0, cond = torch.randn(2, 24, TINY.state_dim), torch.randn(2, 24, TINY.cond_dim)

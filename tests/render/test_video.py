@@ -34,3 +34,27 @@ def test_write_video_reads_back_with_its_frames_and_audio(tmp_path):
     probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(path)], capture_output=True, text=True)
     assert "Audio: aac" in probe.stderr
     assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary files left behind
+
+
+def test_video_writer_encodes_pieces_as_they_come_and_leaves_nothing_when_discarded(tmp_path):
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg", reason="VideoWriter needs imageio-ffmpeg")
+    from avflow.render import VideoWriter
+
+    video = np.zeros((12, 16, 20, 3), np.uint8)
+    video[:, :, :, 1] = np.linspace(0, 255, 12, dtype=np.uint8)[:, None, None]
+    writer = VideoWriter(tmp_path / "clip.mp4", 10)
+    for first, last in ((0, 5), (5, 5), (5, 9), (9, 12)):  # pieces of 5, 0, 4 and 3 frames
+        writer.append(video[first:last])
+    with pytest.raises(ValueError, match="16 x 20"):
+        writer.append(np.zeros((1, 16, 22, 3), np.uint8))
+    assert not (tmp_path / "clip.mp4").exists()
+    writer.close()
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "clip.mp4"))
+    next(reader)
+    decoded = [np.frombuffer(frame, np.uint8).reshape(16, 20, 3) for frame in reader]
+    assert len(decoded) == 12 and int(decoded[0][8, 10, 1]) < 10 and abs(int(decoded[-1][8, 10, 1]) - 255) < 10
+
+    discarded = VideoWriter(tmp_path / "other.mp4", 10)
+    discarded.append(video)
+    discarded.discard()
+    assert [path.name for path in tmp_path.iterdir()] == ["clip.mp4"]

@@ -19,6 +19,7 @@ from avflow.model.sampling.methods import (
 )
 from avflow.model.sampling.scheduler import (
     LoopFn,
+    WindowMap,
     bucket_for,
     length_buckets,
     row_buckets,
@@ -39,7 +40,8 @@ from avflow.model.sampling.windows import (
 
 __all__ = [
     "METHODS", "NOISE_BLOCK_FRAMES", "FinalFrames", "FixedStepSampler", "Guided", "LoopFn",
-    "NoiseStream", "PreparedVelocity", "SamplingMethod", "StreamSampler", "VelocityFn", "WindowPlan", "bucket_for",
+    "NoiseStream", "PreparedVelocity", "SamplingMethod", "StreamSampler", "VelocityFn", "WindowMap", "WindowPlan",
+    "bucket_for",
     "crossfade_weights", "guided", "integrate", "length_buckets", "row_buckets",
     "sample_sequence", "sample_sequences", "sample_windows", "sampling_method", "sequence_noise", "stitch",
     "window_spans",

@@ -19,6 +19,8 @@ from avflow.model.sampling.windows import WindowPlan, sequence_noise, stitch
 
 # x0 (rows, frames, state), cond (rows, frames, cond), valid (rows, frames) -> x1 (rows, frames, state)
 LoopFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# one window's samples (N, frames, D) -> what is cross-faded in their place (N, frames, D')
+WindowMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def length_buckets(max_frames: int, count: int) -> list[int]:
@@ -70,12 +72,14 @@ def sample_windows(sampler: LoopFn, jobs: list[tuple[torch.Tensor, torch.Tensor]
 
 
 def sample_sequences(sampler: LoopFn, conds: list[torch.Tensor], noises: list[torch.Tensor], max_frames: int,
-                     overlap: int, buckets: list[int], max_rows: int,
-                     row_counts: list[int] | None = None) -> list[torch.Tensor]:
+                     overlap: int, buckets: list[int], max_rows: int, row_counts: list[int] | None = None,
+                     window_map: WindowMap | None = None) -> list[torch.Tensor]:
     """Sample every input: conds[i] (T_i, C) with noises[i] (N, T_i, D) (already temperature-scaled) -> (N, T_i, D).
 
     Inputs longer than max_frames are cut into overlapping windows that share the input's one noise
     sequence and are cross-faded afterwards, so any length works with memory bounded by one batch.
+    `window_map` turns each window's samples into what is cross-faded instead (N, frames, D'): what depends on
+    a whole window, such as the head poses its head latents decode to (avflow.model.state.StateDecoder).
     Windows of one length bucket go through the sampler together, max_rows sequences (windows x N
     samples) at a time; with `row_counts` every batch is padded with empty rows up to the next row count
     in it (fixed-shape artifacts pass [max_rows]), so the sampler sees few distinct shapes.
@@ -103,13 +107,13 @@ def sample_sequences(sampler: LoopFn, conds: list[torch.Tensor], noises: list[to
                 start, end = spans[item][window]
                 inputs.append((noises[item][:, start:end], conds[item][start:end]))
             for (item, window), result in zip(chunk, sample_windows(sampler, inputs, length, total_rows)):
-                windows[item, window] = result
+                windows[item, window] = result if window_map is None else window_map(result)
     return [stitch(spans[item], [windows[item, w] for w in range(len(spans[item]))], 0, cond.shape[0])
             for item, cond in enumerate(conds)]
 
 
 def sample_sequence(velocity: Callable, cond: torch.Tensor, state_dim: int, sample_cfg: SampleConfig,
-                    seed: int) -> torch.Tensor:
+                    seed: int, window_map: WindowMap | None = None) -> torch.Tensor:
     """sample_cfg.num_samples samples (N, T, state_dim) of one conditioning sequence (T, C) with any velocity
     function, windowed, from the noise of `seed` and cross-faded as inference samples it: training validation
     sees what `avflow evaluate` and `generate` produce for the same weights and seed."""
@@ -117,4 +121,5 @@ def sample_sequence(velocity: Callable, cond: torch.Tensor, state_dim: int, samp
     noise = sample_cfg.temperature * sequence_noise(seed, sample_cfg.num_samples, cond.shape[0], state_dim)
     with torch.no_grad():
         return sample_sequences(loop, [cond], [noise.to(cond.device)], sample_cfg.max_frames,
-                                sample_cfg.window_overlap, [sample_cfg.max_frames], sample_cfg.num_samples)[0]
+                                sample_cfg.window_overlap, [sample_cfg.max_frames], sample_cfg.num_samples,
+                                window_map=window_map)[0]
