@@ -428,6 +428,9 @@ def _identities(jobs: list[ShardJob], sidecars: list[dict[str, Any]], frame_rate
     for name in names:
         parts = {split: [sidecar["identities"][name] for job, sidecar in zip(jobs, sidecars)
                          if job.split == split and name in sidecar["identities"]] for split in SPLITS}
+        if not parts["train"]:
+            raise ValueError(f"identity {name!r}: no training segment was packed, only validation ones; expected at "
+                             f"least one per identity (its normalization statistics come from its training data)")
         merged[name] = {
             "segments": {split: sum(part["segments"] for part in parts[split]) for split in SPLITS},
             "hours": {split: sum(part["frames"] for part in parts[split]) / frame_rate / 3600.0 for split in SPLITS},
@@ -456,7 +459,7 @@ def _train_stats(shard_stats: list[dict[str, Any]], what: str) -> dict[str, dict
         count = sum(part["count"] for part in parts)
         if count == 0:
             raise ValueError(f"{what}: no frames of {feature} to compute statistics from "
-                             f"(expression counts only frames marked valid); every identity needs training data")
+                             f"(expression counts only frames marked valid)")
         total = np.sum([part["sum"] for part in parts], axis=0)
         total_sq = np.sum([part["sum_sq"] for part in parts], axis=0)
         mean = total / count
