@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.align_streams import AlignedSegment, align_segment
-from avflow.data.layouts import list_segment_names, read_segment_record
+from avflow.data.layouts import layout_named, list_segment_names, read_segment_record
 from avflow.data.shard_format import (
     FORMAT,
     IDENTITY_SEPARATOR,
@@ -134,6 +134,7 @@ def _pack_locked(cfg: Config, output: Path, workers: int, skip_bad: bool, progre
     sources = cfg.data.per_source()
     names = []
     for index, source in enumerate(sources):
+        layout_named(source.layout, f"{_source_name(cfg.data, index)}.layout")  # the error names this source
         found = list_segment_names(source)
         if not found:
             raise ValueError(f"{_source_name(cfg.data, index)}.root={source.root}: no segments found for "

@@ -23,6 +23,7 @@ from avflow.data.pack import pack
 from avflow.data.shard_format import DEFAULT_IDENTITY, add_members, identities, iter_shard_samples, load_manifest
 from avflow.data.shard_index import iter_split_samples
 from avflow.data.verify import verify
+from avflow.evaluate.run import held_out_segments
 from avflow.utils import file_sha256
 
 PEOPLE = ("anna", "ben")  # two demo corpora drawn from different seeds: different voices, faces and motion
@@ -190,9 +191,9 @@ def test_validation_batches_and_split_samples_name_each_identity(packs):
         rows += [(key, names[index]) for key, index in zip(batch["keys"], batch["identity"].tolist())]
     assert {identity for _, identity in rows} == set(PEOPLE)
     assert all(key.startswith(f"{identity}-") for key, identity in rows)
-    samples = list(iter_split_samples(both, "val", ("mel",)))
-    assert sorted({sample.identity for sample in samples}) == names
-    assert all(sample.key.startswith(f"{sample.identity}-") for sample in samples)
+    for samples in (list(iter_split_samples(both, "val", ("mel",))), held_out_segments(both)):
+        assert sorted({sample.identity for sample in samples}) == names
+        assert all(sample.key.startswith(f"{sample.identity}-") for sample in samples)
 
 
 def test_repacking_keeps_every_shard_and_renaming_a_source_s_identity_rewrites_its_shards(packs, tmp_path):
@@ -232,9 +233,13 @@ def test_changing_one_manifest_line_s_identity_rewrites_that_shard_only(packs, t
     assert load_manifest(folder)["identities"]["ben"]["segments"] == {"train": 1, "val": 0}
 
 
-def test_two_sources_with_the_same_identity_and_segment_names_fail_naming_both(packs, tmp_path):
+def test_a_bad_source_layout_or_two_sources_with_one_identity_and_equal_names_fail_naming_them(packs, tmp_path):
     roots, _, _ = packs
     cfg = two_source_config(roots)
+    cfg.data.sources[1].layout = "fifty"
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\].layout: expected one of .*, got 'fifty'$"):
+        pack(cfg, tmp_path, workers=1, progress=False)
+    cfg.data.sources[1].layout = "50h"
     cfg.data.sources[1].identity = "anna"
     with pytest.raises(ValueError, match=r"data.sources\[1\]: segment .* of identity 'anna' is also in "
                                          r"data.sources\[0\]"):
