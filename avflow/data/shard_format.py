@@ -121,7 +121,17 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
     missing += [f"splits.{split}" for split in SPLITS if split not in manifest.get("splits", {})]
     if missing:
         raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    if "identities" in manifest and not _well_formed_identities(manifest["identities"]):
+        raise ValueError(f"{path}: identities: expected {{name: {{\"segments\", \"hours\", \"stats\"}}}} for at "
+                         f"least one identity, got {json.dumps(manifest['identities'])[:200]}")
     return manifest
+
+
+def _well_formed_identities(listed: Any) -> bool:
+    """Whether a manifest's "identities" maps at least one name to an entry with segments, hours and stats."""
+    return isinstance(listed, dict) and bool(listed) and all(
+        isinstance(entry, dict) and all(isinstance(entry.get(key), dict) for key in ("segments", "hours", "stats"))
+        for entry in listed.values())
 
 
 def sample_identity(header: dict[str, Any]) -> str:

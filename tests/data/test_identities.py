@@ -300,3 +300,13 @@ def test_an_identity_without_training_segments_is_one_error_naming_it(packs, tmp
     with pytest.raises(ValueError, match="^identity 'ben': no training segment was packed, only validation ones"):
         pack(config(manifest, layout="manifest"), tmp_path / "shards", workers=1, progress=False)
     assert not (tmp_path / "shards" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("listed", [{}, [], {"anna": {"segments": {"train": 1}}}, {"anna": 3}])
+def test_a_manifest_with_malformed_identities_is_one_error(packs, tmp_path, listed):
+    _, _, both = packs
+    manifest = json.loads((both / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "identities": listed}))
+    with pytest.raises(ValueError, match=r"manifest.json: identities: expected \{name: \{\"segments\", \"hours\", "
+                                         r"\"stats\"\}\} for at least one identity, got "):
+        load_manifest(tmp_path)
