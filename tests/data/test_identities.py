@@ -26,7 +26,7 @@ from avflow.data.verify import verify
 from avflow.evaluate.run import held_out_segments
 from avflow.utils import file_sha256
 
-PEOPLE = ("anna", "ben")  # two demo corpora drawn from different seeds: different voices, faces and motion
+PEOPLE = ("bright", "demo")  # two demo-corpus personas: different voices, faces and head motion
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 
 
@@ -40,9 +40,10 @@ def two_source_config(roots: dict[str, Path]):
 def packs(tmp_path_factory):
     """Each person's corpus packed alone (data.identity naming it) and both packed into one folder."""
     roots, alone = {}, {}
-    for seed, name in enumerate(PEOPLE):
+    for name in PEOPLE:
         roots[name] = tmp_path_factory.mktemp(f"corpus-{name}")
-        write_corpus(roots[name], CorpusConfig(train_segments=3, val_segments=1, words_per_segment=[2, 3], seed=seed))
+        write_corpus(roots[name], CorpusConfig(train_segments=3, val_segments=1, words_per_segment=[2, 3],
+                                               identity=name))
         alone[name] = tmp_path_factory.mktemp(f"alone-{name}")
         pack(config(roots[name], identity=name), alone[name], workers=1, progress=False)
     both = tmp_path_factory.mktemp("both")
@@ -208,7 +209,7 @@ def test_repacking_keeps_every_shard_and_renaming_a_source_s_identity_rewrites_i
     cfg.data.sources[1].identity = "carl"
     pack(cfg, folder, workers=1, progress=False)
     assert not set(file_states(folder).items()) & set(before.items())
-    assert list(load_manifest(folder)["identities"]) == ["anna", "carl"]
+    assert list(load_manifest(folder)["identities"]) == ["bright", "carl"]
 
 
 def test_changing_one_manifest_line_s_identity_rewrites_that_shard_only(packs, tmp_path):
@@ -240,8 +241,8 @@ def test_a_bad_source_layout_or_two_sources_with_one_identity_and_equal_names_fa
     with pytest.raises(ConfigError, match=r"^data.sources\[1\].layout: expected one of .*, got 'fifty'$"):
         pack(cfg, tmp_path, workers=1, progress=False)
     cfg.data.sources[1].layout = "50h"
-    cfg.data.sources[1].identity = "anna"
-    with pytest.raises(ValueError, match=r"data.sources\[1\]: segment .* of identity 'anna' is also in "
+    cfg.data.sources[1].identity = "bright"
+    with pytest.raises(ValueError, match=r"data.sources\[1\]: segment .* of identity 'bright' is also in "
                                          r"data.sources\[0\]"):
         pack(cfg, tmp_path, workers=1, progress=False)
     assert not list(tmp_path.glob("*.tar"))
@@ -252,9 +253,9 @@ def test_verify_checks_the_per_identity_counts(packs, tmp_path):
     folder = tmp_path / "shards"
     shutil.copytree(both, folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["identities"]["ben"]["segments"]["train"] += 1
+    manifest["identities"]["demo"]["segments"]["train"] += 1
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="identity 'ben' lists 4 train segments, its shards hold 3"):
+    with pytest.raises(ValueError, match="identity 'demo' lists 4 train segments, its shards hold 3"):
         verify(folder)
 
 
