@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from avflow.config import Config, load_config
+from avflow.config import Config, ConfigError, load_config
 from avflow.data.layouts import layout_choices, layout_help
 from avflow.export.command import DESCRIPTION as EXPORT_DESCRIPTION
 from avflow.export.command import add_export_arguments, run_export
@@ -71,11 +71,22 @@ def cmd_train_head_vae(args: argparse.Namespace) -> None:
     print(f"head VAE written to {out} (final reconstruction loss {summary['final_recon_loss']:.4f})")
 
 
-def apply_pack_data_options(cfg: Config, layout: str | None, folder: Path | None, subject: str | None) -> None:
-    """cfg.data with pack's --layout, -i FOLDER and --subject, its layout checked to have what it needs, so
-    a wrong layout or a missing setting fails before any work (`python -m launch.pack`: before queueing)."""
+def apply_pack_data_options(cfg: Config, layout: str | None, folder: Path | None, subject: str | None,
+                            identity: str | None = None) -> None:
+    """cfg.data with pack's --layout, -i FOLDER, --subject and --identity, its layout (each of data.sources')
+    checked to have what it needs, so a wrong layout or a missing setting fails before any work
+    (`python -m launch.pack`: before queueing). The options describe one source, so not with data.sources."""
     from avflow.data.layouts import layout_named
 
+    if cfg.data.sources:
+        given = [flag for flag, value in (("--layout", layout), ("-i", folder), ("--subject", subject),
+                                          ("--identity", identity)) if value]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: describe a single dataset source, but data.sources lists "
+                              f"{len(cfg.data.sources)}; expected each source's settings in data.sources")
+        for index, source in enumerate(cfg.data.per_source()):
+            layout_named(source.layout, f"data.sources[{index}].layout").check(source)
+        return
     chosen = layout_named(layout, "--layout") if layout else layout_named(cfg.data.layout)
     cfg.data.layout = chosen.name  # an alias (demo) is recorded as the layout it names
     if folder:
@@ -83,6 +94,9 @@ def apply_pack_data_options(cfg: Config, layout: str | None, folder: Path | None
             setattr(cfg.data, key, value)
     if subject:
         cfg.data.subject = subject
+    if identity:
+        cfg.data.identity = identity
+    cfg.data.validate()
     chosen.check(cfg.data)
 
 
@@ -92,7 +106,7 @@ def cmd_pack(args: argparse.Namespace) -> None:
 
     cfg = _config(args)
     if not args.verify:
-        apply_pack_data_options(cfg, args.layout, args.input, args.subject)
+        apply_pack_data_options(cfg, args.layout, args.input, args.subject, args.identity)
     if args.workers is not None:
         if args.workers < 1:
             raise ValueError(f"--workers: expected at least 1 packing process, got {args.workers}")
@@ -379,9 +393,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub.add_argument("-o", "--output", help="shard folder, e.g. shards/NAME (default: loader.shards)")
     sub.add_argument("--subject", help="Audio2Photoreal subject under -i ROOT (with --layout a2p; not needed when "
                                        "-i is the subject's own folder)")
+    sub.add_argument("--identity", help="whose data it is, where the layout names nobody (a 50h root; default: "
+                                        "data.identity). Several roots in one folder: data.sources")
     sub.add_argument("--workers", type=int, help="packing processes (default: pack.workers)")
     sub.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
-    sub.add_argument("--verify", action="store_true", help="re-read every shard and check counts and checksums")
+    sub.add_argument("--verify", action="store_true", help="re-read every shard and check counts, per identity "
+                                                           "too, and checksums")
     sub.set_defaults(run=cmd_pack)
 
     sub = commands.add_parser("extract-asr", help="write wav2vec2 CTC token logits next to a dataset's audio")

@@ -185,14 +185,45 @@ class HeadVAEConfig:
                  self.hidden)
 
 
+DEFAULT_IDENTITY = "default"  # the identity of a dataset that names none (data.identity empty), and of old shards
+
+
+def _identity_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an identity (it prefixes WebDataset keys and is a manifest key), or None."""
+    if "." in name or "/" in name or any(character.isspace() for character in name):
+        return f"a name without '.', '/' or whitespace (it prefixes sample keys), got {name!r}"
+    return None
+
+
+@dataclass
+class SourceConfig:
+    """One dataset root of a multi-source pack (data.sources): read like data.layout/root/subject/identity."""
+
+    layout: str = "50h"  # a name in avflow.data.layouts.LAYOUTS, checked when data is read
+    root: str = ""
+    subject: str = ""  # a2p: the subject folder under root
+    identity: str = ""  # the identity of this root's segments whose layout names none (50h); empty: default
+
+    def validate(self, where: str) -> None:
+        _require(bool(self.root), f"{where}.root", "the dataset folder (or manifest file) of this source", self.root)
+        problem = _identity_name_problem(self.identity)
+        _require(problem is None, f"{where}.identity", problem or "", self.identity)
+
+
 @dataclass
 class DataConfig:
     """What a packed shard's bytes are made of: `avflow pack` keeps a shard exactly while this section and `mel`
     are unchanged (its plan, avflow.data.pack), so a key that changes no shard byte belongs elsewhere."""
 
-    layout: str = "50h"  # a name in avflow.data.layouts.LAYOUTS (50h | a2p), checked when data is read
+    layout: str = "50h"  # a name in avflow.data.layouts.LAYOUTS (50h | a2p | manifest), checked when data is read
     root: str = "data/demo"
     subject: str = ""  # a2p: the subject folder under root (PXB184, RLW104, TXB805, GQS883)
+    # The identity of the segments whose layout names none (a 50h root); empty: DEFAULT_IDENTITY. The a2p layout
+    # names the subject, the manifest layout each line's identity.
+    identity: str = ""
+    # Several dataset roots packed into one shard folder; empty: the one source layout/root/subject/identity.
+    # Their sample keys are prefixed by each segment's identity, so equal segment names of two roots stay apart.
+    sources: list[SourceConfig] = field(default_factory=list)
     val_patterns: list[str] = field(default_factory=lambda: ["20240408", "20240509"])  # 50h validation sessions
     visual_fps: float = 30.0
     token_fps: float = 50.0  # wav2vec2 20 ms stride
@@ -208,6 +239,22 @@ class DataConfig:
                  (self.visual_fps, self.token_fps))
         _require(self.segments_per_shard >= 1, "data.segments_per_shard", "at least 1", self.segments_per_shard)
         _require(self.max_chunk_seconds >= 1.0, "data.max_chunk_seconds", "at least 1 second", self.max_chunk_seconds)
+        problem = _identity_name_problem(self.identity)
+        _require(problem is None, "data.identity", problem or "", self.identity)
+        for index, source in enumerate(self.sources):
+            source.validate(f"data.sources[{index}]")
+
+    def per_source(self) -> list["DataConfig"]:
+        """One data section per dataset root, each with a single source, as the layout readers take it."""
+        if not self.sources:
+            return [self]
+        return [dataclasses.replace(self, layout=source.layout, root=source.root, subject=source.subject,
+                                    identity=source.identity, sources=[]) for source in self.sources]
+
+    @property
+    def default_identity(self) -> str:
+        """What a segment whose layout names no identity is stored under."""
+        return self.identity or DEFAULT_IDENTITY
 
 
 @dataclass

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset folder of the layout, or the manifest file (default: data.root)")
     parser.add_argument("-o", "--output", type=Path, help="shard folder, e.g. shards/NAME (default: loader.shards)")
     parser.add_argument("--subject", help="Audio2Photoreal subject (with --layout a2p)")
+    parser.add_argument("--identity", help="whose data it is, where the layout names nobody (a 50h root)")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count unreadable segments")
     parser.add_argument("--job-name", default="avflow-pack")
     add_slurm_arguments(parser, default_job_dir="slurm_jobs/pack")
@@ -65,6 +66,8 @@ def pack_command(args: argparse.Namespace, workers: int) -> list[str]:
         argv += ["--layout", args.layout]
     if args.subject:
         argv += ["--subject", args.subject]
+    if args.identity:
+        argv += ["--identity", args.identity]
     if args.skip_bad:
         argv.append("--skip-bad")
     return argv
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the other options
     try:  # fail here, not after waiting in the queue
-        apply_pack_data_options(load_config(args.config, args.overrides), args.layout, args.input, args.subject)
+        apply_pack_data_options(load_config(args.config, args.overrides), args.layout, args.input, args.subject,
+                                args.identity)
     except ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     executor = slurm_executor(args, args.job_dir or Path("slurm_jobs/pack"), args.job_name)

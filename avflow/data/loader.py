@@ -63,8 +63,10 @@ class WindowPlan:
 
 
 def assemble_batch(rows: list[tuple[dict[str, np.ndarray] | None, int, int]], window: int,
-                   dims: dict[str, int], streams: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Stack (arrays, start, length) windows into float32 (B, window, D) tensors with frame masks.
+                   dims: dict[str, int], streams: tuple[str, ...],
+                   identities: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """Stack (arrays, start, length) windows into float32 (B, window, D) tensors with frame masks, and each row's
+    identity index (`identities`, default all 0) as the LongTensor "identity" (B,).
 
     Rows whose arrays are None (a sample that failed to read) stay zero with every frame invalid.
     """
@@ -80,7 +82,9 @@ def assemble_batch(rows: list[tuple[dict[str, np.ndarray] | None, int, int]], wi
         mask = arrays.get(EXPRESSION_MASK)
         expression_valid[row, :length] = True if mask is None else mask[start:start + length]
     tensors = {stream: torch.from_numpy(values) for stream, values in batch.items()}
-    return {**tensors, "valid": torch.from_numpy(valid), "expression_valid": torch.from_numpy(expression_valid)}
+    identity = torch.tensor([0] * len(rows) if identities is None else identities, dtype=torch.int64)
+    return {**tensors, "valid": torch.from_numpy(valid), "expression_valid": torch.from_numpy(expression_valid),
+            "identity": identity}
 
 
 def _shuffled_forever(items: Iterator[SampleRef], size: int, rng: np.random.Generator) -> Iterator[SampleRef]:
@@ -173,7 +177,8 @@ class TrainingShards(IterableDataset):
                 if plan.sample not in decoded:
                     decoded[plan.sample] = read_or_record_bad(plan.sample, counter, record=plan.first)
                 rows.append((decoded.pop(plan.sample) if plan.last else decoded[plan.sample], plan.start, plan.length))
-            batch = assemble_batch(rows, self.window, self.shards.dims, self.shards.feature_streams)
+            batch = assemble_batch(rows, self.window, self.shards.dims, self.shards.feature_streams,
+                                   [self.shards.identity_index(plan.sample) for plan in batch_plans])
             yield {**batch, "bad_samples": torch.tensor(counter.bad, dtype=torch.int64)}
 
     def _window_plans(self, consumer: int, consumers: int, counter: BadSampleCounter,
@@ -201,7 +206,8 @@ class TrainingShards(IterableDataset):
         barren = 0
         for epoch in itertools.count():
             for index in self.epoch_shards(epoch, consumer, consumers):
-                refs = scan_shard(self.shards.paths[index], self.shards.samples[index], self.shards.dims, counter)
+                refs = scan_shard(self.shards.paths[index], self.shards.samples[index], self.shards.dims, counter,
+                                  self.shards.identities)
                 barren = 0 if refs else barren + 1
                 if barren >= barren_limit:
                     raise BadDataError(f"{self.shards.directory}: no readable sample in {barren} consecutive train "
@@ -308,28 +314,32 @@ class ValidationShards(IterableDataset):
         mine = list(range(self.rank, len(self.shards.paths), self.world_size))[worker_id::workers]
         counter = BadSampleCounter(self.max_bad_fraction, f"{self.shards.directory} validation, rank {self.rank} "
                                                           f"worker {worker_id}")
-        rows, keys = [], []
+        rows, samples = [], []
         for index in mine:
-            for sample in scan_shard(self.shards.paths[index], self.shards.samples[index], self.shards.dims, counter):
+            for sample in scan_shard(self.shards.paths[index], self.shards.samples[index], self.shards.dims, counter,
+                                     self.shards.identities):
                 arrays = read_or_record_bad(sample, counter)
                 if arrays is None:
                     continue
                 for start in range(0, sample.frames, self.window):
                     rows.append((arrays, start, min(self.window, sample.frames - start)))
-                    keys.append(sample.key)
+                    samples.append(sample)
                     if len(rows) == self.batch_size:
-                        yield self._batch(rows, keys, counter)
-                        rows, keys = [], []
+                        yield self._batch(rows, samples, counter)
+                        rows, samples = [], []
         if rows:
-            yield self._batch(rows, keys, counter)
+            yield self._batch(rows, samples, counter)
 
-    def _batch(self, rows, keys: list[str], counter: BadSampleCounter) -> dict[str, Any]:
-        batch = assemble_batch(rows, self.window, self.shards.dims, self.shards.feature_streams)
-        return {**batch, "keys": list(keys), "bad_samples": torch.tensor(counter.bad, dtype=torch.int64)}
+    def _batch(self, rows, samples: list[SampleRef], counter: BadSampleCounter) -> dict[str, Any]:
+        batch = assemble_batch(rows, self.window, self.shards.dims, self.shards.feature_streams,
+                               [self.shards.identity_index(sample) for sample in samples])
+        return {**batch, "keys": [sample.key for sample in samples],
+                "bad_samples": torch.tensor(counter.bad, dtype=torch.int64)}
 
 
 class ValidationBatches:
-    """Re-iterable: each pass yields this rank's validation batches once; "keys" names each row's sample."""
+    """Re-iterable: each pass yields this rank's validation batches once; "keys" names each row's sample and
+    "identity" indexes its identity in the manifest's sorted identity names."""
 
     def __init__(self, dataset: ValidationShards):
         self.dataset = dataset

@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.align_streams import AlignedSegment, align_segment
-from avflow.data.layouts import list_segment_names, read_segment_record
+from avflow.data.layouts import layout_named, list_segment_names, read_segment_record
 from avflow.data.shard_format import (
     FORMAT,
+    IDENTITY_SEPARATOR,
     MANIFEST,
     OPTIONAL_STREAMS,
     REQUIRED_STREAMS,
@@ -58,15 +59,29 @@ PARENT_CHECK_SECONDS = 0.5  # how often a pack worker checks that the packing pr
 
 
 @dataclass(frozen=True)
+class PlannedSegment:
+    """One segment of the pack: its unique name in the shards, where it is read from, and whose it is."""
+
+    key: str  # the segment name; IDENTITY-SEGMENT in a multi-source pack
+    source: int  # index into DataConfig.per_source()
+    name: str  # the segment's name in its source
+    identity: str
+
+
+@dataclass(frozen=True)
 class ShardJob:
     """One planned shard: which segments go into which file, and what its content depends on."""
 
     path: Path
     split: str
-    segments: tuple[str, ...]
+    entries: tuple[PlannedSegment, ...]
     data_cfg: DataConfig
     mel_cfg: MelConfig
     skip_bad: bool
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(entry.key for entry in self.entries)
 
     @property
     def max_chunk_frames(self) -> int:
@@ -80,6 +95,7 @@ class ShardJob:
         section and `mel` whole: a key added to `data` is in the plan without being listed here.
         """
         return {"format": FORMAT, "split": self.split, "segments": list(self.segments),
+                "identities": [entry.identity for entry in self.entries],  # a manifest line's identity may change
                 "data": dataclasses.asdict(self.data_cfg), "mel": dataclasses.asdict(self.mel_cfg),
                 "sample_checksums": SAMPLE_CHECKSUM}
 
@@ -115,9 +131,15 @@ def pack(cfg: Config, output_dir: str | os.PathLike, *, workers: int | None = No
 def _pack_locked(cfg: Config, output: Path, workers: int, skip_bad: bool, progress: bool) -> dict[str, Any]:
     _remove_stale_temporaries(output, cfg.pack.name)
 
-    names = list_segment_names(cfg.data)
-    if not names:
-        raise ValueError(f"data.root={cfg.data.root}: no segments found for data.layout={cfg.data.layout}")
+    sources = cfg.data.per_source()
+    names = []
+    for index, source in enumerate(sources):
+        layout_named(source.layout, f"{_source_name(cfg.data, index)}.layout")  # the error names this source
+        found = list_segment_names(source)
+        if not found:
+            raise ValueError(f"{_source_name(cfg.data, index)}.root={source.root}: no segments found for "
+                             f"layout {source.layout}")
+        names += [(index, name) for name in found]
     executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                     initializer=_init_worker, initargs=(os.getpid(),)) if workers > 1 else None)
     try:
@@ -157,43 +179,74 @@ def _map(function: Callable, items: list, executor: Executor | None, chunksize: 
     return map(function, items) if executor is None else executor.map(function, items, chunksize=chunksize)
 
 
-def _plan_splits(data_cfg: DataConfig, names: list[str], executor: Executor | None, workers: int,
-                 progress: bool) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
-    """Sorted segment names per split, and the segments that cannot be read.
+def _dataset_name(data_cfg: DataConfig) -> str:
+    """How errors name the dataset being packed."""
+    if data_cfg.sources:
+        return "data.sources (" + ", ".join(source.root for source in data_cfg.sources) + ")"
+    return f"data.root={data_cfg.root}"
 
-    The split is a property of the record (`SegmentRecord.is_val`), so planning reads every record once.
+
+def _source_name(data_cfg: DataConfig, index: int) -> str:
+    return f"data.sources[{index}]" if data_cfg.sources else "data"
+
+
+def _plan_splits(data_cfg: DataConfig, names: list[tuple[int, str]], executor: Executor | None, workers: int,
+                 progress: bool) -> tuple[dict[str, list[PlannedSegment]], list[dict[str, str]]]:
+    """The segments per split, sorted by key, and the segments that cannot be read.
+
+    The split and the identity are properties of the record (`SegmentRecord.is_val`, `.identity`), so planning
+    reads every record once. Keys must be unique: two roots may hold equal segment names under one identity.
     """
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
+    splits: dict[str, list[PlannedSegment]] = {split: [] for split in SPLITS}
     bad = []
     chunksize = max(1, len(names) // (workers * 8))
-    results = _map(functools.partial(_segment_split, data_cfg), sorted(names), executor, chunksize)
-    for name, split, reason in tqdm(results, total=len(names), desc="plan", unit="segment", disable=not progress):
+    sources = data_cfg.per_source()
+    results = _map(functools.partial(_segment_plan, sources, bool(data_cfg.sources)), sorted(names), executor,
+                   chunksize)
+    seen: dict[str, int] = {}
+    for entry, split, reason in tqdm(results, total=len(names), desc="plan", unit="segment", disable=not progress):
         if split is None:
-            bad.append({"segment": name, "reason": reason})
-        else:
-            splits[split].append(name)
+            bad.append({"segment": entry.key, "reason": reason})
+            continue
+        if entry.key in seen:
+            raise ValueError(f"{_source_name(data_cfg, entry.source)}: segment {entry.name!r} of identity "
+                             f"{entry.identity!r} is also in {_source_name(data_cfg, seen[entry.key])}; expected "
+                             f"each identity's segment names to be unique across sources (give the roots "
+                             f"different identities, or rename one)")
+        seen[entry.key] = entry.source
+        splits[split].append(entry)
+    for entries in splits.values():
+        entries.sort(key=lambda entry: entry.key)
     return splits, bad
 
 
-def _segment_split(data_cfg: DataConfig, name: str) -> tuple[str, str | None, str | None]:
-    """(name, split, None) for a readable segment, (name, None, reason) for a bad one."""
+def _segment_plan(sources: list[DataConfig], prefixed: bool,
+                  item: tuple[int, str]) -> tuple[PlannedSegment, str | None, str | None]:
+    """(segment, split, None) for a readable segment, (segment, None, reason) for a bad one."""
+    index, name = item
+    source = sources[index]
+    entry = PlannedSegment(name, index, name, source.default_identity)
     if "." in name or "/" in name:
-        return name, None, f"segment name {name!r} contains '.' or '/'; WebDataset sample keys cannot"
+        return entry, None, f"segment name {name!r} contains '.' or '/'; WebDataset sample keys cannot"
     try:
-        record = read_segment_record(data_cfg, name)
+        record = read_segment_record(source, name)
     except SEGMENT_READ_ERRORS as error:
-        return name, None, str(error) or type(error).__name__
-    return name, "val" if record.is_val else "train", None
+        if prefixed:
+            entry = dataclasses.replace(entry, key=f"{source.root}:{name}")
+        return entry, None, str(error) or type(error).__name__
+    identity = record.identity or source.default_identity
+    key = f"{identity}{IDENTITY_SEPARATOR}{name}" if prefixed else name
+    return PlannedSegment(key, index, name, identity), "val" if record.is_val else "train", None
 
 
-def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[str]], skip_bad: bool) -> list[ShardJob]:
+def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[PlannedSegment]], skip_bad: bool) -> list[ShardJob]:
     per_shard = cfg.data.segments_per_shard
     jobs = []
     for split in SPLITS:
-        names = splits[split]
-        for index, start in enumerate(range(0, len(names), per_shard)):
+        entries = splits[split]
+        for index, start in enumerate(range(0, len(entries), per_shard)):
             jobs.append(ShardJob(output / shard_file_name(cfg.pack.name, split, index), split,
-                                 tuple(names[start:start + per_shard]), cfg.data, cfg.mel, skip_bad))
+                                 tuple(entries[start:start + per_shard]), cfg.data, cfg.mel, skip_bad))
     return jobs
 
 
@@ -232,37 +285,47 @@ def _reusable_sidecar(job: ShardJob) -> dict[str, Any] | None:
 def _write_shard(job: ShardJob) -> dict[str, Any]:
     """Write one shard and its sidecar; without skip_bad a shard with a bad segment is not written at all."""
     temporary = job.path.with_name(f".{job.path.name}.{os.getpid()}.tmp")
-    stats = {feature: None for feature in STAT_FEATURES}
+    sources = job.data_cfg.per_source()
+    identities: dict[str, dict[str, Any]] = {}  # name -> its segments, frames and statistics in this shard
     dims: dict[str, int] = {}
     bad = []
     samples = frames = 0
     try:
         with reporting_disk_errors(job.path), tarfile.open(temporary, "w:", format=tarfile.PAX_FORMAT) as tar:
-            for name in job.segments:
+            for entry in job.entries:
+                source = sources[entry.source]
                 try:
-                    segment = align_segment(read_segment_record(job.data_cfg, name), job.mel_cfg,
-                                            job.data_cfg.participant_mel)
+                    record = read_segment_record(source, entry.name)
+                    identity = record.identity or source.default_identity
+                    if identity != entry.identity:
+                        raise ValueError(f"identity {identity!r}; the pack was planned with {entry.identity!r} "
+                                         f"(the data changed while packing)")
+                    segment = align_segment(record, job.mel_cfg, job.data_cfg.participant_mel)
                     stored = _stored_streams(segment)
                 except SEGMENT_READ_ERRORS as error:
-                    bad.append({"segment": name, "reason": str(error) or type(error).__name__})
+                    bad.append({"segment": entry.key, "reason": str(error) or type(error).__name__})
                     continue
                 if bad and not job.skip_bad:
                     continue  # this shard will not be kept; keep reading only to report every bad segment
                 bounds = chunk_bounds(segment.frames, job.max_chunk_frames)
+                totals = identities.setdefault(identity, {"segments": 0, "frames": 0,
+                                                          "stats": {feature: None for feature in STAT_FEATURES}})
+                totals["segments"] += 1
                 for chunk, (start, end) in enumerate(bounds):
                     arrays = {stream: values[start:end] for stream, values in stored.items()}
                     if "expression_valid" in arrays and arrays["expression_valid"].all():
                         del arrays["expression_valid"]
-                    add_members(tar, encode_sample(name, chunk, len(bounds), start, arrays,
-                                                   frame_rate=job.mel_cfg.frame_rate, layout=job.data_cfg.layout,
-                                                   split=job.split))
-                    _accumulate(stats, arrays)
+                    add_members(tar, encode_sample(entry.key, chunk, len(bounds), start, arrays,
+                                                   frame_rate=job.mel_cfg.frame_rate, layout=source.layout,
+                                                   split=job.split, identity=identity))
+                    _accumulate(totals["stats"], arrays)
                     samples += 1
                     frames += end - start
+                    totals["frames"] += end - start
                 dims.update({stream: values.shape[1] for stream, values in stored.items() if values.ndim == 2})
         if bad and not job.skip_bad:
-            return _sidecar(job, samples, frames, dims, stats, bad, tar=None)
-        sidecar = _sidecar(job, samples, frames, dims, stats, bad, tar=temporary)
+            return _sidecar(job, samples, frames, dims, identities, bad, tar=None)
+        sidecar = _sidecar(job, samples, frames, dims, identities, bad, tar=temporary)
         os.replace(temporary, job.path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -300,9 +363,10 @@ def _accumulate(stats: dict[str, dict | None], arrays: dict[str, np.ndarray]) ->
         stats[feature]["sum_sq"] += np.square(values).sum(axis=0)
 
 
-def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], stats: dict[str, dict | None],
+def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], identities: dict[str, dict[str, Any]],
              bad: list[dict[str, str]], tar: Path | None) -> dict[str, Any]:
-    """The shard's summary; `tar` None for a shard abandoned because of a bad segment."""
+    """The shard's summary, with each identity's segments, frames and sufficient statistics; `tar` None for a
+    shard abandoned because of a bad segment."""
     return {
         "format": SIDECAR_FORMAT,
         "file": job.path.name,
@@ -313,9 +377,14 @@ def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], sta
         "sha256": file_sha256(tar) if tar is not None else "",
         "dims": dims,
         "bad": bad,
-        "stats": {feature: {"count": value["count"], "sum": value["sum"].tolist(), "sum_sq": value["sum_sq"].tolist()}
-                  for feature, value in stats.items() if value is not None},
+        "identities": {name: {"segments": totals["segments"], "frames": totals["frames"],
+                              "stats": _listed_stats(totals["stats"])} for name, totals in sorted(identities.items())},
     }
+
+
+def _listed_stats(stats: dict[str, dict | None]) -> dict[str, dict[str, Any]]:
+    return {feature: {"count": value["count"], "sum": value["sum"].tolist(), "sum_sq": value["sum_sq"].tolist()}
+            for feature, value in stats.items() if value is not None}
 
 
 def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
@@ -334,11 +403,11 @@ def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
             "hours": frames / frame_rate / 3600.0,
         }
     if splits["train"]["samples"] == 0:
-        raise ValueError(f"data.root={cfg.data.root}: no training segment could be packed "
+        raise ValueError(f"{_dataset_name(cfg.data)}: no training segment could be packed "
                          f"(every readable segment matches the validation rule, or all are bad)")
     return {
         "format": FORMAT,
-        "layout": cfg.data.layout,
+        "layout": "+".join(sorted({source.layout for source in cfg.data.per_source()})),
         "name": cfg.pack.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mel": dataclasses.asdict(cfg.mel),
@@ -346,9 +415,30 @@ def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
         "max_chunk_frames": max_chunk_frames(cfg.data, cfg.mel),
         "dims": _merged_dims(sidecars),
         "splits": splits,
-        "stats": _train_stats([sidecar for job, sidecar in zip(jobs, sidecars) if job.split == "train"]),
+        "stats": _train_stats([part["stats"] for job, sidecar in zip(jobs, sidecars) if job.split == "train"
+                               for part in sidecar["identities"].values()], "train split"),
+        "identities": _identities(jobs, sidecars, frame_rate),
         "bad": bad,
     }
+
+
+def _identities(jobs: list[ShardJob], sidecars: list[dict[str, Any]], frame_rate: float) -> dict[str, dict[str, Any]]:
+    """Per identity, sorted by name: segments and hours per split, and train statistics merged from the shards."""
+    names = sorted({name for sidecar in sidecars for name in sidecar["identities"]})
+    merged = {}
+    for name in names:
+        parts = {split: [sidecar["identities"][name] for job, sidecar in zip(jobs, sidecars)
+                         if job.split == split and name in sidecar["identities"]] for split in SPLITS}
+        if not parts["train"]:
+            raise ValueError(f"identity {name!r}: no training segment was packed, only validation ones; expected at "
+                             f"least one per identity (its normalization statistics come from its training data)")
+        merged[name] = {
+            "segments": {split: sum(part["segments"] for part in parts[split]) for split in SPLITS},
+            "hours": {split: sum(part["frames"] for part in parts[split]) / frame_rate / 3600.0 for split in SPLITS},
+            "stats": _train_stats([part["stats"] for part in parts["train"]],
+                                  f"identity {name!r}, train split"),
+        }
+    return merged
 
 
 def _merged_dims(sidecars: list[dict[str, Any]]) -> dict[str, int]:
@@ -362,14 +452,14 @@ def _merged_dims(sidecars: list[dict[str, Any]]) -> dict[str, int]:
     return {stream: dims[stream] for stream in (*REQUIRED_STREAMS, *OPTIONAL_STREAMS) if stream in dims}
 
 
-def _train_stats(sidecars: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per-feature mean and std over the train split, merged from the shards' sufficient statistics."""
+def _train_stats(shard_stats: list[dict[str, Any]], what: str) -> dict[str, dict[str, Any]]:
+    """Per-feature mean and std of `what`, merged from sufficient statistics (count, sum, sum_sq) per shard."""
     merged = {}
     for feature in STAT_FEATURES:
-        parts = [sidecar["stats"][feature] for sidecar in sidecars if feature in sidecar["stats"]]
+        parts = [stats[feature] for stats in shard_stats if feature in stats]
         count = sum(part["count"] for part in parts)
         if count == 0:
-            raise ValueError(f"train split: no frames of {feature} to compute statistics from "
+            raise ValueError(f"{what}: no frames of {feature} to compute statistics from "
                              f"(expression counts only frames marked valid)")
         total = np.sum([part["sum"] for part in parts], axis=0)
         total_sq = np.sum([part["sum_sq"] for part in parts], axis=0)
@@ -405,5 +495,5 @@ def _remove_unplanned_shards(output: Path, name: str, planned: set[str]) -> None
 
 def _bad_report(cfg: Config, bad: list[dict[str, str]]) -> str:
     lines = [f"{entry['segment']}: {entry['reason']}" for entry in bad]
-    return (f"data.root={cfg.data.root}: {len(bad)} bad segment(s) (pack.skip_bad=true skips and counts them):\n"
+    return (f"{_dataset_name(cfg.data)}: {len(bad)} bad segment(s) (pack.skip_bad=true skips and counts them):\n"
             + "\n".join(lines))

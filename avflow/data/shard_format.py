@@ -15,6 +15,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from avflow.config import DEFAULT_IDENTITY
+
 FORMAT = "avflow-shards-v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -34,6 +36,9 @@ OPTIONAL_STREAMS = ("participant_tokens", "participant_features", "participant_m
 # Each sample's header records this digest of every .npy member's bytes, which the loader checks on the
 # bytes it reads anyway; shards packed before it existed carry none and are repacked by the next pack.
 SAMPLE_CHECKSUM = "sha256"
+# A multi-source pack's sample keys are IDENTITY-SEGMENT, so equal segment names of two roots stay apart; a
+# single-source pack keeps the segment names as keys, as before identities existed.
+IDENTITY_SEPARATOR = "-"
 
 
 def shard_file_name(name: str, split: str, index: int) -> str:
@@ -46,9 +51,9 @@ def sample_key(segment: str, chunk: int, chunks: int) -> str:
 
 
 def encode_sample(segment: str, chunk: int, chunks: int, start: int, arrays: dict[str, np.ndarray], *,
-                  frame_rate: float, layout: str, split: str) -> dict[str, bytes]:
-    """One sample's tar members: KEY.STREAM.npy per stream and the KEY.json header, which records the sha256 of
-    every .npy member."""
+                  frame_rate: float, layout: str, split: str, identity: str) -> dict[str, bytes]:
+    """One sample's tar members: KEY.STREAM.npy per stream and the KEY.json header, which records the sample's
+    identity and the sha256 of every .npy member."""
     key = sample_key(segment, chunk, chunks)
     frames = arrays["mel"].shape[0]
     members = {}
@@ -57,7 +62,8 @@ def encode_sample(segment: str, chunk: int, chunks: int, start: int, arrays: dic
         np.save(buffer, values, allow_pickle=False)
         members[f"{key}.{stream}.npy"] = buffer.getvalue()
     header = {"segment": segment, "chunk": chunk, "chunks": chunks, "start_frame": start, "frames": frames,
-              "frame_rate": frame_rate, "layout": layout, "split": split, "streams": sorted(arrays),
+              "frame_rate": frame_rate, "layout": layout, "split": split, "identity": identity,
+              "streams": sorted(arrays),
               SAMPLE_CHECKSUM: {stream: hashlib.sha256(members[f"{key}.{stream}.npy"]).hexdigest()
                                 for stream in sorted(arrays)}}
     members[f"{key}.json"] = json.dumps(header, sort_keys=True).encode()
@@ -115,4 +121,31 @@ def load_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
     missing += [f"splits.{split}" for split in SPLITS if split not in manifest.get("splits", {})]
     if missing:
         raise ValueError(f"{path}: manifest lacks {', '.join(missing)}")
+    if "identities" in manifest and not _well_formed_identities(manifest["identities"]):
+        raise ValueError(f"{path}: identities: expected {{name: {{\"segments\", \"hours\", \"stats\"}}}} for at "
+                         f"least one identity, got {json.dumps(manifest['identities'])[:200]}")
     return manifest
+
+
+def _well_formed_identities(listed: Any) -> bool:
+    """Whether a manifest's "identities" maps at least one name to an entry with segments, hours and stats."""
+    return isinstance(listed, dict) and bool(listed) and all(
+        isinstance(entry, dict) and all(isinstance(entry.get(key), dict) for key in ("segments", "hours", "stats"))
+        for entry in listed.values())
+
+
+def sample_identity(header: dict[str, Any]) -> str:
+    """The identity a sample header records; samples packed before identities existed are DEFAULT_IDENTITY's."""
+    return header.get("identity", DEFAULT_IDENTITY)
+
+
+def identities(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The manifest's identities, sorted by name: {name: {"segments": {split: n}, "hours": {split: h}, "stats"}},
+    with "stats" in the format of the top-level "stats" (train split). A manifest written before identities
+    existed describes one identity, DEFAULT_IDENTITY, holding every segment, with the top-level stats."""
+    if "identities" in manifest:
+        return {name: manifest["identities"][name] for name in sorted(manifest["identities"])}
+    splits = manifest["splits"]
+    return {DEFAULT_IDENTITY: {"segments": {split: splits[split].get("segments", 0) for split in SPLITS},
+                               "hours": {split: splits[split].get("hours", 0.0) for split in SPLITS},
+                               "stats": manifest["stats"]}}

@@ -18,12 +18,20 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from avflow.config import Config, LoaderConfig
-from avflow.data.shard_format import MANIFEST, OPTIONAL_STREAMS, REQUIRED_STREAMS, SAMPLE_CHECKSUM, load_manifest
+from avflow.data.shard_format import (
+    MANIFEST,
+    OPTIONAL_STREAMS,
+    REQUIRED_STREAMS,
+    SAMPLE_CHECKSUM,
+    identities,
+    load_manifest,
+    sample_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +70,27 @@ class SampleRef:
     start: int  # [start, end): the bytes of the shard that hold all its arrays
     end: int
     arrays: dict[str, StoredArray]
+    identity: str  # as its header records it (DEFAULT_IDENTITY in shards packed before identities)
 
 
 @dataclass(frozen=True)
 class ShardList:
-    """One split's non-empty shards, as the manifest lists them, and the width of every stream."""
+    """One split's non-empty shards, as the manifest lists them, the width of every stream, and the sorted names
+    of the manifest's identities (a batch's "identity" indexes them)."""
 
     directory: Path
     paths: tuple[str, ...]
     samples: tuple[int, ...]
     dims: dict[str, int]
+    identities: tuple[str, ...]
 
     @property
     def feature_streams(self) -> tuple[str, ...]:
         return tuple(stream for stream in ARRAY_STREAMS if stream in self.dims)
+
+    def identity_index(self, sample: SampleRef) -> int:
+        """The sample's identity as an index into `identities` (scan_shard given them skips any other)."""
+        return self.identities.index(sample.identity)
 
 
 class BadSampleCounter:
@@ -134,7 +149,8 @@ def open_split(shard_dir: str | os.PathLike, split: str, cfg: Config | None = No
     if absent:
         raise FileNotFoundError(f"{manifest_path} lists {len(absent)} {split} shard(s) that do not exist: "
                                 + ", ".join(absent))
-    return ShardList(directory, paths, tuple(int(entry["samples"]) for entry in entries), dims)
+    return ShardList(directory, paths, tuple(int(entry["samples"]) for entry in entries), dims,
+                     tuple(identities(manifest)))
 
 
 def _check_against_config(manifest: dict[str, Any], dims: dict[str, int], manifest_path: Path, cfg: Config) -> None:
@@ -151,8 +167,10 @@ def _check_against_config(manifest: dict[str, Any], dims: dict[str, int], manife
                          f"{cfg.mel.frame_rate} frames per second (repack with this mel config)")
 
 
-def scan_shard(path: str, expected_samples: int, dims: dict[str, int], counter: BadSampleCounter) -> list[SampleRef]:
-    """Locate every sample of a shard from tar, JSON and .npy headers, skipping (and counting) bad ones.
+def scan_shard(path: str, expected_samples: int, dims: dict[str, int], counter: BadSampleCounter,
+               identities: tuple[str, ...] | None = None) -> list[SampleRef]:
+    """Locate every sample of a shard from tar, JSON and .npy headers, skipping (and counting) bad ones: given
+    the manifest's `identities`, a sample of any other identity is bad too.
 
     A corrupt or truncated tar is logged by path; the samples the manifest lists beyond the readable part count
     as bad.
@@ -165,7 +183,7 @@ def scan_shard(path: str, expected_samples: int, dims: dict[str, int], counter: 
             for key, members in _member_groups(tar):
                 groups += 1
                 try:
-                    refs.append(_locate_sample(path, key, members, tar, handle, dims))
+                    refs.append(_locate_sample(path, key, members, tar, handle, dims, identities))
                 except ValueError as error:
                     counter.record_bad(path, key, str(error))
                     continue
@@ -197,7 +215,7 @@ def _member_groups(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, tarfil
 
 
 def _locate_sample(path: str, key: str, members: dict[str, tarfile.TarInfo], tar: tarfile.TarFile, handle,
-                   dims: dict[str, int]) -> SampleRef:
+                   dims: dict[str, int], identities: tuple[str, ...] | None) -> SampleRef:
     """The sample's SampleRef, or ValueError saying which member is missing or malformed."""
     if "json" not in members:
         raise ValueError(f"no {key}.json header")
@@ -205,6 +223,10 @@ def _locate_sample(path: str, key: str, members: dict[str, tarfile.TarInfo], tar
     frames = header.get("frames") if isinstance(header, dict) else None
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"{key}.json: expected a positive integer 'frames', got {frames!r}")
+    identity = sample_identity(header)
+    if not isinstance(identity, str) or (identities is not None and identity not in identities):
+        expected = "a name" if identities is None else "one the manifest lists (" + ", ".join(identities) + ")"
+        raise ValueError(f"{key}.json: identity {identity!r}; expected {expected}")
     wanted = {stream: (frames, width) for stream, width in dims.items() if stream in ARRAY_STREAMS}
     if f"{EXPRESSION_MASK}.npy" in members:
         wanted[EXPRESSION_MASK] = (frames,)
@@ -218,7 +240,8 @@ def _locate_sample(path: str, key: str, members: dict[str, tarfile.TarInfo], tar
             raise ValueError(f"no {key}.{stream}.npy member")
         arrays[stream] = _locate_array(handle, info, shape, stream, digests.get(stream))
         spans.append((info.offset_data, info.offset_data + info.size))
-    return SampleRef(path, key, frames, min(start for start, _ in spans), max(end for _, end in spans), arrays)
+    return SampleRef(path, key, frames, min(start for start, _ in spans), max(end for _, end in spans), arrays,
+                     identity)
 
 
 def _locate_array(handle, info: tarfile.TarInfo, shape: tuple[int, ...], stream: str,
@@ -277,12 +300,27 @@ def read_or_record_bad(sample: SampleRef, counter: BadSampleCounter,
         return None
 
 
+class StoredSample(NamedTuple):
+    """One whole sample read outside training: its key, its identity and {stream: array}."""
+
+    key: str
+    identity: str
+    arrays: dict[str, np.ndarray]
+
+
 def iter_split_arrays(shard_dir: str | os.PathLike, split: str, streams: tuple[str, ...] = REQUIRED_STREAMS,
                       max_bad_fraction: float = LoaderConfig.max_bad_fraction) -> Iterator[dict[str, np.ndarray]]:
     """Every readable sample of `split` in shard order, as {stream: whole-sample array} (float32; bool mask).
 
-    For passes over the data outside training, such as fitting the head-pose VAE.
+    For passes over the data outside training, such as fitting the head-pose VAE; `iter_split_samples` also
+    names each sample's identity.
     """
+    return (sample.arrays for sample in iter_split_samples(shard_dir, split, streams, max_bad_fraction))
+
+
+def iter_split_samples(shard_dir: str | os.PathLike, split: str, streams: tuple[str, ...] = REQUIRED_STREAMS,
+                       max_bad_fraction: float = LoaderConfig.max_bad_fraction) -> Iterator[StoredSample]:
+    """Every readable sample of `split` in shard order with its key and identity (to group results by identity)."""
     shards = open_split(shard_dir, split)
     available = set(shards.feature_streams) | {EXPRESSION_MASK}
     unknown = [stream for stream in streams if stream not in available]
@@ -291,10 +329,11 @@ def iter_split_arrays(shard_dir: str | os.PathLike, split: str, streams: tuple[s
                          f"{', '.join(sorted(available))}")
     counter = BadSampleCounter(max_bad_fraction, f"{shards.directory} {split} split")
     for path, samples in zip(shards.paths, shards.samples):
-        for sample in scan_shard(path, samples, shards.dims, counter):
+        for sample in scan_shard(path, samples, shards.dims, counter, shards.identities):
             arrays = read_or_record_bad(sample, counter)
             if arrays is not None:
-                yield {stream: _whole_stream(arrays, stream, sample.frames) for stream in streams}
+                yield StoredSample(sample.key, sample.identity,
+                                   {stream: _whole_stream(arrays, stream, sample.frames) for stream in streams})
 
 
 def _whole_stream(arrays: dict[str, np.ndarray], stream: str, frames: int) -> np.ndarray:

@@ -43,9 +43,10 @@ DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_corr
 
 @dataclass
 class HeldOut:
-    """One held-out sample of the shards: its key and whole streams at the mel frame rate."""
+    """One held-out sample of the shards: its key, identity and whole streams at the mel frame rate."""
 
     key: str
+    identity: str  # as the sample records it, to report per identity
     arrays: dict[str, np.ndarray]
     pitch: tuple[np.ndarray, np.ndarray] | None = None  # of the vocoded recording, tracked once for every column
 
@@ -82,7 +83,8 @@ def held_out_segments(shards: str | Path, split: str = "val", max_items: int | N
         for sample in scan_shard(path, count, shard_list.dims, counter):
             arrays = read_or_record_bad(sample, counter)
             if arrays is not None:
-                segments.append(HeldOut(sample.key, {name: np.array(value) for name, value in arrays.items()}))
+                segments.append(HeldOut(sample.key, sample.identity,
+                                        {name: np.array(value) for name, value in arrays.items()}))
             if max_items is not None and len(segments) >= max_items:
                 return segments
     if not segments:

@@ -236,7 +236,9 @@ def test_duplicate_segment_names_make_both_lines_bad(corpus, manifest):
 def test_pack_lists_bad_lines_and_fails_or_skips_and_counts_them(corpus, manifest, tmp_path, capsys):
     root, names = corpus
     lines = [json.loads(text) for text in manifest.read_text().splitlines()]
-    write_manifest(manifest, [lines[0], "{not json", {**lines[2], "split": "test"}, lines[3]])
+    # anna's second line and ben's train line are bad; ben keeps a training line, as every identity must
+    write_manifest(manifest, [lines[0], "{not json", {**lines[2], "split": "test"}, lines[3],
+                              {**lines[2], "segment": "ben_train"}])
     output = tmp_path / "shards"
 
     assert main(["pack", "--layout", "manifest", "-i", str(manifest), "-o", str(output)]) == 2
@@ -251,7 +253,7 @@ def test_pack_lists_bad_lines_and_fails_or_skips_and_counts_them(corpus, manifes
     capsys.readouterr()
     packed = json.loads((output / "manifest.json").read_text())
     assert [entry["segment"] for entry in packed["bad"]] == [names[2], "line 2"]
-    assert (packed["splits"]["train"]["segments"], packed["splits"]["val"]["segments"]) == (1, 1)
+    assert (packed["splits"]["train"]["segments"], packed["splits"]["val"]["segments"]) == (2, 1)
 
 
 @pytest.mark.parametrize("lines, expected", [
