@@ -23,7 +23,6 @@ import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -34,12 +33,12 @@ from tqdm import tqdm
 from avflow.config import Config, DataConfig, MelConfig
 from avflow.data.align_streams import AlignedSegment, align_segment
 from avflow.data.layouts import layout_named, list_segment_names, read_segment_record
+from avflow.data.pack_manifest import accumulate, build_manifest, empty_stats, listed_stats, max_chunk_frames
 from avflow.data.shard_format import (
     FORMAT,
     IDENTITY_SEPARATOR,
     MANIFEST,
     OPTIONAL_STREAMS,
-    REQUIRED_STREAMS,
     SAMPLE_CHECKSUM,
     SPLITS,
     STORED_DTYPES,
@@ -50,7 +49,6 @@ from avflow.data.shard_format import (
 from avflow.utils import atomic_path, file_sha256, hold_folder, reporting_disk_errors
 
 SIDECAR_FORMAT = "avflow-shard-sidecar-v1"
-STAT_FEATURES = ("mel", "expression", "pose", "tokens")
 # What reading one segment's files can raise: a bad segment, counted under pack.skip_bad, not a failed pack
 # (the layout readers turn what they anticipate into ValueError naming the file; OSError and EOFError
 # cover unreadable and empty files they did not anticipate).
@@ -157,7 +155,7 @@ def _pack_locked(cfg: Config, output: Path, workers: int, skip_bad: bool, progre
     bad += [entry for sidecar in sidecars for entry in sidecar["bad"]]
     if bad and not skip_bad:
         raise ValueError(_bad_report(cfg, bad))
-    manifest = _manifest(cfg, jobs, sidecars, bad)
+    manifest = build_manifest(cfg, [job.split for job in jobs], sidecars, bad, _dataset_name(cfg.data))
     _write_json(output / MANIFEST, manifest)
     return manifest
 
@@ -250,11 +248,6 @@ def _shard_jobs(cfg: Config, output: Path, splits: dict[str, list[PlannedSegment
     return jobs
 
 
-def max_chunk_frames(data_cfg: DataConfig, mel_cfg: MelConfig) -> int:
-    """data.max_chunk_seconds in mel frames: the longest sample a shard holds."""
-    return int(data_cfg.max_chunk_seconds * mel_cfg.frame_rate)
-
-
 def _write_shards(jobs: list[ShardJob], executor: Executor | None, progress: bool) -> list[dict[str, Any]]:
     """Sidecars of all jobs in order: reused where the shard on disk is intact, written otherwise."""
     sidecars: list[dict[str, Any] | None] = [_reusable_sidecar(job) for job in jobs]
@@ -309,7 +302,7 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
                     continue  # this shard will not be kept; keep reading only to report every bad segment
                 bounds = chunk_bounds(segment.frames, job.max_chunk_frames)
                 totals = identities.setdefault(identity, {"segments": 0, "frames": 0,
-                                                          "stats": {feature: None for feature in STAT_FEATURES}})
+                                                          "stats": empty_stats()})
                 totals["segments"] += 1
                 for chunk, (start, end) in enumerate(bounds):
                     arrays = {stream: values[start:end] for stream, values in stored.items()}
@@ -318,7 +311,7 @@ def _write_shard(job: ShardJob) -> dict[str, Any]:
                     add_members(tar, encode_sample(entry.key, chunk, len(bounds), start, arrays,
                                                    frame_rate=job.mel_cfg.frame_rate, layout=source.layout,
                                                    split=job.split, identity=identity))
-                    _accumulate(totals["stats"], arrays)
+                    accumulate(totals["stats"], arrays)
                     samples += 1
                     frames += end - start
                     totals["frames"] += end - start
@@ -350,19 +343,6 @@ def _stored_streams(segment: AlignedSegment) -> dict[str, np.ndarray]:
     return stored
 
 
-def _accumulate(stats: dict[str, dict | None], arrays: dict[str, np.ndarray]) -> None:
-    """Add count, sum and sum of squares of the stored values (expression: valid frames only)."""
-    for feature in STAT_FEATURES:
-        values = arrays[feature].astype(np.float64)
-        if feature == "expression" and "expression_valid" in arrays:
-            values = values[arrays["expression_valid"]]
-        if stats[feature] is None:
-            stats[feature] = {"count": 0, "sum": np.zeros(values.shape[1]), "sum_sq": np.zeros(values.shape[1])}
-        stats[feature]["count"] += values.shape[0]
-        stats[feature]["sum"] += values.sum(axis=0)
-        stats[feature]["sum_sq"] += np.square(values).sum(axis=0)
-
-
 def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], identities: dict[str, dict[str, Any]],
              bad: list[dict[str, str]], tar: Path | None) -> dict[str, Any]:
     """The shard's summary, with each identity's segments, frames and sufficient statistics; `tar` None for a
@@ -378,95 +358,8 @@ def _sidecar(job: ShardJob, samples: int, frames: int, dims: dict[str, int], ide
         "dims": dims,
         "bad": bad,
         "identities": {name: {"segments": totals["segments"], "frames": totals["frames"],
-                              "stats": _listed_stats(totals["stats"])} for name, totals in sorted(identities.items())},
+                              "stats": listed_stats(totals["stats"])} for name, totals in sorted(identities.items())},
     }
-
-
-def _listed_stats(stats: dict[str, dict | None]) -> dict[str, dict[str, Any]]:
-    return {feature: {"count": value["count"], "sum": value["sum"].tolist(), "sum_sq": value["sum_sq"].tolist()}
-            for feature, value in stats.items() if value is not None}
-
-
-def _manifest(cfg: Config, jobs: list[ShardJob], sidecars: list[dict[str, Any]],
-              bad: list[dict[str, str]]) -> dict[str, Any]:
-    frame_rate = cfg.mel.frame_rate
-    splits = {}
-    for split in SPLITS:
-        entries = [sidecar for job, sidecar in zip(jobs, sidecars) if job.split == split]
-        frames = sum(sidecar["frames"] for sidecar in entries)
-        splits[split] = {
-            "shards": [{key: sidecar[key] for key in ("file", "samples", "frames", "bytes", "sha256")}
-                       for sidecar in entries],
-            "segments": sum(len(sidecar["plan"]["segments"]) - len(sidecar["bad"]) for sidecar in entries),
-            "samples": sum(sidecar["samples"] for sidecar in entries),
-            "frames": frames,
-            "hours": frames / frame_rate / 3600.0,
-        }
-    if splits["train"]["samples"] == 0:
-        raise ValueError(f"{_dataset_name(cfg.data)}: no training segment could be packed "
-                         f"(every readable segment matches the validation rule, or all are bad)")
-    return {
-        "format": FORMAT,
-        "layout": "+".join(sorted({source.layout for source in cfg.data.per_source()})),
-        "name": cfg.pack.name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mel": dataclasses.asdict(cfg.mel),
-        "frame_rate": frame_rate,
-        "max_chunk_frames": max_chunk_frames(cfg.data, cfg.mel),
-        "dims": _merged_dims(sidecars),
-        "splits": splits,
-        "stats": _train_stats([part["stats"] for job, sidecar in zip(jobs, sidecars) if job.split == "train"
-                               for part in sidecar["identities"].values()], "train split"),
-        "identities": _identities(jobs, sidecars, frame_rate),
-        "bad": bad,
-    }
-
-
-def _identities(jobs: list[ShardJob], sidecars: list[dict[str, Any]], frame_rate: float) -> dict[str, dict[str, Any]]:
-    """Per identity, sorted by name: segments and hours per split, and train statistics merged from the shards."""
-    names = sorted({name for sidecar in sidecars for name in sidecar["identities"]})
-    merged = {}
-    for name in names:
-        parts = {split: [sidecar["identities"][name] for job, sidecar in zip(jobs, sidecars)
-                         if job.split == split and name in sidecar["identities"]] for split in SPLITS}
-        if not parts["train"]:
-            raise ValueError(f"identity {name!r}: no training segment was packed, only validation ones; expected at "
-                             f"least one per identity (its normalization statistics come from its training data)")
-        merged[name] = {
-            "segments": {split: sum(part["segments"] for part in parts[split]) for split in SPLITS},
-            "hours": {split: sum(part["frames"] for part in parts[split]) / frame_rate / 3600.0 for split in SPLITS},
-            "stats": _train_stats([part["stats"] for part in parts["train"]],
-                                  f"identity {name!r}, train split"),
-        }
-    return merged
-
-
-def _merged_dims(sidecars: list[dict[str, Any]]) -> dict[str, int]:
-    """Per-stream feature widths, which must agree across every shard."""
-    dims: dict[str, int] = {}
-    for sidecar in sidecars:
-        for stream, width in sidecar["dims"].items():
-            if dims.setdefault(stream, width) != width:
-                raise ValueError(f"shard {sidecar['file']}: {stream} has {width} dims; expected {dims[stream]} "
-                                 f"like the shards before it")
-    return {stream: dims[stream] for stream in (*REQUIRED_STREAMS, *OPTIONAL_STREAMS) if stream in dims}
-
-
-def _train_stats(shard_stats: list[dict[str, Any]], what: str) -> dict[str, dict[str, Any]]:
-    """Per-feature mean and std of `what`, merged from sufficient statistics (count, sum, sum_sq) per shard."""
-    merged = {}
-    for feature in STAT_FEATURES:
-        parts = [stats[feature] for stats in shard_stats if feature in stats]
-        count = sum(part["count"] for part in parts)
-        if count == 0:
-            raise ValueError(f"{what}: no frames of {feature} to compute statistics from "
-                             f"(expression counts only frames marked valid)")
-        total = np.sum([part["sum"] for part in parts], axis=0)
-        total_sq = np.sum([part["sum_sq"] for part in parts], axis=0)
-        mean = total / count
-        std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
-        merged[feature] = {"count": count, "mean": mean.tolist(), "std": std.tolist()}
-    return merged
 
 
 def _sidecar_path(shard: Path) -> Path:
