@@ -57,6 +57,7 @@ class AVFlowTask:
         self.cfg, self.info, self.progress = cfg, info, progress
         self.device = info.device
         self.source = load_source(cfg) if cfg.trainer.init_from else None  # (config, tensors) to start from
+        self.initialized = False  # whether the trained network was built (from the source) yet
         m = cfg.model
         for stream, width in (("visual", m.visual_dim), ("audio", m.mel_dim)):
             if m.d_model < width and info.is_main:
@@ -67,7 +68,7 @@ class AVFlowTask:
     def build_model(self) -> AVFlowNet:
         """The network; the first one built (the one trained) starts from trainer.init_from when set."""
         net = AVFlowNet(self.cfg.model)
-        if self.source is not None and not getattr(self, "initialized", False):
+        if self.source is not None and not self.initialized:
             initialize_from(net, self.cfg, self.source[0], self.source[1]["ema"])
             if self.cfg.trainer.finetune == "identity":
                 train_identity_columns_only(net, self.cfg)
