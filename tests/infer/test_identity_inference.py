@@ -122,3 +122,23 @@ def test_an_export_carries_the_identity_table_and_statistics(two_identities, tmp
     assert torch.equal(exported.codec.mel_mean, original.codec.mel_mean)
     assert torch.equal(exported.pose_mean, original.pose_mean)
     np.testing.assert_allclose(generate(exported, tokens()).mel, generate(original, tokens()).mel, atol=1e-5)
+
+
+def test_a_model_file_written_before_identities_loads_as_one_identity(tmp_path, monkeypatch):
+    path = tiny_model_file(tmp_path / "new.safetensors", TINY)
+    cfg, tensors = load_inference_tensors(path)
+    written_before = cfg.checkpoint_dict
+
+    def without_new_keys():
+        tree = written_before()
+        del tree["model"]["identities"], tree["trainer"]["init_from"], tree["trainer"]["finetune"]
+        return tree
+
+    monkeypatch.setattr(cfg, "checkpoint_dict", without_new_keys)
+    old = write_model_file(cfg, tensors, tmp_path / "old.safetensors", "before issue 23")
+    monkeypatch.undo()
+    assert '"identities"' not in json.dumps(without_new_keys())
+    loaded = load_inference_model(old, "cpu")
+    assert loaded.cfg.model.identities == [] and loaded.identity is None
+    np.testing.assert_array_equal(generate(loaded, tokens()).mel, generate(load_inference_model(path, "cpu"),
+                                                                           tokens()).mel)

@@ -127,3 +127,14 @@ def test_a_new_identity_starts_at_the_mean_of_the_trained_ones(tmp_path):
     # dave's statistics come from the shards; bob's and alice's stay the trained model's
     codec = trainer.task.encoder.codec
     assert torch.equal(codec.expression_mean[:2], source_tensors["codec"]["expression_mean"])
+
+
+def test_identity_fine_tuning_needs_a_source_and_a_strategy_that_keeps_the_freeze():
+    from avflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.finetune: expected 'all' unless trainer.init_from"):
+        load_config(None, ["trainer.finetune=identity"])
+    with pytest.raises(ConfigError, match="trainer.finetune: expected 'all' under parallel.strategy=fsdp"):
+        load_config(None, ["trainer.finetune=identity", "trainer.init_from=m.safetensors", "parallel.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="model.identities: expected distinct names"):
+        load_config(None, ["model.identities=[a, a]"])
