@@ -43,7 +43,8 @@ def cmd_corpus(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from avflow.train.entry import run_training
 
-    final = run_training(args.config, args.overrides, resume=args.resume)
+    overrides = [*args.overrides, f"trainer.init_from={args.init_from}"] if args.init_from else args.overrides
+    final = run_training(args.config, overrides, resume=args.resume)
     print(f"final checkpoint: {final}")
 
 
@@ -151,11 +152,15 @@ def _sample_overrides(args: argparse.Namespace, cfg: Config) -> Config:
     return cfg.validate()
 
 
-def _load_model(args: argparse.Namespace):
-    """The model with the command's sampler overrides, its text front end and its vocoder if given."""
+def _load_model(args: argparse.Namespace, items_choose_identity: bool = False):
+    """The model with the command's sampler overrides, its text front end and its vocoder if given, generating
+    --identity (required for a model of several identities unless `items_choose_identity`)."""
     from avflow.infer.model import load_inference_model
 
-    model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile)
+    model = load_inference_model(args.model, args.device, args.dtype, compile_network=args.compile,
+                                 identity=args.identity)
+    if not items_choose_identity:
+        model = model.with_identity(args.identity)
     model.cfg = _sample_overrides(args, model.cfg)
     if args.text2tokens:
         from avflow.infer.text2tokens import load_text2tokens
@@ -238,7 +243,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
     shard = parse_shard(args.shard) if args.shard else None
     _check_speaking(args)
-    model = _load_model(args)
+    model = _load_model(args, items_choose_identity=args.inputs is not None)
     items = args.inputs
     with tempfile.TemporaryDirectory() as scratch:
         if items is None:  # one item from --text / --audio / --tokens, as a one-line manifest
@@ -360,6 +365,10 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     sub = commands.add_parser("train", help="train AV-Flow (one process, or every rank under torchrun/SLURM)")
     with_config(sub)
     sub.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in trainer.run_dir")
+    sub.add_argument("--init-from", type=Path, metavar="CKPT",
+                     help="start from a trained model (step directory, model file or export; trainer.init_from): "
+                          "identities the shards add get new embedding columns; trainer.finetune=identity trains "
+                          "only those")
     sub.set_defaults(run=cmd_train)
 
     sub = commands.add_parser("checkpoint", help="checkpoint tools")
@@ -424,6 +433,8 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
         sub.add_argument("--model", "--checkpoint", dest="model", required=True, type=Path,
                          help="an export directory (python -m avflow.export), a .safetensors model "
                               "or RUN/checkpoints/step-N")
+        sub.add_argument("--identity", help="who a multi-identity model generates (one of its model.identities; "
+                                            "avflow infer: the default of items without an \"identity\")")
         sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory (for audio inputs)")
         sub.add_argument("--text2tokens", type=Path, help="a text-to-tokens .safetensors for text inputs (an export "
                                                           "directory may carry one; without either, rule-based timing)")

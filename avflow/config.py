@@ -78,6 +78,10 @@ class ModelConfig:
     dyadic: bool = False
     participant_feature_dim: int = 58  # SMIRK expression + head pose of the participant
     attention: Literal["auto", "flex", "banded", "dense"] = "auto"  # auto: flex on CUDA, banded elsewhere
+    # The identity names in embedding order: each frame's conditioning ends with a one-hot of its identity, so
+    # the input projections' extra columns are a learned identity embedding of each stream. Empty: one identity
+    # and no embedding, the published network exactly. Training fills it from a multi-identity shard manifest.
+    identities: list[str] = field(default_factory=list)
 
     @property
     def visual_dim(self) -> int:
@@ -90,9 +94,10 @@ class ModelConfig:
 
     @property
     def cond_dim(self) -> int:
-        """Per-frame conditioning: actor tokens, plus participant tokens and features when dyadic."""
+        """Per-frame conditioning: actor tokens, plus participant tokens and features when dyadic, plus the
+        identity one-hot when the model has an identity table."""
         extra = self.token_dim + self.participant_feature_dim if self.dyadic else 0
-        return self.token_dim + extra
+        return self.token_dim + extra + len(self.identities)
 
     def validate(self) -> None:
         _require(self.d_model % self.n_heads == 0, "model.d_model", f"divisible by model.n_heads={self.n_heads}",
@@ -108,6 +113,10 @@ class ModelConfig:
         _require(self.window_back >= 0 and self.window_ahead >= 0, "model.window_back/window_ahead", "non-negative",
                  (self.window_back, self.window_ahead))
         _require(0.0 <= self.dropout < 1.0, "model.dropout", "in [0, 1)", self.dropout)
+        _require(all(isinstance(name, str) and name for name in self.identities), "model.identities",
+                 "non-empty names", self.identities)
+        _require(len(set(self.identities)) == len(self.identities), "model.identities", "distinct names",
+                 self.identities)
 
 
 @dataclass
@@ -336,6 +345,12 @@ class TrainerConfig:
     # trainer, not head_vae.*: those describe the network and are recorded inside every head-VAE file, where a
     # path would say nothing; this says where this run finds (or writes) that file.
     head_vae: str = ""
+    # A trained model (step directory, model file or export directory) whose network and head VAE this run starts
+    # from (`avflow train --init-from`); identities the shards add get new embedding columns.
+    init_from: str = ""
+    # With init_from: `all` trains every weight; `identity` only the identity embedding columns of the input
+    # projections (a new identity onto a trained model; every other weight stays bit-identical).
+    finetune: Literal["all", "identity"] = "all"
 
     def validate(self) -> None:
         _require(self.steps >= 1, "trainer.steps", "at least 1", self.steps)
@@ -351,6 +366,8 @@ class TrainerConfig:
         _require(0.0 <= self.ema_decay < 1.0, "trainer.ema_decay", "in [0, 1)", self.ema_decay)
         for name in ("log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
             _require(getattr(self, name) >= 1, f"trainer.{name}", "at least 1", getattr(self, name))
+        _require(self.finetune == "all" or bool(self.init_from), "trainer.finetune",
+                 "'all' unless trainer.init_from names the model to fine-tune", self.finetune)
 
 
 @dataclass
@@ -499,6 +516,9 @@ class Config:
         _require(m.mel_dim == self.mel.n_mels, "model.mel_dim", f"equal to mel.n_mels={self.mel.n_mels}", m.mel_dim)
         _require(self.sample.guidance_scale == 1.0 or self.flow.cond_dropout > 0, "sample.guidance_scale",
                  "1.0 unless the model was trained with flow.cond_dropout > 0", self.sample.guidance_scale)
+        _require(self.trainer.finetune == "all" or self.parallel.strategy in ("none", "ddp"), "trainer.finetune",
+                 "'all' under parallel.strategy=fsdp/deepspeed (only the identity columns train with none or ddp)",
+                 self.trainer.finetune)
         _require(not self.evaluate.avatar or h.pose_dim == 7, "evaluate.avatar", "empty unless head poses are 7-d "
                  "(the 50h subject's avatar; Audio2Photoreal subjects need the ca_body renderer)", self.evaluate.avatar)
         return self

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from avflow.config import HeadVAEConfig, ModelConfig, load_config
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE
-from avflow.model.io import model_state_tensors, write_model_file
+from avflow.model.io import identity_count, model_state_tensors, pose_stats_shape, write_model_file
 from avflow.model.state import StateCodec
 from avflow.text.token_labels import LABEL_INDEX, TOKEN_LABELS
 
@@ -116,11 +116,11 @@ def tiny_model_file(path, overrides: list[str] | None = None, seed: int = 0):
                              "head_vae.ffn_hidden=8", "sample.num_samples=2", "sample.nfe=4", *(overrides or [])])
     torch.manual_seed(seed)
     net = randomized(AVFlowNet(cfg.model), scale=0.1)
-    codec = StateCodec(torch.randn(cfg.model.expression_dim), torch.rand(cfg.model.expression_dim) + 0.5,
-                       cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
-    pose_dim = cfg.head_vae.pose_dim
+    count, pose_shape = identity_count(cfg), pose_stats_shape(cfg)
+    codec = StateCodec(torch.randn(count, cfg.model.expression_dim), torch.rand(count, cfg.model.expression_dim) + 0.5,
+                       torch.full((count,), cfg.mel.norm_mean), torch.full((count,), cfg.mel.norm_std), cfg.model)
     tensors = {"ema": net.state_dict(), **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(),
-                                                              torch.zeros(pose_dim), torch.ones(pose_dim))}
+                                                              torch.zeros(pose_shape), torch.ones(pose_shape))}
     return write_model_file(cfg, tensors, path, "tests")
 
 

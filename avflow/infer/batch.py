@@ -4,6 +4,10 @@
     {"id": "reply", "audio": "clips/reply.wav"}
     {"id": "take3", "tokens": "tokens/take3.npy", "seed": 7}
     {"id": "dyad1", "tokens": "a.npy", "participant_tokens": "b.npy", "participant_features": "b_smirk.npy"}
+    {"id": "bob-hello", "text": "Hello.", "identity": "bob"}
+
+An item's "identity" chooses who a multi-identity model generates (default: the job's `--identity`, or the
+model's only identity); items of different identities are sampled together.
 
 Relative paths are relative to the manifest. Each item's outputs are written into a hidden staging
 folder and renamed to RESULTS/<id>/ only when complete, then one line is appended to the results file,
@@ -69,6 +73,7 @@ class Item:
     cause: str = "input"  # of the error: "input" (the item's own data) or "output" (writing its outputs)
     cond: np.ndarray | None = None
     seed: int = 0
+    model: InferenceModel | None = None  # the job's model generating this item's identity
     timings: dict = field(default_factory=dict)
 
 
@@ -136,6 +141,9 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
     started = time.perf_counter()
     try:
         item.seed = int(spec.get("seed", cfg.sample.seed))
+        if "identity" in spec and not isinstance(spec["identity"], str):
+            raise ValueError(f"identity: expected a name, got {spec['identity']!r}")
+        item.model = model.with_identity(spec["identity"]) if "identity" in spec else model
         if "text" in spec:
             if not isinstance(spec["text"], str):
                 raise ValueError(f"text: expected a string, got {type(spec['text']).__name__}")
@@ -156,7 +164,7 @@ def prepare(item: Item, model: InferenceModel, base: Path, asr_model: str | None
         if "participant_features" in spec:
             participant["participant_features"] = participant_features_from_file(
                 _resolve(base, spec["participant_features"]), cfg)
-        item.cond = conditioning(model, tokens, **participant)
+        item.cond = conditioning(item.model, tokens, **participant)
     except (ValueError, TypeError, OSError, EOFError, RuntimeError) as error:  # TypeError: e.g. "seed": [1]
         item.error = str(error) or type(error).__name__
     item.timings["prepare_s"] = round(time.perf_counter() - started, 4)
@@ -231,7 +239,7 @@ def _run_locked(model: InferenceModel, items_path: str | Path, out_dir: Path, sh
         if good:
             started = time.perf_counter()
             samples = generate_batch(model, [item.cond for item in good], model.cfg.sample,
-                                     [item.seed for item in good])
+                                     [item.seed for item in good], [item.model for item in good])
             generated = dict(zip((item.id for item in good), samples))
             share = (time.perf_counter() - started) / len(good)  # the batches are shared: each item's share
             for item in good:

@@ -29,19 +29,27 @@ def conditioning(model: InferenceModel, tokens: np.ndarray, participant_tokens: 
         raise ValueError("participant inputs were given, but this model is monadic (model.dyadic=false)")
     parts = [tokens] + ([participant_tokens, participant_features] if dyadic else [])
     frames = min(part.shape[0] for part in parts)
+    identities = model.cfg.model.identities
+    if identities:
+        if model.identity is None:
+            model.with_identity(None)  # raises: the model has several identities, and none was chosen
+        parts.append(np.broadcast_to(np.eye(len(identities), dtype=np.float32)[model.identity],
+                                     (frames, len(identities))))
     cond = np.concatenate([part[:frames] for part in parts], axis=1).astype(np.float32)
     if cond.shape[1] != model.cfg.model.cond_dim:
         raise ValueError(f"conditioning has {cond.shape[1]} features per frame; the model expects "
                          f"{model.cfg.model.cond_dim} (tokens {len(TOKEN_LABELS)}"
                          + (f" + participant tokens {len(TOKEN_LABELS)} + features "
-                            f"{model.cfg.model.participant_feature_dim})" if dyadic else ")"))
+                            f"{model.cfg.model.participant_feature_dim}" if dyadic else "")
+                         + (f" + identities {len(identities)})" if identities else ")"))
     return cond
 
 
 @torch.no_grad()
 def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: SampleConfig | None = None,
-                   seeds: list[int] | None = None) -> list[Generated]:
-    """N samples for each conditioning sequence (T_i, cond_dim), sampled together in length-bucketed batches.
+                   seeds: list[int] | None = None, identities: list[InferenceModel] | None = None) -> list[Generated]:
+    """N samples for each conditioning sequence (T_i, cond_dim), sampled together in length-bucketed batches;
+    `identities`: each input's `model.with_identity` view, whose statistics decode it (default: `model`'s).
 
     Each input's noise comes from its own seed (default sample.seed), so its samples do not depend on
     which other inputs share its batch, on the batch size, on the device, or on how many samples are drawn
@@ -53,11 +61,10 @@ def generate_batch(model: InferenceModel, conds: list[np.ndarray], sample_cfg: S
     noises = [sample_cfg.temperature * sequence_noise(seed, n, cond.shape[0], state_dim)
               for cond, seed in zip(conds, seeds)]
     runner, frames, buckets, rows, row_counts = model.sampler(sample_cfg)
-    decoder = model.state_decoder
     sampled = sample_sequences(runner, [torch.from_numpy(c).to(model.device) for c in conds],
                                [noise.to(model.device) for noise in noises], frames, sample_cfg.window_overlap,
-                               buckets, rows, row_counts, window_map=decoder.with_poses)
-    return [decoder(item) for item in sampled]
+                               buckets, rows, row_counts, window_map=model.state_decoder.with_poses)
+    return [view.state_decoder(item) for item, view in zip(sampled, identities or [model] * len(sampled))]
 
 
 def generate(model: InferenceModel, tokens: np.ndarray, sample_cfg: SampleConfig | None = None) -> Generated:

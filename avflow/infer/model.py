@@ -3,6 +3,7 @@ generation samples from, with its sampler runners built once per sampler setting
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from avflow.infer.artifacts import (
 from avflow.infer.sampler import GraphSampler
 from avflow.model.avflow import AVFlowNet
 from avflow.model.head_vae import HeadVAE, PoseDecoder
-from avflow.model.io import head_vae_from_payload, load_inference_tensors
+from avflow.model.io import head_vae_from_payload, identity_count, load_inference_tensors
 from avflow.model.sampling import (
     FixedStepSampler,
     PreparedVelocity,
@@ -43,7 +44,12 @@ if TYPE_CHECKING:  # rendering is loaded only for a model that renders (benchmar
 
 @dataclass
 class InferenceModel:
-    """Everything generation needs, from a training checkpoint, a consolidated file or an export directory."""
+    """Everything generation needs, from a training checkpoint, a consolidated file or an export directory.
+
+    A multi-identity model generates one identity at a time: `with_identity(name)` is the model whose codec and
+    pose statistics are that identity's and whose conditioning carries its one-hot; it shares the network and
+    the sampler runners with every other identity's.
+    """
 
     cfg: Config
     net: AVFlowNet | None  # None for a torchscript/aoti export: its compiled loop holds the network
@@ -61,6 +67,29 @@ class InferenceModel:
     length_bucket_count: int = 4
     compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
     samplers: dict = field(default_factory=dict, repr=False)
+    identity: int | None = None  # the generated identity's row in cfg.model.identities; None: not chosen, or none
+    identity_table: tuple | None = field(default=None, repr=False)  # every identity's (codec, pose_mean, pose_std)
+
+    def with_identity(self, name: str | None) -> "InferenceModel":
+        """This model generating identity `name`; None: the model's only identity (an error naming the choices
+        when it has several). An unknown name is one error listing the known ones."""
+        names = self.cfg.model.identities
+        if not names:
+            if name is not None:
+                raise ValueError(f"identity {name!r}: this model has one identity and no identity table "
+                                 "(model.identities is empty); leave the identity out")
+            return self
+        if name is None:
+            if len(names) > 1:
+                raise ValueError(f"this model has {len(names)} identities ({', '.join(names)}); choose one "
+                                 "(--identity NAME, or an item's \"identity\")")
+            name = names[0]
+        if name not in names:
+            raise ValueError(f"identity {name!r}: unknown; this model knows {', '.join(names)}")
+        row = names.index(name)
+        codec, pose_mean, pose_std = self.identity_table
+        return dataclasses.replace(self, codec=codec.select(row), pose_mean=pose_mean[row], pose_std=pose_std[row],
+                                   identity=row)
 
     @property
     def state_decoder(self) -> StateDecoder:
@@ -116,7 +145,8 @@ def default_dtype(device: torch.device) -> str:
 
 
 def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: str | None = None,
-                         batch_rows: int = 12, compile_network: bool = False) -> InferenceModel:
+                         batch_rows: int = 12, compile_network: bool = False,
+                         identity: str | None = None) -> InferenceModel:
     """The EMA network, normalization and head VAE from a training step directory, a consolidated .safetensors
     file or a `python -m avflow.export` directory (with its compiled sampler, vocoder and text front end).
 
@@ -125,6 +155,8 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     to the caller (the `avflow` inference commands take TF32 for fp32 matmuls).
     `compile_network` compiles the whole network (fullgraph, static shapes: once per length bucket and row
     count) for the eager sampler, which the CUDA graph then captures.
+    `identity` chooses what a multi-identity model generates (`InferenceModel.with_identity`); without it, a model
+    of several identities is returned unchosen, to be chosen with `with_identity` before generating.
     """
     target = pick_device(device)
     exported = is_model_directory(checkpoint)
@@ -144,10 +176,14 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     elif compile_network:
         raise ValueError(f"{checkpoint} is a {meta['format']} export, compiled already; --compile applies to "
                          "eager exports and checkpoints")
-    head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]")
+    head_vae, pose_mean, pose_std = head_vae_from_payload(tensors["head_vae"], cfg.head_vae, f"{checkpoint} [head_vae]",
+                                                          identity_count(cfg))
     codec = StateCodec.from_state_dict(tensors["codec"], cfg.model)
     model = InferenceModel(cfg, net, codec, head_vae.to(target).eval(), pose_mean, pose_std, target, DTYPES[dtype],
-                           compiled, batch_rows=batch_rows, compile_network=compile_network)
+                           compiled, batch_rows=batch_rows, compile_network=compile_network,
+                           identity_table=(codec, pose_mean, pose_std))
+    if identity is not None or len(cfg.model.identities) <= 1:
+        model = model.with_identity(identity)
     if exported:
         directory = Path(checkpoint)
         if (directory / VOCODER_FILE).is_file():

@@ -117,12 +117,20 @@ class PoseDecoder:
         device = next(vae.parameters()).device
         self.mean, self.std = mean.float().to(device), std.float().to(device)
 
+    def normalized(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents (N, frames, latent_dim) decoded together -> z-normalized pose (N, frames, pose_dim), float32, on
+        the latents' device. It does not depend on the identity: the VAE is shared, only the statistics are not."""
+        with _eval_mode(self.vae), torch.no_grad():
+            return self.vae.decode(latent.to(self.mean.device, torch.float32)).to(latent.device)
+
+    def denormalize(self, pose: torch.Tensor) -> torch.Tensor:
+        """z-normalized pose -> raw pose, with this decoder's statistics."""
+        return pose * self.std.to(pose) + self.mean.to(pose)
+
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
         """Latents (N, frames, latent_dim) decoded together -> raw pose (N, frames, pose_dim), float32, on the
         latents' device."""
-        with _eval_mode(self.vae), torch.no_grad():
-            normalized = self.vae.decode(latent.to(self.mean.device, torch.float32))
-        return (normalized * self.std + self.mean).to(latent.device)
+        return self.denormalize(self.normalized(latent))
 
 
 @contextlib.contextmanager

@@ -149,12 +149,30 @@ def inference_template(cfg: Config) -> dict[str, Any]:
         token_dim = cfg.model.token_dim
         return {"ema": TextToTokensNet(cfg.text2tokens, len(symbols), token_dim).state_dict(),
                 "token_stats": {"mean": torch.zeros(token_dim), "std": torch.zeros(token_dim)}}
-    pose_dim = cfg.head_vae.pose_dim
-    codec = StateCodec(torch.zeros(cfg.model.expression_dim), torch.zeros(cfg.model.expression_dim), 0.0, 0.0,
-                       cfg.model)
+    count, pose_shape = identity_count(cfg), pose_stats_shape(cfg)
+    codec = StateCodec(torch.zeros(count, cfg.model.expression_dim), torch.zeros(count, cfg.model.expression_dim),
+                       torch.zeros(count), torch.zeros(count), cfg.model)
     return {"ema": AVFlowNet(cfg.model).state_dict(),
-            **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(), torch.zeros(pose_dim),
-                                  torch.zeros(pose_dim))}
+            **model_state_tensors(codec, HeadVAE(cfg.head_vae).state_dict(), torch.zeros(pose_shape),
+                                  torch.zeros(pose_shape))}
+
+
+def identity_count(cfg: Config) -> int:
+    """Identities a model's statistics describe: its table's, or the one of a model without a table."""
+    return max(len(cfg.model.identities), 1)
+
+
+def pose_stats_shape(cfg: Config) -> tuple[int, ...]:
+    """The head-pose statistics' shape: (pose_dim,) as published for one identity, else (identities, pose_dim)."""
+    pose_dim = cfg.head_vae.pose_dim
+    return (pose_dim,) if identity_count(cfg) == 1 else (identity_count(cfg), pose_dim)
+
+
+def model_weights(path: str | Path) -> Path:
+    """The file or step directory that holds a model's weights: an export directory's model file, else `path`."""
+    path = Path(path)
+    exported = path / "model.safetensors"
+    return exported if path.is_dir() and not (path / META).is_file() and exported.is_file() else path
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -275,9 +293,10 @@ def load_head_vae(
 
 
 def head_vae_from_payload(
-    checkpoint: dict, cfg: HeadVAEConfig | None, path: str | os.PathLike
+    checkpoint: dict, cfg: HeadVAEConfig | None, path: str | os.PathLike, identities: int = 1
 ) -> tuple[HeadVAE, torch.Tensor, torch.Tensor]:
-    """`load_head_vae` for a checkpoint dict already in memory (e.g. embedded in a model checkpoint)."""
+    """`load_head_vae` for a checkpoint dict already in memory (e.g. embedded in a model checkpoint); a model of
+    several `identities` holds pose statistics (identities, pose_dim), one row each."""
     if not isinstance(checkpoint, dict) or "model_state_dict" not in checkpoint:
         raise ValueError(f"{path}: expected a head-VAE checkpoint dict with 'model_state_dict'")
     cfg = _config_from_checkpoint(checkpoint, cfg, path)
@@ -290,10 +309,11 @@ def head_vae_from_payload(
             "only model_state_dict, so its head-pose normalization statistics must be given with --headpose-stats"
         )
     mean, std = checkpoint["pose_mean"], checkpoint["pose_std"]
+    shape = (cfg.pose_dim,) if identities == 1 else (identities, cfg.pose_dim)
     for name, stat in (("pose_mean", mean), ("pose_std", std)):
-        if not isinstance(stat, torch.Tensor) or tuple(stat.shape) != (cfg.pose_dim,):
+        if not isinstance(stat, torch.Tensor) or tuple(stat.shape) != shape:
             got = tuple(stat.shape) if isinstance(stat, torch.Tensor) else type(stat).__name__
-            raise ValueError(f"{path}: {name} expected a tensor of shape ({cfg.pose_dim},), got {got}")
+            raise ValueError(f"{path}: {name} expected a tensor of shape {shape}, got {got}")
     vae.load_state_dict(state, strict=True)
     vae.eval()
     return vae, mean.float(), std.float()

@@ -95,9 +95,11 @@ class Trainer:
         # One fused kernel for all parameters, with its step counters on the device (the unfused CPU path reads
         # each parameter's counter back to the host); DeepSpeed brings its own optimizer wrapper.
         fused = cfg.parallel.strategy != "deepspeed"
+        # Fine-tuning the identity columns alone: no weight decay, which would shrink the frozen columns beside them.
+        weight_decay = 0.0 if t.finetune == "identity" else t.weight_decay
         self.engine = build_engine(
             model, cfg, self.info,
-            lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+            lambda params: torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=weight_decay,
                                              fused=fused or None),
             lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg)))
         self.ema = EMA(self.engine.ema_source(), t.ema_decay) if t.ema_decay > 0 else None

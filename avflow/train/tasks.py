@@ -22,19 +22,21 @@ from torch import nn
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
 from avflow.data.loader import training_batches, validation_batches
+from avflow.data.shard_format import load_manifest
 from avflow.data.shard_index import iter_split_arrays
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss
 from avflow.model.head_vae import PoseDecoder
-from avflow.model.io import model_state_tensors
+from avflow.model.io import model_state_tensors, model_weights, stored_config
 from avflow.model.sampling import sample_sequence
 from avflow.model.state import StateDecoder
 from avflow.render import CodecAvatar
 from avflow.render.plots import sample_figure
 from avflow.text.phonemes import resolve_front_end
-from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae
+from avflow.train.batches import Batch, build_batch_encoder, ensure_head_vae, resolve_identities
 from avflow.train.distributed import DistInfo
+from avflow.train.finetune import initialize_from, load_source, train_identity_columns_only
 from avflow.train.metrics import training_flops_per_frame
 from avflow.train.text2tokens import Text2TokensTask
 from avflow.vocoder.griffin_lim import mel_to_audio
@@ -55,6 +57,8 @@ class AVFlowTask:
     def __init__(self, cfg: Config, info: DistInfo, progress: bool):
         self.cfg, self.info, self.progress = cfg, info, progress
         self.device = info.device
+        self.source = load_source(cfg) if cfg.trainer.init_from else None  # (config, tensors) to start from
+        self.initialized = False  # whether the trained network was built (from the source) yet
         m = cfg.model
         for stream, width in (("visual", m.visual_dim), ("audio", m.mel_dim)):
             if m.d_model < width and info.is_main:
@@ -63,14 +67,21 @@ class AVFlowTask:
                             "untouched (docs/evaluation.md)", m.d_model, stream, width, m.d_model, width - m.d_model)
 
     def build_model(self) -> AVFlowNet:
-        return AVFlowNet(self.cfg.model)
+        """The network; the first one built (the one trained) starts from trainer.init_from when set."""
+        net = AVFlowNet(self.cfg.model)
+        if self.source is not None and not self.initialized:
+            initialize_from(net, self.cfg, self.source[0], self.source[1]["ema"])
+            if self.cfg.trainer.finetune == "identity":
+                train_identity_columns_only(net, self.cfg)
+            self.initialized = True
+        return net
 
     def load_data(self) -> None:
-        """The head VAE (its own stage, `ensure_head_vae`), the batch encoder and this rank's training stream."""
-        vae_path = ensure_head_vae(self.cfg, self.progress, self.info.is_main, self.info.device)
-        self.encoder = build_batch_encoder(self.cfg, vae_path, self.device)
-        encoder = self.encoder
-        self.decoder = StateDecoder(encoder.codec, PoseDecoder(encoder.head_vae, encoder.pose_mean, encoder.pose_std))
+        """The head VAE (its own stage, `ensure_head_vae`, or trainer.init_from's), the batch encoder and this
+        rank's training stream."""
+        vae_path = None if self.source else ensure_head_vae(self.cfg, self.progress, self.info.is_main,
+                                                             self.info.device)
+        self.encoder = build_batch_encoder(self.cfg, vae_path, self.device, self.source)
         self.train_batches = training_batches(self.cfg.loader.shards, self.cfg, self.info.rank, self.info.world_size)
         self.avatar = None  # only the main rank logs samples
         if self.cfg.evaluate.avatar and self.info.is_main:
@@ -97,6 +108,11 @@ class AVFlowTask:
     def flops_per_frame(self, parameters: int) -> float:
         return training_flops_per_frame(self.cfg.model, parameters)
 
+    def decoder_for(self, identity: int) -> StateDecoder:
+        """Sampled states -> outputs, decoded with the statistics of the identity the loader numbers `identity`."""
+        codec, pose_mean, pose_std = self.encoder.identity_stats(identity)
+        return StateDecoder(codec, PoseDecoder(self.encoder.head_vae, pose_mean, pose_std))
+
     def log_sample(self, writer, model: AVFlowNet, step: int) -> None:
         """Generate the first validation window from its tokens: audio (Griffin-Lim), a plot vs. the recording
         and, with evaluate.avatar, the Codec Avatar rendering the generated motion."""
@@ -106,10 +122,11 @@ class AVFlowTask:
         batch = self.encoder(features)
         frames = int(batch.valid[0].sum())
         one = dataclasses.replace(self.cfg.sample, num_samples=1)
-        generated = self.decoder(sample_sequence(model, batch.cond[0, :frames], self.cfg.model.state_dim, one,
-                                                 VAL_SEED, self.decoder.with_poses))
+        decoder = self.decoder_for(int(features.get("identity", [0])[0]))
+        generated = decoder(sample_sequence(model, batch.cond[0, :frames], self.cfg.model.state_dim, one, VAL_SEED,
+                                            decoder.with_poses))
         mel, expression, pose = generated.mel[0], generated.expression[0], generated.head_pose[0]
-        recorded = self.encoder.codec.decode(batch.state[0, :frames].float().cpu())
+        recorded = decoder.codec.decode(batch.state[0, :frames].float().cpu())
         audio = mel_to_audio(torch.from_numpy(mel).T.contiguous(), self.cfg.mel)
         writer.add_audio("val/sample_audio", audio[None], step, sample_rate=self.cfg.mel.sample_rate)
         writer.add_figure("val/sample", sample_figure(mel, expression, pose, self.cfg.mel.frame_rate,
@@ -133,19 +150,20 @@ class AVFlowTask:
         val_ground_truth/<metric> for the ground truth's own values."""
         cfg, x = self.cfg, self.cfg.evaluate
         names = list(x.val_metrics)
-        if x.val_items == 0 or not names:
+        if x.val_items == 0 or not names or cfg.model.identities:  # per-identity scores: avflow evaluate
             return {}
         conditioning = ("tokens", "participant_tokens", "participant_features") if cfg.model.dyadic else ("tokens",)
         streams = ("mel", "expression", "pose", "expression_valid", *conditioning)
         one = dataclasses.replace(cfg.sample, num_samples=1)
         generated_scores, truth_scores = [], []
         split = iter_split_arrays(cfg.loader.shards, "val", streams, cfg.loader.max_bad_fraction)
+        decoder = self.decoder_for(0)
         for arrays in itertools.islice(split, x.val_items):
             frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in arrays.items()}
             cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))
-            sample = self.decoder(sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED,
-                                                  self.decoder.with_poses))
+            sample = decoder(sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED,
+                                             decoder.with_poses))
             generated = metrics.Segment(sample.mel, sample.expression, sample.head_pose)
             truth = metrics.Segment(arrays["mel"], arrays["expression"], arrays["pose"], arrays["expression_valid"])
             if any(name in metrics.NEEDS_AUDIO for name in names):
@@ -164,10 +182,15 @@ class AVFlowTask:
 
 
 def resolved_config(cfg: Config) -> Config:
-    """A copy of cfg with choices that depend on this machine made concrete, so the run records what it
-    trained with: text2tokens.front_end=auto becomes phoneme or character."""
+    """A copy of cfg with choices that depend on this machine or the data made concrete, so the run records what
+    it trained with: text2tokens.front_end=auto becomes phoneme or character, model.identities the shards'."""
     resolved = copy.deepcopy(cfg)
     resolved.text2tokens.front_end = resolve_front_end(cfg.text2tokens.front_end)
+    if cfg.task == "avflow":
+        source = stored_config(model_weights(cfg.trainer.init_from)) if cfg.trainer.init_from else None
+        if source is not None:
+            resolved.head_vae = source.head_vae  # the run keeps the source's head VAE (its latents are the target)
+        resolve_identities(resolved, load_manifest(cfg.loader.shards), source.model.identities if source else [])
     return resolved
 
 

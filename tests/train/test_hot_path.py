@@ -115,20 +115,25 @@ def test_cuda_training_steps_make_no_synchronizing_call(tmp_path, shards):
     assert metrics["steps"] == 4 and metrics["loss"] > 0
 
 
-def test_the_batch_encoder_keeps_the_codec_statistics_on_the_training_device():
+@pytest.mark.parametrize("identities", [[], ["alice", "bob"]])
+def test_the_batch_encoder_keeps_the_codec_statistics_on_the_training_device(identities):
     """Only the batch itself crosses to the device at each step (`meta` stands for it): the expression statistics
-    were moved there once."""
-    cfg = load_config(None, TINY)
-    dim = cfg.model.expression_dim
-    codec = StateCodec(torch.zeros(dim), torch.ones(dim), cfg.mel.norm_mean, cfg.mel.norm_std, cfg.model)
+    (and a multi-identity model's per-identity statistics and one-hot table) were moved there once."""
+    cfg = load_config(None, TINY + [f"model.identities=[{', '.join(identities)}]"])
+    dim, count = cfg.model.expression_dim, max(len(identities), 1)
+    codec = StateCodec(torch.zeros(count, dim), torch.ones(count, dim), torch.full((count,), cfg.mel.norm_mean),
+                       torch.full((count,), cfg.mel.norm_std), cfg.model)
     pose_dim = cfg.head_vae.pose_dim
-    encoder = BatchEncoder(cfg, codec, HeadVAE(cfg.head_vae), torch.zeros(pose_dim), torch.ones(pose_dim),
+    pose_shape = (count, pose_dim) if identities else (pose_dim,)
+    encoder = BatchEncoder(cfg, codec, HeadVAE(cfg.head_vae), torch.zeros(pose_shape), torch.ones(pose_shape),
                            torch.device("meta"))
     frames = 6
     batch = {"valid": torch.ones(2, frames, dtype=torch.bool), "pose": torch.zeros(2, frames, pose_dim),
              "expression": torch.zeros(2, frames, dim), "mel": torch.zeros(2, frames, cfg.model.mel_dim),
              "tokens": torch.zeros(2, frames, cfg.model.token_dim),
              "expression_valid": torch.ones(2, frames, dtype=torch.bool)}
+    if identities:
+        batch["identity"] = torch.tensor([1, 0])
     copied = []
     real_to = torch.Tensor.to
 
