@@ -174,7 +174,7 @@ def assert_old_values_in_new_places(cfg, pack=True):
 
 
 def moved_warnings(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "avflow.config"]
+    return [record.getMessage() for record in caplog.records if record.name == "avflow.config.loading"]
 
 
 def test_a_config_dict_of_the_old_shape_loads_with_one_warning_naming_every_move(caplog):

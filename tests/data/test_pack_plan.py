@@ -66,6 +66,8 @@ def _other_values(cfg: Config, key: str) -> list[Any]:
             (item,) = typing.get_args(hint)
             if typing.get_origin(item) is Literal:
                 return [value[:-1], [choice for choice in typing.get_args(item) if choice not in value][:1] + value]
+            if not value:  # an empty list (model.identities): one element of the item's type
+                return [[others(item, item())[0]]]
             per_item = [others(item, element) for element in value]
             return [[options[index] for options in per_item] for index in range(min(map(len, per_item)))]
         raise AssertionError(f"{key}: no other values for type {hint}")
