@@ -271,3 +271,32 @@ def pose7_to_rigid(pose7: np.ndarray) -> np.ndarray:
     transforms[:, 2] = np.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y), pose7[:, 6]], 1)
     transforms[:, 3, 3] = 1.0
     return transforms.astype(out_dtype)
+
+
+class FrameResampler:
+    """A stream at src_fps -> frames at dst_fps, computed exactly as `interpolate_frames` computes the whole
+    sequence: output frame i lies at source position i * src_fps / dst_fps, between two source frames, and comes
+    out once both have arrived (or, once the source is complete, clamped to its last frame)."""
+
+    def __init__(self, src_fps: float, dst_fps: float):
+        self.ratio = src_fps / dst_fps
+        self.done = 0
+
+    def ready(self, available: int) -> int:
+        """How many output frames have both source neighbours among the first `available` source frames."""
+        count = max(0, math.ceil((available - 1) / self.ratio))
+        while count > 0 and math.floor((count - 1) * self.ratio) > available - 2:
+            count -= 1
+        while math.floor(count * self.ratio) <= available - 2:
+            count += 1
+        return count
+
+    def frames(self, values: list[np.ndarray], available: int, count: int) -> list[np.ndarray]:
+        """Output frames [done, count) of each (available, D) source stream in `values`."""
+        start, self.done = self.done, max(self.done, count)
+        position = np.clip(np.arange(start, count, dtype=np.float64) * self.ratio, 0.0, available - 1)
+        before = np.floor(position).astype(np.int64)
+        after = np.minimum(before + 1, available - 1)
+        weight = (position - before)[:, None]
+        return [((1.0 - weight) * value[before].astype(np.float64) + weight * value[after].astype(np.float64))
+                .astype(np.float32) for value in values]

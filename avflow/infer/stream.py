@@ -15,10 +15,9 @@ mel, expression codes and head poses are `generate`'s. Around it, per chunk:
 - motion: resampled to 30 fps exactly as `write_outputs` does, each 30 fps frame once both of its mel-rate
   neighbours are final.
 
-Inputs arrive as `Piece`s of per-frame conditioning; `text_pieces`, `line_pieces`, `token_pieces` and
-`audio_pieces` make them from text given whole or line by line, tokens, and speech (turned into tokens chunk
-by chunk, with context on both sides for wav2vec2), optionally at their real-time pace. An input that stops
-arriving (a closed pipe, an interrupted read) ends the stream with everything produced so far.
+Inputs arrive as `Piece`s of per-frame conditioning (avflow.infer.stream_inputs); the audio of each chunk comes
+from avflow.vocoder.chunked. An input that stops arriving (a closed pipe, an interrupted read) ends the stream
+with everything produced so far.
 """
 
 from __future__ import annotations
@@ -35,9 +34,11 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import torch
 
-from avflow.config import MelConfig, SampleConfig
+from avflow.config import SampleConfig
+from avflow.data.features import FrameResampler
+from avflow.infer.stream_inputs import Piece, audio_pieces, line_pieces, text_pieces, token_pieces
 from avflow.model.sampling import NoiseStream, StreamSampler, WindowPlan, bucket_for, sample_windows
-from avflow.vocoder.bigvgan import BigVGAN
+from avflow.vocoder.chunked import MIN_AUDIO_CHUNK_FRAMES, ChunkVocoder
 from avflow.vocoder.vocode import vocode
 
 if TYPE_CHECKING:
@@ -49,26 +50,8 @@ log = logging.getLogger(__name__)
 
 STREAM_WINDOW_SECONDS = 2.0  # windows sized for latency: the first audio waits for one window
 STREAM_OVERLAP_SECONDS = 0.25
-BIGVGAN_CONTEXT_FRAMES = 16  # the base generator's receptive field is +-13 mel frames (tests/infer/test_stream.py)
-GRIFFIN_LIM_CONTEXT_FRAMES = 16
-# fewer new frames wait for the next chunk (the stream's end excepted): each vocoder call costs its context too,
-# and input fed in real time makes frames final a few at a time
-MIN_AUDIO_CHUNK_FRAMES = 43
 FIRST_AUDIO_FRAMES = 32  # the first audio chunk is vocoded alone and sent, the rest of its frames right after
-REALTIME_PIECE_SECONDS = 0.1  # file inputs fed at their real pace arrive in pieces of this length
-ASR_CHUNK_SECONDS = 1.0  # speech is turned into tokens in chunks of this length, with context on both sides
-ASR_LEFT_CONTEXT_SECONDS = 2.0
-ASR_RIGHT_CONTEXT_SECONDS = 0.5
 VISUAL_OUTPUT_FPS = 30.0
-
-
-@dataclass
-class Piece:
-    """Conditioning that arrived: (frames, cond_dim) at the mel frame rate; `ends` closes the utterance."""
-
-    cond: np.ndarray
-    ends: bool
-    arrived: float  # time.perf_counter() when it arrived
 
 
 @dataclass
@@ -96,72 +79,6 @@ def stream_sample_config(sample_cfg: SampleConfig, frame_rate: float, windows_gi
         cfg.max_frames = round(STREAM_WINDOW_SECONDS * frame_rate)
         cfg.window_overlap = round(STREAM_OVERLAP_SECONDS * frame_rate)
     return cfg
-
-
-class ChunkVocoder:
-    """Audio of a mel that grows chunk by chunk. Each chunk is vocoded with `context` final mel frames on both
-    sides where they exist and cropped, so BigVGAN's chunks are the whole mel's audio. Griffin-Lim reconstructs
-    phases, so its chunks keep the audio already out before them fixed (`mel_to_audio`'s prefix) and continue it,
-    instead of starting phases of their own."""
-
-    def __init__(self, vocoder: BigVGAN | None, cfg: MelConfig):
-        self.vocoder, self.cfg, self.hop = vocoder, cfg, cfg.hop_length
-        self.context = BIGVGAN_CONTEXT_FRAMES if vocoder is not None else GRIFFIN_LIM_CONTEXT_FRAMES
-        self.done = 0  # mel frames whose audio is out
-        self.history = np.zeros(0, np.float32)  # the last `context` frames of audio out (Griffin-Lim's prefix)
-
-    def audio(self, mel: np.ndarray, edge: bool, limit: int | None = None) -> np.ndarray:
-        """New audio for the final mel frames `mel` (all of them so far), at most `limit` frames of it; `edge`: no
-        frame follows them yet."""
-        final = mel.shape[0]
-        target = final if edge else final - self.context
-        if limit is not None:
-            target = min(target, self.done + limit)
-        if target <= self.done or (target < final and target - self.done < (limit or MIN_AUDIO_CHUNK_FRAMES)):
-            return np.zeros(0, np.float32)
-        lo = max(0, self.done - self.context)
-        hi = final if edge and target == final else min(final, target + self.context)
-        chunk = torch.from_numpy(np.ascontiguousarray(mel[lo:hi]))
-        if self.vocoder is None:
-            from avflow.vocoder.griffin_lim import mel_to_audio
-
-            prefix = torch.from_numpy(self.history[self.history.size - (self.done - lo) * self.hop:])
-            audio = mel_to_audio(chunk.T, self.cfg, prefix=prefix if prefix.numel() else None).numpy()
-        else:
-            audio = vocode(chunk, self.vocoder, self.cfg).numpy()
-        new = audio[(self.done - lo) * self.hop:(target - lo) * self.hop]
-        self.history = np.concatenate([self.history, new])[-self.context * self.hop:]
-        self.done = target
-        return new
-
-
-class FrameResampler:
-    """A stream at src_fps -> frames at dst_fps, computed exactly as `interpolate_frames` computes the whole
-    sequence: output frame i lies at source position i * src_fps / dst_fps, between two source frames, and comes
-    out once both have arrived (or, once the source is complete, clamped to its last frame)."""
-
-    def __init__(self, src_fps: float, dst_fps: float):
-        self.ratio = src_fps / dst_fps
-        self.done = 0
-
-    def ready(self, available: int) -> int:
-        """How many output frames have both source neighbours among the first `available` source frames."""
-        count = max(0, math.ceil((available - 1) / self.ratio))
-        while count > 0 and math.floor((count - 1) * self.ratio) > available - 2:
-            count -= 1
-        while math.floor(count * self.ratio) <= available - 2:
-            count += 1
-        return count
-
-    def frames(self, values: list[np.ndarray], available: int, count: int) -> list[np.ndarray]:
-        """Output frames [done, count) of each (available, D) source stream in `values`."""
-        start, self.done = self.done, max(self.done, count)
-        position = np.clip(np.arange(start, count, dtype=np.float64) * self.ratio, 0.0, available - 1)
-        before = np.floor(position).astype(np.int64)
-        after = np.minimum(before + 1, available - 1)
-        weight = (position - before)[:, None]
-        return [((1.0 - weight) * value[before].astype(np.float64) + weight * value[after].astype(np.float64))
-                .astype(np.float32) for value in values]
 
 
 def motion_frames_30(frames: int, frame_rate: float) -> int:
@@ -389,108 +306,6 @@ class _Outputs:
                             empty, np.zeros((0, self.pose.data.shape[1]), np.float32), None, 0.0, 0.0)
         self.audio_done += audio.size
         return chunk
-
-
-def _paced(cond: np.ndarray, frame_rate: float, realtime: bool) -> Iterator[Piece]:
-    """One input known whole: at once, or in REALTIME_PIECE_SECONDS pieces, each when its real time has come."""
-    if not realtime:
-        yield Piece(cond, True, time.perf_counter())
-        return
-    step = max(1, round(REALTIME_PIECE_SECONDS * frame_rate))
-    started = time.perf_counter()
-    for first in range(0, cond.shape[0], step):
-        last = min(first + step, cond.shape[0])
-        due = started + last / frame_rate
-        time.sleep(max(0.0, due - time.perf_counter()))
-        yield Piece(cond[first:last], last == cond.shape[0], max(due, time.perf_counter()))
-
-
-def token_pieces(model: InferenceModel, tokens: np.ndarray, realtime: bool = False,
-                 participant_tokens: np.ndarray | None = None,
-                 participant_features: np.ndarray | None = None) -> Iterator[Piece]:
-    """Token logits (T, 29) at the mel frame rate (and a dyadic model's participant streams), given whole or fed
-    at their real pace."""
-    from avflow.infer.generate import conditioning
-    from avflow.infer.inputs import check_duration
-
-    cond = conditioning(model, tokens, participant_tokens, participant_features)
-    check_duration(cond.shape[0], model.cfg, "input")  # known whole: refused before anything is written
-    return _paced(cond, model.cfg.mel.frame_rate, realtime)
-
-
-def text_pieces(model: InferenceModel, text: str, rate: float = 1.0, pause_scale: float = 1.0) -> Iterator[Piece]:
-    """Text given whole: one utterance."""
-    from avflow.infer.inputs import check_text_length, tokens_for_text
-
-    check_text_length(text, rate, model.cfg)
-    tokens = tokens_for_text(model, text, rate, pause_scale, model.cfg.sample.seed)
-    return token_pieces(model, tokens)
-
-
-def line_pieces(model: InferenceModel, lines: Iterable[str], skipped: list[dict], rate: float = 1.0,
-                pause_scale: float = 1.0) -> Iterator[Piece]:
-    """Text arriving line by line: each line one utterance, spoken as soon as it arrives. A line that cannot be
-    spoken is reported, recorded in `skipped` and passed over; empty lines are passed over silently."""
-    from avflow.infer.generate import conditioning
-    from avflow.infer.inputs import check_text_length, tokens_for_text
-
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text:
-            continue
-        try:
-            check_text_length(text, rate, model.cfg)
-            cond = conditioning(model, tokens_for_text(model, text, rate, pause_scale, model.cfg.sample.seed + number))
-        except ValueError as error:
-            log.warning("line %d: cannot be spoken (%s); skipped", number, error)
-            skipped.append({"line": number, "text": text[:80], "reason": str(error)})
-            continue
-        yield Piece(cond, True, time.perf_counter())
-
-
-def audio_pieces(model: InferenceModel, path: str | Path, asr_model: str | Path | None,
-                 realtime: bool = False) -> Iterator[Piece]:
-    """Speech turned into token logits chunk by chunk: each ASR_CHUNK_SECONDS of audio with up to
-    ASR_LEFT_CONTEXT_SECONDS before and ASR_RIGHT_CONTEXT_SECONDS after it (wav2vec2 attends both ways), fed
-    at the audio's real pace under `realtime`. Token frames are resampled to mel frames as they come."""
-    from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
-    from avflow.data.features import audio_seconds, load_wav, resample
-    from avflow.infer.generate import conditioning
-
-    cfg = model.cfg
-    if asr_model is None:
-        raise ValueError("--audio needs --asr-model: a local wav2vec2 CTC model directory (Wav2Vec2ForCTC)")
-    if Path(path).is_file() and audio_seconds(path) > cfg.sample.max_input_seconds:
-        raise ValueError(f"{path}: {audio_seconds(path):.1f} s long; sample.max_input_seconds="
-                         f"{cfg.sample.max_input_seconds:g} (--max-input-seconds) is the limit")
-    audio, sample_rate = load_wav(path)
-    speech = resample(audio[0], sample_rate, ASR_SAMPLE_RATE)
-    tokenizer = CTCTokenizer(asr_model)
-    token_hop = ASR_SAMPLE_RATE / cfg.data.token_fps
-    chunk, left, right = (round(seconds * ASR_SAMPLE_RATE) for seconds in
-                          (ASR_CHUNK_SECONDS, ASR_LEFT_CONTEXT_SECONDS, ASR_RIGHT_CONTEXT_SECONDS))
-    token_total = int(len(speech) / token_hop)
-    mel_total = int(len(speech) / ASR_SAMPLE_RATE * cfg.mel.frame_rate)
-    if mel_total < 1:
-        raise ValueError(f"{path}: too short to generate from")
-    tokens = np.zeros((0, 0), np.float32)
-    resampler = FrameResampler(cfg.data.token_fps, cfg.mel.frame_rate)
-    started = time.perf_counter()
-    for first in range(0, len(speech), chunk):
-        last = min(first + chunk, len(speech))
-        if realtime:
-            time.sleep(max(0.0, started + min(last + right, len(speech)) / ASR_SAMPLE_RATE - time.perf_counter()))
-        lo, hi = max(0, first - left), min(len(speech), last + right)
-        logits = tokenizer.logits(speech[lo:hi])
-        offset = round(lo / token_hop)
-        new = logits[round(first / token_hop) - offset:round(last / token_hop) - offset]
-        tokens = new if tokens.size == 0 else np.concatenate([tokens, new])
-        complete = last == len(speech)
-        tokens = tokens[:token_total]
-        count = mel_total if complete else min(resampler.ready(tokens.shape[0]), mel_total)
-        (mel_tokens,) = resampler.frames([tokens], tokens.shape[0], count)
-        yield Piece(conditioning(model, mel_tokens) if mel_tokens.shape[0] else
-                    np.zeros((0, cfg.model.cond_dim), np.float32), complete, time.perf_counter())
 
 
 def open_stream(model: InferenceModel, text: str | None = None, *, lines: Iterable[str] | None = None,

@@ -16,9 +16,11 @@ from avflow.config import MelConfig
 from avflow.data.features import interpolate_frames, log_mel
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
-from avflow.infer.stream import BIGVGAN_CONTEXT_FRAMES, ChunkVocoder, Piece, Stream
+from avflow.infer.stream import Stream
+from avflow.infer.stream_inputs import Piece
 from avflow.infer.stream_writer import StreamWriter
 from avflow.vocoder.bigvgan import BigVGAN, BigVGANConfig
+from avflow.vocoder.chunked import BIGVGAN_CONTEXT_FRAMES, ChunkVocoder
 from avflow.vocoder.griffin_lim import mel_to_audio
 from avflow.vocoder.vocode import vocode
 
