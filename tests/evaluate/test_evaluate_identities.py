@@ -3,13 +3,15 @@ per-identity values that equal evaluating each identity's segments alone, an ove
 segment-weighted mean, a single-identity report as before, and one error for an identity a model lacks."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import tiny_model_file
 
 from avflow.cli import main
-from avflow.config import SampleConfig
+from avflow.config import SampleConfig, load_config
+from avflow.data.corpus import PERSONAS
 from avflow.evaluate.run import held_out_segments
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
@@ -126,3 +128,20 @@ def test_an_identity_the_model_lacks_is_one_error_and_identity_chooses_the_segme
 
     assert evaluate(shards, tmp_path / "again", "both", "--identity", "carl", models=("other",))[0] == 2
     assert "--identity carl: not in" in capsys.readouterr().err
+
+
+def test_the_three_identity_demo_config_is_the_demos_run_on_three_personas():
+    """configs/demo_identities.yaml is compared with one-identity configs/demo.yaml models at the same total steps:
+    it must differ from the demo only in its data, its folders and its step count."""
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    demo, three = load_config(configs / "demo.yaml"), load_config(configs / "demo_identities.yaml")
+    for section in ("model", "head_vae", "flow", "sample", "corpus", "evaluate"):
+        assert getattr(three, section) == getattr(demo, section), section
+    assert [(source.layout, source.identity) for source in three.data.sources] == [
+        ("50h", name) for name in ("demo", "bright", "deep")]
+    assert all(source.identity in PERSONAS for source in three.data.sources)
+    assert three.trainer.steps == 3 * demo.trainer.steps
+    for name in ("steps", "run_dir"):
+        setattr(three.trainer, name, getattr(demo.trainer, name))
+    assert three.trainer == demo.trainer
+    assert three.loader.segment_length == demo.loader.segment_length
