@@ -325,7 +325,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     report = evaluate_checkpoints(args.checkpoints, args.shards, args.output, split=args.split, sample=sample,
                                   max_items=args.max_items,
                                   metrics=metrics, asr_model=args.asr_model, vocoder=vocoder, device=args.device,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, identities=args.identities)
     print(markdown_table(report))
     print(f"{len(report['segments'])} held-out segments; "
           f"report.json, report.md and TensorBoard scalars in {args.output}")
@@ -513,6 +513,9 @@ def _parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentPars
     with_sampler_options(sub)
     sub.add_argument("overrides", nargs="*", metavar="sample.key=value", help="sampler config overrides")
     sub.add_argument("--max-items", type=int, help="evaluate only the first N held-out segments")
+    sub.add_argument("--identity", dest="identities", action="append", metavar="NAME",
+                     help="evaluate only this identity's held-out segments; repeat for several (default: all; "
+                          "the report has per-identity tables when they are of several)")
     sub.add_argument("--asr-model", type=Path, help="local wav2vec2 CTC model directory: adds the character error rate")
     sub.add_argument("--vocoder", type=Path,
                      help="BigVGAN checkpoint for the pitch and CER audio (default Griffin-Lim)")

@@ -6,6 +6,12 @@ participant inputs), so the samples are frame-aligned with the recording and com
 segment's expression statistics) written atomically as each segment finishes, so an interrupted run
 resumes where it stopped; then report.json, report.md (one column per model plus the ground truth) and
 TensorBoard scalars under tensorboard/<column>.
+
+Held-out segments of several identities: a model with an identity table generates each segment as the segment's
+identity, a model without one generates every segment as its only person, and the report adds each identity's
+values beside the overall ones (report.json "identities", one more table per identity, TensorBoard
+eval/<metric>/<identity>). Segment i of an identity samples with seed sample.seed + i, so an identity's values do
+not depend on which other identities share the shard folder; with one identity that is the shard order.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from tqdm import tqdm
 from avflow.config import Config, SampleConfig
 from avflow.data.asr import ASR_SAMPLE_RATE, CTCTokenizer
 from avflow.data.features import resample
-from avflow.data.shard_format import SPLITS
+from avflow.data.shard_format import SPLITS, load_manifest
+from avflow.data.shard_format import identities as shard_identities
 from avflow.data.shard_index import BadSampleCounter, open_split, read_or_record_bad, scan_shard
 from avflow.evaluate import metrics as m
 from avflow.infer.artifacts import WEIGHTS_FILE, is_model_directory
@@ -66,21 +73,30 @@ class Settings:
 
     shards: str
     split: str
-    sample: SampleConfig  # every model samples with these settings; segment i with seed sample.seed + i
+    sample: SampleConfig  # every model samples with these settings; an identity's segment i with sample.seed + i
     max_items: int | None
     metrics: list[str]
     asr_model: str | None
 
 
-def held_out_segments(shards: str | Path, split: str = "val", max_items: int | None = None) -> list[HeldOut]:
-    """The readable samples of `split`, in shard order (at most max_items)."""
+def held_out_segments(shards: str | Path, split: str = "val", max_items: int | None = None,
+                      identities: list[str] | None = None) -> list[HeldOut]:
+    """The readable samples of `split` (only those of `identities` when given), in shard order (at most max_items)."""
     if split not in SPLITS:
         raise ValueError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    if identities:
+        known = set(shard_identities(load_manifest(shards)))
+        unknown = [name for name in identities if name not in known]
+        if unknown:
+            raise ValueError(f"--identity {', '.join(unknown)}: not in {shards}; its identities are "
+                             f"{', '.join(sorted(known))}")
     shard_list = open_split(shards, split)
     counter = BadSampleCounter(1.0, f"{shards} {split} split")
     segments = []
     for path, count in zip(shard_list.paths, shard_list.samples):
         for sample in scan_shard(path, count, shard_list.dims, counter):
+            if identities and sample.identity not in identities:
+                continue
             arrays = read_or_record_bad(sample, counter)
             if arrays is not None:
                 segments.append(HeldOut(sample.key, sample.identity,
@@ -91,6 +107,30 @@ def held_out_segments(shards: str | Path, split: str = "val", max_items: int | N
         raise ValueError(f"{shards}: no held-out segments in its {split!r} split (pack data whose names match "
                          "data.val_patterns, or pass --split)")
     return segments
+
+
+def segment_seeds(segments: list[HeldOut], seed: int) -> list[int]:
+    """Each segment's sampling seed: seed + its index among the segments of its identity."""
+    seen: dict[str, int] = {}
+    seeds = []
+    for segment in segments:
+        seeds.append(seed + seen.get(segment.identity, 0))
+        seen[segment.identity] = seen.get(segment.identity, 0) + 1
+    return seeds
+
+
+def identity_views(model: InferenceModel, segments: list[HeldOut], source: str) -> dict[str, InferenceModel]:
+    """The model generating each held-out identity: its with_identity view when it has an identity table; else the
+    model itself, its one person, for every identity. An identity the table lacks is one error naming both."""
+    held_out = sorted({segment.identity for segment in segments})
+    names = model.cfg.model.identities
+    if not names:
+        return dict.fromkeys(held_out, model)
+    unknown = [name for name in held_out if name not in names]
+    if unknown:
+        raise ValueError(f"{source}: a model of identities {', '.join(names)}; the held-out segments are also of "
+                         f"{', '.join(unknown)} (evaluate its own with --identity NAME)")
+    return {name: model.with_identity(name) for name in held_out}
 
 
 def model_config(path: str | Path) -> Config:
@@ -189,20 +229,22 @@ def _valid_expression(truth: m.Segment) -> np.ndarray:
     return truth.expression if truth.expression_valid is None else truth.expression[truth.expression_valid]
 
 
-def _score_model(model: InferenceModel, segments: list[HeldOut], settings: Settings, store: ItemStore,
-                 vocoder: BigVGAN | None, asr: CTCTokenizer | None, bar: tqdm) -> None:
+def _score_model(model: InferenceModel, views: dict[str, InferenceModel], segments: list[HeldOut],
+                 settings: Settings, store: ItemStore, vocoder: BigVGAN | None, asr: CTCTokenizer | None,
+                 bar: tqdm) -> None:
     cfg = model.cfg
     sample_cfg = settings.sample
     with_pitch = any(name in settings.metrics for name in m.NEEDS_AUDIO)
-    pending = [(index, segment) for index, segment in enumerate(segments) if not store.done(segment.key)]
+    seeds = segment_seeds(segments, sample_cfg.seed)
+    pending = [(seed, segment) for seed, segment in zip(seeds, segments) if not store.done(segment.key)]
     for first in range(0, len(pending), SEGMENTS_PER_ROUND):
         chunk = pending[first:first + SEGMENTS_PER_ROUND]
         participant = ("participant_tokens", "participant_features") if cfg.model.dyadic else ()
-        conds = [conditioning(model, segment.arrays["tokens"],
+        chunk_views = [views[segment.identity] for _, segment in chunk]
+        conds = [conditioning(view, segment.arrays["tokens"],
                               **{name: segment.arrays.get(name) for name in participant})
-                 for _, segment in chunk]
-        samples = generate_batch(model, conds, sample_cfg,
-                                 [sample_cfg.seed + index for index, _ in chunk])
+                 for view, (_, segment) in zip(chunk_views, chunk)]
+        samples = generate_batch(model, conds, sample_cfg, [seed for seed, _ in chunk], chunk_views)
         for (_, segment), generated in zip(chunk, samples):
             truth = segment.truth(with_pitch, cfg, vocoder)
             candidate = m.Segment(generated.mel, generated.expression, generated.head_pose)
@@ -235,12 +277,27 @@ def _summary(store: ItemStore, segments: list[HeldOut]) -> tuple[dict[str, float
     return summary, stats
 
 
+def _scores(stores: dict[str, ItemStore], truth_store: ItemStore, segments: list[HeldOut],
+            metrics: list[str]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Each column's and the ground truth's values over `segments`."""
+    truth, truth_stats = _summary(truth_store, segments)
+    columns = {}
+    for column, store in stores.items():
+        summary, stats = _summary(store, segments)
+        if "expression_frechet" in metrics:
+            summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(), *truth_stats.mean_covariance())
+        columns[column] = {name: summary[name] for name in metrics if name in summary}
+    return columns, {name: truth[name] for name in metrics if name in truth}
+
+
 def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], settings: Settings, out_dir: str | Path,
                     vocoder: BigVGAN | None = None, sources: dict[str, str] | None = None,
                     steps: dict[str, int] | None = None, progress: bool = True) -> dict:
     """Score every model (column name -> model) and the ground truth on the segments; write and return the report."""
     out_dir = Path(out_dir)
     m.check_metric_names(settings.metrics, "metrics")
+    views = {column: identity_views(model, segments, (sources or {}).get(column, column))
+             for column, model in models.items()}
     with hold_folder(out_dir):  # one evaluation writes a report folder at a time
         _check_settings(out_dir, settings, sources or {column: "in memory" for column in models})
         asr = CTCTokenizer(settings.asr_model) if settings.asr_model and "cer" in settings.metrics else None
@@ -251,18 +308,20 @@ def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], 
         pending = sum(not store.done(segment.key) for store in stores.values() for segment in segments)
         with tqdm(total=pending, desc="evaluate", unit="segment", disable=not progress) as bar:
             for column, model in models.items():
-                _score_model(model, segments, settings, stores[column], vocoder, asr, bar)
-        truth, truth_stats = _summary(truth_store, segments)
-        columns = {}
-        for column, store in stores.items():
-            summary, stats = _summary(store, segments)
-            if "expression_frechet" in settings.metrics:
-                summary["expression_frechet"] = m.frechet_distance(*stats.mean_covariance(),
-                                                                   *truth_stats.mean_covariance())
-            columns[column] = {name: summary[name] for name in settings.metrics if name in summary}
+                _score_model(model, views[column], segments, settings, stores[column], vocoder, asr, bar)
+        columns, truth = _scores(stores, truth_store, segments, settings.metrics)
         report = {"settings": dataclasses.asdict(settings), "segments": [segment.key for segment in segments],
-                  "columns": columns, GROUND_TRUTH: {name: truth[name] for name in settings.metrics if name in truth},
+                  "columns": columns, GROUND_TRUTH: truth,
                   "metrics": {name: dataclasses.asdict(m.METRICS[name]) for name in settings.metrics}}
+        by_identity: dict[str, list[HeldOut]] = {}
+        for segment in segments:
+            by_identity.setdefault(segment.identity, []).append(segment)
+        if len(by_identity) > 1:
+            report["identities"] = {}
+            for identity, own in sorted(by_identity.items()):
+                identity_columns, identity_truth = _scores(stores, truth_store, own, settings.metrics)
+                report["identities"][identity] = {"segments": len(own), "columns": identity_columns,
+                                                  GROUND_TRUTH: identity_truth}
         with atomic_path(out_dir / "report.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
         with atomic_path(out_dir / "report.md") as tmp:
@@ -280,32 +339,45 @@ def _format(value: float | None) -> str:
 
 
 def markdown_table(report: dict) -> str:
-    """One row per metric: which way is better, each model's value and the ground truth's where it applies."""
-    columns = list(report["columns"])
+    """One row per metric: which way is better, each model's value and the ground truth's where it applies; then,
+    for segments of several identities, the same table for each identity's segments."""
+    tables = [_table(report["metrics"], report["columns"], report[GROUND_TRUTH])]
+    for identity, part in report.get("identities", {}).items():
+        tables.append(f"identity {identity} ({part['segments']} segments):\n\n"
+                      + _table(report["metrics"], part["columns"], part[GROUND_TRUTH]))
+    return "\n\n".join(tables)
+
+
+def _table(metrics: dict, columns: dict[str, dict[str, float]], truth: dict[str, float]) -> str:
     lines = ["| metric | better | " + " | ".join(columns) + " | ground truth |",
              "|---|---|" + "---:|" * (len(columns) + 1)]
-    for name, metric in report["metrics"].items():
-        values = [_format(report["columns"][column].get(name)) for column in columns]
-        lines.append(f"| {name} | {metric['better']} | " + " | ".join(values)
-                     + f" | {_format(report[GROUND_TRUTH].get(name))} |")
+    for name, metric in metrics.items():
+        values = [_format(columns[column].get(name)) for column in columns]
+        lines.append(f"| {name} | {metric['better']} | " + " | ".join(values) + f" | {_format(truth.get(name))} |")
     return "\n".join(lines)
 
 
 def _write_tensorboard(out_dir: Path, report: dict, steps: dict[str, int]) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
+    identities = report.get("identities", {})
     for column, values in [*report["columns"].items(), (GROUND_TRUTH, report[GROUND_TRUTH])]:
         with SummaryWriter(str(out_dir / "tensorboard" / column)) as writer:
             for name, value in values.items():
                 writer.add_scalar(f"eval/{name}", value, steps.get(column, 0))
+            for identity, part in identities.items():
+                own = part[GROUND_TRUTH] if column == GROUND_TRUTH else part["columns"][column]
+                for name, value in own.items():
+                    writer.add_scalar(f"eval/{name}/{identity}", value, steps.get(column, 0))
 
 
 def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_dir: str | Path, *, split: str = "val",
                          sample: SampleConfig | None = None, max_items: int | None = None,
                          metrics: list[str] | None = None, asr_model: str | Path | None = None,
-                         vocoder: BigVGAN | None = None, device: str = "auto", progress: bool = True) -> dict:
-    """`avflow evaluate`: load each model, score it on the held-out segments with the sampler settings `sample`
-    (default: SampleConfig's), write the report."""
+                         vocoder: BigVGAN | None = None, device: str = "auto", progress: bool = True,
+                         identities: list[str] | None = None) -> dict:
+    """`avflow evaluate`: load each model, score it on the held-out segments (only those of `identities` when
+    given) with the sampler settings `sample` (default: SampleConfig's), write the report."""
     if asr_model is not None and not Path(asr_model).is_dir():
         raise FileNotFoundError(f"--asr-model {asr_model}: no such wav2vec2 model directory")
     sample = Config(sample=sample or SampleConfig()).validate().sample
@@ -320,7 +392,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     m.check_metric_names(names, "--metrics")
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
-    segments = held_out_segments(shards, split, max_items)
+    segments = held_out_segments(shards, split, max_items, identities)
     settings = Settings(str(Path(shards).resolve()), split, sample, max_items, names,
                         str(Path(asr_model).resolve()) if asr_model else None)
     labels = column_labels(checkpoints)
