@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from avflow.config import MelConfig, ModelConfig
+from avflow.config import ModelConfig
 from avflow.model.head_vae import PoseDecoder
 
 Identity = int | torch.Tensor | None  # an index, indices (B,) of a batch's rows, or None for a one-identity codec
@@ -43,13 +43,6 @@ class StateCodec:
     @property
     def identity_count(self) -> int:
         return len(self.expression_mean)
-
-    @classmethod
-    def from_data(cls, expression_frames: torch.Tensor, mel_cfg: MelConfig, model_cfg: ModelConfig) -> "StateCodec":
-        """Statistics over all training frames (N, expression_dim); std floored to keep constant dims finite."""
-        mean = expression_frames.double().mean(0)
-        std = expression_frames.double().std(0).clamp_min(1e-4)
-        return cls(mean.float(), std.float(), mel_cfg.norm_mean, mel_cfg.norm_std, model_cfg)
 
     def to(self, device: torch.device) -> "StateCodec":
         """The codec with its statistics on `device`, moved once rather than copied at every encode."""
