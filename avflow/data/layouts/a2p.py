@@ -27,8 +27,8 @@ from avflow.data.layouts.fifty_h import (
     EXPRESSION_DIM,
     TOKEN_DIR,
     _check_shape,
-    _load_array,
-    _read_audio,
+    load_array,
+    read_audio,
 )
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
@@ -122,7 +122,7 @@ def subject_name(subject_root: str | Path) -> str:
 def read_body_pose(subject_root: str | Path, name: str) -> np.ndarray:
     """(T, 104) float32 body pose of a scene, with the subject's wrap applied."""
     path = scene_paths(subject_root, name)["pose"]
-    pose = _load_array(path, f"body pose (T, {BODY_POSE_DIM})")
+    pose = load_array(path, f"body pose (T, {BODY_POSE_DIM})")
     _check_shape(path, pose, f"body pose of shape (T, {BODY_POSE_DIM})",
                  pose.ndim == 2 and pose.shape[1] == BODY_POSE_DIM)
     return wrap_pose(pose, subject_name(subject_root))
@@ -161,7 +161,7 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
     """One scene of the subject folder `root` as a layout-neutral record: head pose = body_pose[:, 12:16]."""
     root = Path(root)
     paths = scene_paths(root, name)
-    audio, sample_rate = _read_audio(paths["audio"])
+    audio, sample_rate = read_audio(paths["audio"])
     if sample_rate != SAMPLE_RATE:
         raise ValueError(f"{paths['audio']}: sample rate {sample_rate} Hz; expected {SAMPLE_RATE} Hz")
 
@@ -171,7 +171,7 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
                          f"have {pose.shape[0]} * {SAMPLES_PER_FRAME} = {pose.shape[0] * SAMPLES_PER_FRAME} "
                          f"samples per channel, but it has {audio.shape[1]}")
 
-    expression = _load_array(paths["expression"], f"expression codes (T, {EXPRESSION_DIM})")
+    expression = load_array(paths["expression"], f"expression codes (T, {EXPRESSION_DIM})")
     _check_shape(paths["expression"], expression, f"expression codes of shape (T, {EXPRESSION_DIM})",
                  expression.ndim == 2 and expression.shape[1] == EXPRESSION_DIM)
     if expression.shape[0] != pose.shape[0]:
@@ -180,7 +180,7 @@ def read_record(root: str | Path, name: str, cfg: DataConfig) -> SegmentRecord:
     expression_valid = np.ones(pose.shape[0], dtype=bool)
     expression_valid[read_missing_face_frames(paths["missing"], pose.shape[0])] = False
 
-    tokens = _load_array(paths["tokens"], f"token logits (channels, M, {len(TOKEN_LABELS)})")
+    tokens = load_array(paths["tokens"], f"token logits (channels, M, {len(TOKEN_LABELS)})")
     _check_shape(paths["tokens"], tokens, f"token logits of shape (channels, M, {len(TOKEN_LABELS)})",
                  tokens.ndim == 3 and tokens.shape[2] == len(TOKEN_LABELS) and tokens.shape[1] > 0)
     pose_seconds = pose.shape[0] / cfg.visual_fps

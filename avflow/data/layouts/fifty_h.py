@@ -86,7 +86,8 @@ def _check_finite(path: Path, array: np.ndarray) -> None:
         raise ValueError(f"{path}: contains NaN or inf values; expected finite numbers")
 
 
-def _load_array(path: Path, what: str) -> np.ndarray:
+def load_array(path: Path, what: str) -> np.ndarray:
+    """A numeric .npy stream as float32, refused in one line when missing or not finite (every layout reads so)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing {what}")
     array = load_numeric_array(path, what)
@@ -99,7 +100,8 @@ def _check_shape(path: Path, array: np.ndarray, expected: str, ok: bool) -> None
         raise ValueError(f"{path}: expected {expected} with at least one frame, got shape {array.shape}")
 
 
-def _read_audio(path: Path) -> tuple[np.ndarray, int]:
+def read_audio(path: Path) -> tuple[np.ndarray, int]:
+    """(channels, samples) audio and its rate, refused in one line when missing, empty or not finite."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing audio (expected a 48 kHz wav, channel 0 actor)")
     audio, sample_rate = load_wav(path)
@@ -112,7 +114,7 @@ def _read_audio(path: Path) -> tuple[np.ndarray, int]:
 def _read_optional(path: Path, what: str) -> np.ndarray | None:
     if not path.is_file():
         return None
-    array = _load_array(path, what)
+    array = load_array(path, what)
     _check_shape(path, array, f"frame-major {what} of rank >= 2", array.ndim >= 2)
     return array
 
@@ -122,15 +124,15 @@ def read_segment(root: str | Path, name: str, val_patterns: list[str] | tuple[st
     """Read and check one segment's streams."""
     root = Path(root)
     paths = stream_paths(root, name)
-    audio, sample_rate = _read_audio(paths["audio"])
+    audio, sample_rate = read_audio(paths["audio"])
 
-    expression = _load_array(paths["expression"], f"expression codes (N, {EXPRESSION_DIM})")
+    expression = load_array(paths["expression"], f"expression codes (N, {EXPRESSION_DIM})")
     _check_shape(paths["expression"], expression, f"expression codes of shape (N, {EXPRESSION_DIM})",
                  expression.ndim == 2 and expression.shape[1] == EXPRESSION_DIM)
-    headpose = _load_array(paths["headpose"], "head pose (N, 4, 4)")
+    headpose = load_array(paths["headpose"], "head pose (N, 4, 4)")
     _check_shape(paths["headpose"], headpose, "rigid transforms of shape (N, 4, 4)",
                  headpose.ndim == 3 and headpose.shape[1:] == (4, 4))
-    tokens = _load_array(paths["tokens"], f"token logits (channels, M, {len(TOKEN_LABELS)})")
+    tokens = load_array(paths["tokens"], f"token logits (channels, M, {len(TOKEN_LABELS)})")
     _check_shape(paths["tokens"], tokens, f"token logits of shape (channels, M, {len(TOKEN_LABELS)})",
                  tokens.ndim == 3 and tokens.shape[2] == len(TOKEN_LABELS))
     if tokens.shape[1] == 0:
@@ -167,8 +169,8 @@ def _smirk_features(root: Path, segment: Segment) -> np.ndarray | None:
     parts = []
     for kind, values in (("expression", segment.participant_expression), ("headpose", segment.participant_headpose)):
         values = values.reshape(values.shape[0], -1)
-        low = _load_array(stats / f"{kind}_min.npy", f"SMIRK {kind} minimum").reshape(-1)
-        high = _load_array(stats / f"{kind}_max.npy", f"SMIRK {kind} maximum").reshape(-1)
+        low = load_array(stats / f"{kind}_min.npy", f"SMIRK {kind} minimum").reshape(-1)
+        high = load_array(stats / f"{kind}_max.npy", f"SMIRK {kind} maximum").reshape(-1)
         if low.shape[0] != values.shape[1] or high.shape[0] != values.shape[1]:
             raise ValueError(f"{stats}: {kind} min/max have {low.shape[0]}/{high.shape[0]} values; "
                              f"expected {values.shape[1]} (the width of the participant {kind})")

@@ -31,7 +31,7 @@ import numpy as np
 from avflow.config import ConfigError, DataConfig
 from avflow.data.features import continuous_quaternion_signs, rigid_to_pose7
 from avflow.data.layouts.a2p import read_missing_face_frames
-from avflow.data.layouts.fifty_h import DURATION_TOLERANCE_FRAMES, EXPRESSION_DIM, TOKEN_DIR, _load_array, _read_audio
+from avflow.data.layouts.fifty_h import DURATION_TOLERANCE_FRAMES, EXPRESSION_DIM, TOKEN_DIR, load_array, read_audio
 from avflow.data.layouts.layout import Layout
 from avflow.data.records import SegmentRecord
 from avflow.text.token_labels import TOKEN_LABELS
@@ -253,7 +253,7 @@ def _load(line: ManifestLine, field: str, what: str) -> np.ndarray:
                 if field == "tokens" else "")
         raise line.error(field, f"{path}: no such file; expected {what}{hint}")
     try:
-        return _load_array(path, what)
+        return load_array(path, what)
     except ValueError as error:
         raise line.error(field, str(error)) from error
 
@@ -328,7 +328,7 @@ def read_record(cfg: DataConfig, key: str) -> SegmentRecord:
         raise line.error("audio", f"{line.path('audio')}: no such file; expected an audio file, channel 0 the "
                                   f"recorded person")
     try:
-        audio, sample_rate = _read_audio(line.path("audio"))
+        audio, sample_rate = read_audio(line.path("audio"))
     except ValueError as error:
         raise line.error("audio", str(error)) from error
     expression = _load(line, "expression", f"expression codes (N, {EXPRESSION_DIM})")
