@@ -17,8 +17,7 @@ import torch
 import torch.distributed as dist
 
 from avflow.config import Config
-from avflow.data import shard_format
-from avflow.data.shard_format import load_manifest
+from avflow.data.shard_format import identities, load_manifest
 from avflow.data.shard_index import iter_split_arrays
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, identity_count, load_head_vae
@@ -105,7 +104,7 @@ def identity_statistics(cfg: Config, manifest: dict, known: dict[str, dict[str, 
     """(codec, pose_mean, pose_std) of a multi-identity model, a row per model.identities name: the statistics in
     `known` (a fine-tuned model's, kept), else the identity's own from the manifest, with its mel's own level and
     spread in place of the published constants (each voice differs)."""
-    entries, known = shard_format.identities(manifest), known or {}
+    entries, known = identities(manifest), known or {}
     rows = []
     for name in cfg.model.identities:
         if name in known:
@@ -137,7 +136,7 @@ def resolve_identities(cfg: Config, manifest: dict, source_identities: list[str]
     """model.identities checked against the shards' identities (and trainer.init_from's table, kept in its
     order): filled in when they make a table of several and the config names none (logged), refused in one line
     when the config names another table."""
-    shard_names = sorted(shard_format.identities(manifest))
+    shard_names = sorted(identities(manifest))
     table = identity_table(source_identities, shard_names)
     if cfg.model.identities:
         if cfg.model.identities != table:
@@ -201,5 +200,5 @@ def build_batch_encoder(cfg: Config, vae_path: Path | None, device: torch.device
     if not names:
         return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device)
     codec, pose_mean, pose_std = identity_statistics(cfg, manifest, known)
-    shard_names = sorted(shard_format.identities(manifest))
+    shard_names = sorted(identities(manifest))
     return BatchEncoder(cfg, codec, head_vae, pose_mean, pose_std, device, [names.index(name) for name in shard_names])
