@@ -4,7 +4,9 @@ import json
 
 import pytest
 import torch
-from helpers import PUBLISHED_VOCAB
+from helpers import PUBLISHED_VOCAB, TINY_NETWORK, randomized
+
+from avflow.model.avflow import AVFlowNet
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,3 +34,9 @@ def tiny_wav2vec2(tmp_path_factory):
     transformers.Wav2Vec2ForCTC(config).save_pretrained(folder)
     (folder / "vocab.json").write_text(json.dumps(PUBLISHED_VOCAB))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    """A randomized TINY_NETWORK in eval mode, one per test module."""
+    return randomized(AVFlowNet(TINY_NETWORK)).eval()

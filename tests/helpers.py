@@ -45,6 +45,10 @@ def packed_tiny_corpus(root, overrides: list[str]) -> list[str]:
     return data + [f"trainer.head_vae={root / 'head_vae.pt'}"]
 
 
+# a two-block banded-attention network: small enough to sample on a CPU in milliseconds
+TINY_NETWORK = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
+
+
 def randomized(module, scale=0.2):
     """Every parameter random (adaLN-Zero gates start at zero, which would hide the sublayers)."""
     torch.manual_seed(0)

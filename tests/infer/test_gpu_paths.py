@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 import torch._dynamo.testing
-from helpers import randomized, tiny_model_file
+from helpers import TINY_NETWORK as TINY
+from helpers import tiny_model_file
 from torch._dynamo.utils import counters
 
-from avflow.config import ModelConfig
 from avflow.infer.model import default_dtype, load_inference_model
 from avflow.infer.sampler import GraphSampler
 from avflow.model import attention
@@ -23,13 +23,6 @@ from avflow.model.sampling import (
     row_buckets,
     sample_sequences,
 )
-
-TINY = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
-
-
-@pytest.fixture(scope="module")
-def tiny_net():
-    return randomized(AVFlowNet(TINY)).eval()
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 2.0])

@@ -6,10 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import randomized
+from helpers import TINY_NETWORK as TINY
 
 from avflow.config import ModelConfig, SampleConfig
-from avflow.model.avflow import AVFlowNet
 from avflow.model.sampling import (
     METHODS,
     FixedStepSampler,
@@ -30,14 +29,6 @@ from avflow.model.sampling import (
     stitch,
     window_spans,
 )
-
-TINY = ModelConfig(d_model=32, n_blocks=2, n_heads=2, ffn_hidden=64, attention="banded")
-
-
-@pytest.fixture(scope="module")
-def tiny_net():
-    torch.manual_seed(0)
-    return randomized(AVFlowNet(TINY)).eval()
 
 
 def test_length_buckets_round_windows_up():
