@@ -287,9 +287,12 @@ def load_head_vae(
 
     The architecture comes from the file's 'config' when present, else from `cfg` (default
     HeadVAEConfig). Raises ValueError naming every missing, unexpected or mis-shaped weight, and when
-    the file has no pose statistics (as published files do not).
+    the file has no pose statistics (as published files do not). A VAE trained on several identities (its
+    'identities' names) returns their statistics a row each, (identities, pose_dim).
     """
-    return head_vae_from_payload(load_torch(path), cfg, path)
+    checkpoint = load_torch(path)
+    names = checkpoint.get("identities") if isinstance(checkpoint, dict) else None
+    return head_vae_from_payload(checkpoint, cfg, path, len(names) if names else 1)
 
 
 def head_vae_from_payload(

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from avflow.config import Config
 from avflow.data.shard_format import identities, load_manifest
-from avflow.data.shard_index import iter_split_arrays
+from avflow.data.shard_index import iter_split_samples
 from avflow.model.head_vae import HeadVAE
 from avflow.model.io import head_vae_from_payload, identity_count, load_head_vae
 from avflow.model.state import StateCodec
@@ -153,9 +153,10 @@ def train_head_vae_stage(cfg: Config, output: Path, progress: bool = True, devic
     """The head-pose VAE stage: a VAE trained on the poses of loader.shards' train split, written to `output`.
     `avflow train-head-vae` runs it alone; `avflow train` runs it first, on its training device, when it has no VAE
     yet."""
-    split = iter_split_arrays(cfg.loader.shards, "train", ("pose",), cfg.loader.max_bad_fraction)
-    poses = [arrays["pose"] for arrays in split]
-    return train_head_vae(poses, cfg.head_vae, output, seed=cfg.trainer.seed, device=str(device), progress=progress)
+    split = list(iter_split_samples(cfg.loader.shards, "train", ("pose",), cfg.loader.max_bad_fraction))
+    names = [sample.identity for sample in split]
+    return train_head_vae([sample.arrays["pose"] for sample in split], cfg.head_vae, output, seed=cfg.trainer.seed,
+                          device=str(device), progress=progress, identities=names if len(set(names)) > 1 else None)
 
 
 def ensure_head_vae(cfg: Config, progress: bool = True, is_main: bool = True,
@@ -198,6 +199,9 @@ def build_batch_encoder(cfg: Config, vae_path: Path | None, device: torch.device
     manifest = load_manifest(cfg.loader.shards)
     names = cfg.model.identities
     if not names:
+        if pose_mean.dim() != 1:
+            raise ValueError(f"head-pose VAE {vae_path}: trained on {pose_mean.shape[0]} identities, expected the "
+                             f"one-identity VAE of {cfg.loader.shards} (unset trainer.head_vae to train one)")
         return BatchEncoder(cfg, codec_from_manifest(manifest, cfg), head_vae, pose_mean, pose_std, device)
     codec, pose_mean, pose_std = identity_statistics(cfg, manifest, known)
     shard_names = sorted(identities(manifest))

@@ -2,7 +2,10 @@
 
 The flow model's head target is the VAE encoder's mu over z-normalized pose, so the pose statistics
 are stored in the checkpoint beside the weights: the same numbers must normalize at training time and
-denormalize at generation time. A published head-VAE file carries only `model_state_dict`.
+denormalize at generation time. Poses of several identities are each normalized with their own identity's
+statistics, as the batch encoder normalizes them, so the VAE learns the one normalized space they share; such a
+file stores a row of statistics per identity and their names. A published head-VAE file carries only
+`model_state_dict`.
 """
 
 from __future__ import annotations
@@ -33,17 +36,22 @@ def train_head_vae(
     device: str = "cpu",
     log_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    identities: list[str] | None = None,
 ) -> dict:
     """Fit a HeadVAE on raw per-segment poses (each (T_i, pose_dim)) and write its checkpoint.
 
-    Crops of cfg.segment_length frames are drawn with each frame equally likely to be covered;
-    shorter segments are zero-padded and masked. Returns the final (smoothed) losses and step count.
+    `identities` names each segment's identity; with several, each identity's segments are normalized with
+    their own statistics. Crops of cfg.segment_length frames are drawn with each frame equally likely to be
+    covered; shorter segments are zero-padded and masked. Returns the final (smoothed) losses and step count.
     """
     segments = _check_poses(poses, cfg.pose_dim)
-    frames = np.concatenate(segments, axis=0)
-    mean = frames.mean(axis=0)
-    std = np.maximum(frames.std(axis=0), STD_FLOOR)
-    normalized = [torch.from_numpy(((segment - mean) / std).astype(np.float32)) for segment in segments]
+    names, rows = _identity_rows(identities, len(segments))
+    stats = [_pose_stats([segment for segment, row in zip(segments, rows) if row == index])
+             for index in range(len(names))]
+    normalized = [torch.from_numpy(((segment - stats[row][0]) / stats[row][1]).astype(np.float32))
+                  for segment, row in zip(segments, rows)]
+    mean, std = (stats[0] if len(names) == 1 else (np.stack([mean for mean, _ in stats]),
+                                                   np.stack([std for _, std in stats])))
     lengths = np.array([len(segment) for segment in segments], dtype=np.float64)
     rng = np.random.default_rng(seed)
     torch_device = torch.device(device)
@@ -78,6 +86,7 @@ def train_head_vae(
             "pose_mean": torch.from_numpy(mean.astype(np.float32)),
             "pose_std": torch.from_numpy(std.astype(np.float32)),
             "config": dataclasses.asdict(cfg),
+            **({"identities": names} if len(names) > 1 else {}),
         },
         out_path,
     )
@@ -103,6 +112,22 @@ def _check_poses(poses: list[np.ndarray], pose_dim: int) -> list[np.ndarray]:
             raise ValueError(f"train_head_vae poses[{index}]: expected finite values, found NaN or inf")
         checked.append(pose)
     return checked
+
+
+def _identity_rows(identities: list[str] | None, count: int) -> tuple[list[str], list[int]]:
+    """(sorted identity names, each segment's index into them); one unnamed identity when none are given."""
+    if identities is None:
+        return [""], [0] * count
+    if len(identities) != count:
+        raise ValueError(f"train_head_vae identities: expected one name per pose segment ({count}), "
+                         f"got {len(identities)}")
+    names = sorted(set(identities))
+    return names, [names.index(name) for name in identities]
+
+
+def _pose_stats(segments: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    frames = np.concatenate(segments, axis=0)
+    return frames.mean(axis=0), np.maximum(frames.std(axis=0), STD_FLOOR)
 
 
 def _sample_batch(

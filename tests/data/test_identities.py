@@ -24,7 +24,8 @@ from avflow.data.shard_format import DEFAULT_IDENTITY, add_members, identities, 
 from avflow.data.shard_index import iter_split_samples
 from avflow.data.verify import verify
 from avflow.evaluate.run import held_out_segments
-from avflow.utils import file_sha256
+from avflow.train.batches import train_head_vae_stage
+from avflow.utils import file_sha256, load_torch
 
 PEOPLE = ("bright", "demo")  # two demo-corpus personas: different voices, faces and head motion
 STAT_FEATURES = ("mel", "expression", "pose", "tokens")
@@ -311,3 +312,19 @@ def test_a_manifest_with_malformed_identities_is_one_error(packs, tmp_path, list
     with pytest.raises(ValueError, match=r"manifest.json: identities: expected \{name: \{\"segments\", \"hours\", "
                                          r"\"stats\"\}\} for at least one identity, got "):
         load_manifest(tmp_path)
+
+
+def test_the_head_vae_stage_normalizes_each_identity_with_its_manifest_statistics(packs, tmp_path):
+    """The head VAE learns the space the batch encoder feeds it: each identity's poses over its own statistics,
+    which are the manifest's per-identity pose statistics."""
+    _, _, both = packs
+    cfg = load_config(None, [f"loader.shards={both}", "head_vae.steps=2", "head_vae.ffn_hidden=8",
+                             "head_vae.segment_length=16", "head_vae.batch_size=2"])
+    train_head_vae_stage(cfg, tmp_path / "head_vae.pt", progress=False)
+    checkpoint = load_torch(tmp_path / "head_vae.pt")
+    assert checkpoint["identities"] == sorted(PEOPLE)
+    listed = identities(load_manifest(both))
+    for row, name in enumerate(sorted(PEOPLE)):
+        pose = listed[name]["stats"]["pose"]
+        np.testing.assert_allclose(checkpoint["pose_mean"][row].numpy(), pose["mean"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(checkpoint["pose_std"][row].numpy(), pose["std"], rtol=1e-4, atol=1e-5)

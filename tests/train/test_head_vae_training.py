@@ -83,6 +83,28 @@ def test_checkpoint_holds_weights_stats_and_config(trained):
     assert checkpoint["config"] == dataclasses.asdict(TINY)
 
 
+def test_several_identities_are_each_normalized_with_their_own_statistics(tmp_path):
+    """Two people whose raw poses differ in level and spread: the file keeps each one's statistics (a row each,
+    sorted by name), and the VAE round-trips both in the one normalized space the batch encoder feeds it."""
+    anna, ben = smooth_poses(seed=4, count=20), smooth_poses(seed=5, count=20)
+    ben = [3.0 * pose + 10.0 for pose in ben]
+    path = tmp_path / "two.pt"
+    train_head_vae(ben + anna, TINY, path, seed=0, progress=False, identities=["ben"] * 20 + ["anna"] * 20)
+    checkpoint = load_torch(path)
+    assert checkpoint["identities"] == ["anna", "ben"]
+    vae, mean, std = load_head_vae(path)
+    for row, poses in enumerate((anna, ben)):
+        frames = np.concatenate(poses)
+        np.testing.assert_allclose(mean[row].numpy(), frames.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(std[row].numpy(), frames.std(axis=0), rtol=1e-5)
+        assert normalized_round_trip_error(vae, mean[row], std[row], poses) < 0.05
+
+
+def test_identity_names_must_match_the_segments(tmp_path):
+    with pytest.raises(ValueError, match=r"identities: expected one name per pose segment \(2\), got 1"):
+        train_head_vae([np.zeros((10, 7))] * 2, TINY, tmp_path / "x.pt", progress=False, identities=["anna"])
+
+
 def test_save_load_round_trip_gives_identical_encodings(tmp_path):
     cfg = HeadVAEConfig(pose_dim=4, ffn_hidden=32)
     torch.manual_seed(3)
