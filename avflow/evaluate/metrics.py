@@ -56,9 +56,16 @@ METRICS: dict[str, Metric] = {
     "sync_peak_correlation": Metric("closer to ground truth", "peak speech-energy / expression-speed correlation",
                                     on_ground_truth=True),
     "mouth_correlation": Metric("higher", "Pearson correlation of the demo's mouth controls"),
+    "pitch_hz": Metric("closer to ground truth", "mean F0 of voiced frames, Hz", on_ground_truth=True),
+    "mouth_range": Metric("closer to ground truth", "mean 5-95th percentile spread of the demo's mouth controls",
+                          on_ground_truth=True),
 }
 POOLED = ("expression_frechet",)  # over all segments' frames at once, not a mean of per-segment values
-NEEDS_AUDIO = ("log_f0_rmse", "voicing_error")  # the mel must be vocoded and pitch-tracked
+NEEDS_AUDIO = ("log_f0_rmse", "voicing_error", "pitch_hz")  # the mel must be vocoded and pitch-tracked
+# Statistics that tell people apart: a model of several identities should give each one's generated value nearest
+# that identity's own ground truth (avflow.evaluate.run.identity_likeness).
+IDENTITY_STATISTICS = ("pitch_hz", "mouth_range")
+MOUTH_RANGE_PERCENTILES = (5.0, 95.0)  # a spread that one stray frame does not set
 NEEDS_ASR = ("cer",)
 
 
@@ -255,6 +262,19 @@ def mouth_correlation(generated_expression: np.ndarray, truth_expression: np.nda
     return float(np.mean([pearson(generated_expression[:, c], truth_expression[:, c]) for c in SPEECH_MOUTH_CONTROLS]))
 
 
+def mean_pitch(f0: np.ndarray, voiced: np.ndarray) -> float:
+    """Mean F0 in Hz over voiced frames; NaN when none is voiced."""
+    values = f0[voiced & np.isfinite(f0)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def mouth_range(expression: np.ndarray) -> float:
+    """How wide the demo's speech-driven mouth controls move: their 5-95th percentile spread, averaged."""
+    controls = expression[:, list(SPEECH_MOUTH_CONTROLS)]
+    low, high = np.percentile(controls, MOUTH_RANGE_PERCENTILES, axis=0)
+    return float(np.mean(high - low))
+
+
 # One segment
 
 @dataclass
@@ -293,6 +313,8 @@ def segment_scores(generated: Segment, truth: Segment, names: list[str], frame_r
             "sync_lag_ms": lambda: sync()[0],
             "sync_peak_correlation": lambda: sync()[1],
             "mouth_correlation": lambda: mouth_correlation(expression, truth.expression),
+            "pitch_hz": lambda: mean_pitch(*generated.pitch[index]),
+            "mouth_range": lambda: mouth_range(expression),
         }
         for name in scores:
             if name in per_sample:
@@ -306,9 +328,13 @@ def segment_scores(generated: Segment, truth: Segment, names: list[str], frame_r
 
 
 def ground_truth_scores(truth: Segment, names: list[str], frame_rate: float) -> dict[str, float]:
-    """The metrics among `names` that describe the ground truth on its own (jitter, synchrony)."""
+    """The metrics among `names` that describe the ground truth on its own (jitter, synchrony, identity
+    statistics); pitch_hz needs `pitch` filled."""
     sync = functools.cache(lambda: synchrony(truth.mel, truth.expression, frame_rate))
+    valid = truth.expression if truth.expression_valid is None else truth.expression[truth.expression_valid]
     values = {
+        "pitch_hz": lambda: mean_pitch(*truth.pitch[0]),
+        "mouth_range": lambda: mouth_range(valid),
         "expression_jitter": lambda: jitter(resample(truth.expression, frame_rate, MOTION_RATE)),
         "head_pose_jitter": lambda: jitter(resample(truth.head_pose, frame_rate, MOTION_RATE)),
         "sync_lag_ms": lambda: sync()[0],

@@ -10,8 +10,11 @@ TensorBoard scalars under tensorboard/<column>.
 Held-out segments of several identities: a model with an identity table generates each segment as the segment's
 identity, a model without one generates every segment as its only person, and the report adds each identity's
 values beside the overall ones (report.json "identities", one more table per identity, TensorBoard
-eval/<metric>/<identity>). Segment i of an identity samples with seed sample.seed + i, so an identity's values do
-not depend on which other identities share the shard folder; with one identity that is the shard order.
+eval/<metric>/<identity>), and by default the statistics that tell people apart (mean pitch; with
+evaluate.mouth_controls, the mouth-control range) with, per model, the identity whose ground truth each
+identity's generated value is nearest (report.json "identity_likeness"). Segment i of an identity samples
+with seed sample.seed + i, so an identity's values do not depend on which other identities share the shard
+folder; with one identity that is the shard order.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from avflow.vocoder.vocode import vocode
 
 GROUND_TRUTH = "ground_truth"
 SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory
-DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_correlation")]
+DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_correlation", *m.IDENTITY_STATISTICS)]
 
 
 @dataclass
@@ -215,7 +218,7 @@ def _score_ground_truth(segments: list[HeldOut], settings: Settings, cfg: Config
     for segment in segments:
         if store.done(segment.key):
             continue
-        truth = segment.truth(False, cfg, vocoder)
+        truth = segment.truth("pitch_hz" in settings.metrics, cfg, vocoder)
         scores = m.ground_truth_scores(truth, settings.metrics, cfg.mel.frame_rate)
         counts = {}
         if asr is not None:
@@ -322,12 +325,30 @@ def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], 
                 identity_columns, identity_truth = _scores(stores, truth_store, own, settings.metrics)
                 report["identities"][identity] = {"segments": len(own), "columns": identity_columns,
                                                   GROUND_TRUTH: identity_truth}
+            report["identity_likeness"] = identity_likeness(report)
         with atomic_path(out_dir / "report.json") as tmp:
             tmp.write_text(json.dumps(report, indent=2, allow_nan=True))
         with atomic_path(out_dir / "report.md") as tmp:
             tmp.write_text(markdown_table(report) + "\n")
         _write_tensorboard(out_dir, report, steps or {})
         return report
+
+
+def identity_likeness(report: dict) -> dict[str, dict[str, dict[str, str]]]:
+    """Per column and identity statistic, the identity whose ground-truth value each identity's generated value is
+    nearest: a model that keeps people apart maps every identity to itself."""
+    parts = report["identities"]
+    likeness: dict[str, dict[str, dict[str, str]]] = {}
+    for column in report["columns"]:
+        for name in m.IDENTITY_STATISTICS:
+            truths = {identity: part[GROUND_TRUTH].get(name, math.nan) for identity, part in parts.items()}
+            generated = {identity: part["columns"][column].get(name, math.nan) for identity, part in parts.items()}
+            if not all(math.isfinite(value) for value in [*truths.values(), *generated.values()]):
+                continue
+            likeness.setdefault(column, {})[name] = {
+                identity: min(truths, key=lambda other: abs(value - truths[other]))
+                for identity, value in generated.items()}
+    return likeness
 
 
 def _format(value: float | None) -> str:
@@ -345,6 +366,15 @@ def markdown_table(report: dict) -> str:
     for identity, part in report.get("identities", {}).items():
         tables.append(f"identity {identity} ({part['segments']} segments):\n\n"
                       + _table(report["metrics"], part["columns"], part[GROUND_TRUTH]))
+    likeness = report.get("identity_likeness")
+    if likeness:
+        names = list(report["identities"])
+        lines = ["identity likeness (the identity whose ground truth each identity's generated value is nearest):",
+                 "", "| model | statistic | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for column, statistics in likeness.items():
+            for name, nearest in statistics.items():
+                lines.append(f"| {column} | {name} | " + " | ".join(nearest[identity] for identity in names) + " |")
+        tables.append("\n".join(lines))
     return "\n\n".join(tables)
 
 
@@ -387,12 +417,15 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     for path, cfg in zip(checkpoints, configs):
         if cfg.task != "avflow":
             raise ValueError(f"{path}: a {cfg.task} model; avflow evaluate needs an AV-Flow model (task avflow)")
+    segments = held_out_segments(shards, split, max_items, identities)
+    mouth = any(cfg.evaluate.mouth_controls for cfg in configs)
+    several = len({segment.identity for segment in segments}) > 1
     names = list(metrics) if metrics else DEFAULT_METRICS + (["cer"] if asr_model else []) + (
-        ["mouth_correlation"] if any(cfg.evaluate.mouth_controls for cfg in configs) else [])
+        ["mouth_correlation"] if mouth else []) + (
+        [name for name in m.IDENTITY_STATISTICS if mouth or name != "mouth_range"] if several else [])
     m.check_metric_names(names, "--metrics")
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")
-    segments = held_out_segments(shards, split, max_items, identities)
     settings = Settings(str(Path(shards).resolve()), split, sample, max_items, names,
                         str(Path(asr_model).resolve()) if asr_model else None)
     labels = column_labels(checkpoints)

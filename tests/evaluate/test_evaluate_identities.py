@@ -12,7 +12,7 @@ from helpers import tiny_model_file
 from avflow.cli import main
 from avflow.config import SampleConfig, load_config
 from avflow.data.corpus import PERSONAS
-from avflow.evaluate.run import held_out_segments
+from avflow.evaluate.run import held_out_segments, identity_likeness, markdown_table
 from avflow.infer.generate import conditioning, generate_batch
 from avflow.infer.model import load_inference_model
 
@@ -82,6 +82,49 @@ def test_each_identitys_values_equal_evaluating_its_segments_alone(shards, tmp_p
     assert {f"eval/mel_l1/{name}" for name in PEOPLE} | {"eval/mel_l1"} <= set(events.Tags()["scalars"])
     assert events.Scalars("eval/mel_l1/demo")[0].value == pytest.approx(
         report["identities"]["demo"]["columns"]["shared.safetensors"]["mel_l1"], rel=1e-6)
+
+
+def test_several_identities_add_the_statistics_that_tell_people_apart_and_which_identity_each_resembles(
+        shards, tmp_path):
+    """By default (no --metrics) a report of several identities adds each one's mean pitch, and says per model whose
+    ground truth each identity's generated pitch is nearest; the recordings' pitch is each persona's voice."""
+    code = main(["evaluate", "--checkpoint", str(shards["shared"]), "--checkpoint", str(shards["single"]),
+                 "--shards", str(shards["both"]), "--num-samples", "1", "--nfe", "2", "--quiet",
+                 "-o", str(tmp_path / "report")])
+    assert code == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert "pitch_hz" in report["metrics"] and "mouth_range" not in report["metrics"]  # no evaluate.mouth_controls
+    for name in PEOPLE:
+        low, high = PERSONAS[name].f0_range
+        assert 0.85 * low < report["identities"][name]["ground_truth"]["pitch_hz"] < 1.15 * high
+    truths = {name: report["identities"][name]["ground_truth"]["pitch_hz"] for name in PEOPLE}
+    listed = 0
+    for column in COLUMNS:
+        generated = {name: report["identities"][name]["columns"][column]["pitch_hz"] for name in PEOPLE}
+        if not all(np.isfinite(list(generated.values()))):  # an untrained model may voice no frame at all
+            assert column not in report["identity_likeness"]
+            continue
+        listed += 1
+        nearest = {name: min(PEOPLE, key=lambda other: abs(value - truths[other])) for name, value in generated.items()}
+        assert report["identity_likeness"][column]["pitch_hz"] == nearest
+        assert f"| {column} | pitch_hz | {nearest['bright']} | {nearest['demo']} |" in (
+            tmp_path / "report" / "report.md").read_text()
+    assert listed
+
+
+def test_identity_likeness_names_the_nearest_ground_truth_and_skips_a_statistic_without_values():
+    def part(generated: dict, truth: dict) -> dict:
+        return {"segments": 1, "columns": {"model": generated}, "ground_truth": truth}
+
+    report = {"metrics": {}, "columns": {"model": {}}, "ground_truth": {},
+              "identities": {"anna": part({"pitch_hz": 121.0, "mouth_range": 0.2}, {"pitch_hz": 118.0,
+                                                                                  "mouth_range": 0.5}),
+                             "ben": part({"pitch_hz": 140.0, "mouth_range": 0.3}, {"pitch_hz": 220.0,
+                                                                                 "mouth_range": float("nan")})}}
+    likeness = identity_likeness(report)
+    assert likeness == {"model": {"pitch_hz": {"anna": "anna", "ben": "anna"}}}  # 140 is nearer 118 than 220
+    report["identity_likeness"] = likeness
+    assert "| model | pitch_hz | anna | anna |" in markdown_table(report)
 
 
 def test_the_overall_value_is_the_segment_weighted_mean_of_the_identities(shards, tmp_path):

@@ -63,6 +63,21 @@ def test_pitch_track_finds_the_frequency_of_a_tone():
     assert not m.pitch_track(np.zeros(rate), rate, hop)[1].any()
 
 
+def test_mean_pitch_averages_voiced_frames_only():
+    f0 = np.array([100.0, np.nan, 200.0, 400.0, np.nan])
+    voiced = np.array([True, False, True, False, False])
+    assert m.mean_pitch(f0, voiced) == 150.0  # (100 + 200) / 2; 400 is unvoiced
+    assert np.isnan(m.mean_pitch(f0, np.zeros(5, dtype=bool)))
+
+
+def test_mouth_range_is_the_mean_percentile_spread_of_the_mouth_controls():
+    frames = np.linspace(0.0, 1.0, 101)  # 0, 0.01, ..., 1: its 5th and 95th percentiles are 0.05 and 0.95
+    expression = np.zeros((101, 8))
+    expression[:, 0], expression[:, 1], expression[:, 2] = frames, 2.0 * frames, 0.0
+    expression[:, 3] = 100.0 * frames  # blink: not a speech mouth control
+    assert m.mouth_range(expression) == pytest.approx((0.9 + 1.8 + 0.0) / 3)
+
+
 def test_jitter_of_a_known_sequence():
     # x = t^2 has second difference 2 everywhere; a constant-velocity ramp has none
     t = np.arange(10, dtype=float)[:, None]
