@@ -174,7 +174,8 @@ def _load_model(args: argparse.Namespace, items_choose_identity: bool = False):
 
 
 def _face_decoder(args: argparse.Namespace, model):
-    """What the videos show: --avatar, --face-decoder or --procedural-face, else the export's own (or None)."""
+    """What the videos show: --avatar, --face-decoder or --procedural-face, else the export's own for the model's
+    identity (or None)."""
     from avflow.render import CodecAvatar
 
     if args.avatar:
@@ -187,8 +188,9 @@ def _face_decoder(args: argparse.Namespace, model):
         from avflow.render import ProceduralFaceDecoder
 
         return ProceduralFaceDecoder()
-    if isinstance(model.face_decoder, CodecAvatar):
-        model.face_decoder.pose_frame = args.avatar_pose
+    for face in (model.face_decoder, model.shared_face_decoder, *model.identity_avatars.values()):
+        if isinstance(face, CodecAvatar):
+            face.pose_frame = args.avatar_pose
     return model.face_decoder
 
 
@@ -255,10 +257,13 @@ def cmd_infer(args: argparse.Namespace) -> None:
             items = Path(scratch) / "items.jsonl"
             items.write_text(json.dumps({"id": args.name, **source}) + "\n")
         face = None if args.no_video else _face_decoder(args, model)
-        if not args.no_video and face is None:
+        # The export's avatars, not one given here: each item shows its own identity's
+        identity_faces = not args.no_video and face is model.face_decoder and bool(model.identity_avatars)
+        if not args.no_video and face is None and not identity_faces:
             raise ValueError("videos need a face decoder: pass --avatar DATASET_ROOT, --face-decoder FILE or "
                              "--procedural-face, export the model with --avatar or --face-decoder, or pass --no-video")
-        counts = run_batch(model, items, args.output, shard=shard, face_decoder=face, asr_model=args.asr_model,
+        counts = run_batch(model, items, args.output, shard=shard, face_decoder=None if identity_faces else face,
+                           identity_faces=identity_faces, asr_model=args.asr_model,
                            retry_errors=args.retry_errors, progress=not args.quiet)
     print(f"{counts['ok']} items done, {counts['error']} failed, {counts['skipped']} already recorded; "
           f"results in {Path(args.output) / 'results*.jsonl'}")

@@ -30,8 +30,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocoder", help="a BigVGAN {'generator': ...} checkpoint to include")
     parser.add_argument("--text2tokens", help="a consolidated text-to-tokens .safetensors to include, for --text")
     parser.add_argument("--face-decoder", help="a TorchScript face decoder to include, for videos")
-    parser.add_argument("--avatar", metavar="DATASET_ROOT",
-                        help="the released 50h dataset root: include its Codec Avatar, for videos without the dataset")
+    parser.add_argument("--avatar", metavar="[IDENTITY=]DATASET_ROOT", action="append", default=[],
+                        help="a released 50h dataset root: include its Codec Avatar, for videos without the dataset; "
+                             "IDENTITY= makes it that identity's own (repeat the option for several)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 

@@ -31,12 +31,14 @@ from avflow.infer.artifacts import (
     EXPORT_FORMAT_VERSION,
     FACE_DECODER_FILE,
     FORMATS,
+    IDENTITY_AVATARS_KEY,
     META_FILE,
     TEXT2TOKENS_FILE,
     TORCHSCRIPT_FILE,
     VOCODER_FILE,
     WEIGHTS_FILE,
     file_digests,
+    identity_avatar_file,
     load_compiled_sampler,
     read_export_meta,
 )
@@ -74,7 +76,9 @@ class ExportOptions:
     vocoder: str | None = None
     text2tokens: str | None = None
     face_decoder: str | None = None
-    avatar: str | None = None  # the released 50h dataset root whose Codec Avatar the directory carries
+    # Released 50h dataset roots whose Codec Avatars the directory carries: "ROOT" for every identity, and for a
+    # model of several identities "IDENTITY=ROOT" for that identity's own
+    avatars: list[str] = dataclasses.field(default_factory=list)
     force: bool = False
 
     def validate(self) -> None:
@@ -121,7 +125,8 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
     if output.exists() and not options.force:
         raise FileExistsError(f"{output} exists; pass --force to replace it")
     cfg, tensors = load_inference_tensors(checkpoint)
-    avatar = CodecAvatar.from_dataset(options.avatar) if options.avatar else None  # bad assets fail first
+    avatars = {name: CodecAvatar.from_dataset(root)  # bad assets fail first
+               for name, root in avatar_roots(options.avatars, cfg.model.identities).items()}
     device = pick_device(options.device)
     sample = cfg.sample
     sample.nfe = options.nfe or sample.nfe
@@ -150,12 +155,12 @@ def export(checkpoint: str | Path, output: str | Path, options: ExportOptions) -
     except FileExistsError:
         raise NotADirectoryError(f"-o {output}: {output.parent} is a file, not a folder") from None
     with reporting_disk_errors(output):
-        return _write_export(checkpoint, output, options, cfg, tensors, avatar, example, reference, network,
+        return _write_export(checkpoint, output, options, cfg, tensors, avatars, example, reference, network,
                              compiled_attention)
 
 
 def _write_export(checkpoint: str | Path, output: Path, options: ExportOptions, cfg: Config, tensors: dict,
-                  avatar: CodecAvatar | None, example: tuple[torch.Tensor, ...], reference: AVFlowNet,
+                  avatars: dict[str | None, CodecAvatar], example: tuple[torch.Tensor, ...], reference: AVFlowNet,
                   network: AVFlowNet, compiled_attention: str) -> dict:
     """Write the directory under a staging name, check it (parity; digests read back), then rename it to `output`;
     returns its export.json contents."""
@@ -204,8 +209,10 @@ def _write_export(checkpoint: str | Path, output: Path, options: ExportOptions, 
         if options.face_decoder:
             load_face_decoder(options.face_decoder)
             shutil.copyfile(options.face_decoder, staging / FACE_DECODER_FILE)
-        if avatar is not None:
-            avatar.save(staging / AVATAR_FILE)
+        for name, avatar in avatars.items():
+            avatar.save(staging / (AVATAR_FILE if name is None else identity_avatar_file(name)))
+        if any(name is not None for name in avatars):
+            meta[IDENTITY_AVATARS_KEY] = {name: identity_avatar_file(name) for name in avatars if name is not None}
         meta["files"] = sorted(path.name for path in staging.iterdir()) + [META_FILE]
         meta[DIGESTS_KEY] = file_digests(staging)
         (staging / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
@@ -215,6 +222,26 @@ def _write_export(checkpoint: str | Path, output: Path, options: ExportOptions, 
         if staging.exists():
             shutil.rmtree(staging)
     return meta
+
+
+def avatar_roots(values: list[str], identities: list[str]) -> dict[str | None, str]:
+    """--avatar values -> {identity, or None for every identity: dataset root}. A value "NAME=ROOT" names an identity
+    of the model's table; a model without a table, or a second avatar for the same identities, is refused."""
+    roots: dict[str | None, str] = {}
+    for value in values:
+        name, separator, root = value.partition("=")
+        if not (separator and name and "/" not in name):
+            name, root = None, value
+        elif not identities:
+            raise ValueError(f"--avatar {value}: this model has one identity and no identity table; pass the dataset "
+                             "root alone")
+        elif name not in identities:
+            raise ValueError(f"--avatar {value}: unknown identity {name!r}; this model knows {', '.join(identities)}")
+        if name in roots:
+            raise ValueError(f"--avatar {value}: a second avatar for "
+                             f"{'every identity' if name is None else 'identity ' + repr(name)}")
+        roots[name] = root
+    return roots
 
 
 def _replace_directory(staging: Path, output: Path) -> None:

@@ -15,6 +15,8 @@ exported before digests were recorded load unchecked.
     face_decoder.ts        optional TorchScript face decoder, so videos need no other file
     avatar.safetensors     optional Codec Avatar (decoder weights, mean geometry, std, UV mesh), so videos of
                            the released subject need no dataset
+    avatar-NAME.safetensors  optional, a model of several identities: identity NAME's own Codec Avatar (the
+                           others show avatar.safetensors, when there is one)
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ VOCODER_FILE = "vocoder.safetensors"
 TEXT2TOKENS_FILE = "text2tokens.safetensors"
 FACE_DECODER_FILE = "face_decoder.ts"
 AVATAR_FILE = "avatar.safetensors"
+IDENTITY_AVATARS_KEY = "identity_avatars"  # export.json: {identity: its avatar file}
 FORMATS = ("eager", "torchscript", "aoti")
+
+
+def identity_avatar_file(identity: str) -> str:
+    """The file of an identity's own Codec Avatar in a model directory."""
+    return f"avatar-{identity}.safetensors"
 
 
 def is_model_directory(path: str | Path) -> bool:

@@ -194,13 +194,17 @@ class ResultsLog:
 
 def run_batch(model: InferenceModel, items_path: str | Path, out_dir: str | Path, *,
               shard: tuple[int, int] | None = None, face_decoder: FaceDecoder | CodecAvatar | None = None,
-              asr_model: str | None = None, retry_errors: bool = False, progress: bool = True) -> dict[str, int]:
+              identity_faces: bool = False, asr_model: str | None = None, retry_errors: bool = False,
+              progress: bool = True) -> dict[str, int]:
     """Process the manifest with the model (and its vocoder); returns counts of ok, error and skipped items.
+    Videos show `face_decoder`, or with `identity_faces` each item's identity's own (an export's per-identity
+    avatars); neither: no video.
     Raises FolderInUseError when another job writes this folder's results file, DiskError when the disk is full
     or read-only."""
     out_dir = Path(out_dir)
     with hold_folder(out_dir, f".{results_name(shard)}.lock"):
-        return _run_locked(model, items_path, out_dir, shard, face_decoder, asr_model, retry_errors, progress)
+        return _run_locked(model, items_path, out_dir, shard, face_decoder, identity_faces, asr_model, retry_errors,
+                           progress)
 
 
 def _retried(previous: dict, retry_errors: bool) -> bool:
@@ -208,8 +212,8 @@ def _retried(previous: dict, retry_errors: bool) -> bool:
 
 
 def _run_locked(model: InferenceModel, items_path: str | Path, out_dir: Path, shard: tuple[int, int] | None,
-                face_decoder: FaceDecoder | CodecAvatar | None, asr_model: str | None, retry_errors: bool,
-                progress: bool) -> dict[str, int]:
+                face_decoder: FaceDecoder | CodecAvatar | None, identity_faces: bool, asr_model: str | None,
+                retry_errors: bool, progress: bool) -> dict[str, int]:
     for stale in out_dir.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale)
     results = ResultsLog(out_dir, shard)
@@ -247,7 +251,8 @@ def _run_locked(model: InferenceModel, items_path: str | Path, out_dir: Path, sh
         for item in round_items:
             stop = None
             if item.error is None:
-                stop = _write_item(item, generated[item.id], model, out_dir, face_decoder)
+                face = item.model.face_decoder if identity_faces else face_decoder
+                stop = _write_item(item, generated[item.id], model, out_dir, face)
             entry = {"id": item.id, "status": "error" if item.error else "ok", "timings": item.timings}
             if item.error:
                 entry["error"], entry["cause"] = item.error, item.cause

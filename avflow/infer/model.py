@@ -14,6 +14,7 @@ from avflow.config import Config, SampleConfig
 from avflow.infer.artifacts import (
     AVATAR_FILE,
     FACE_DECODER_FILE,
+    IDENTITY_AVATARS_KEY,
     TEXT2TOKENS_FILE,
     VOCODER_FILE,
     WEIGHTS_FILE,
@@ -62,7 +63,10 @@ class InferenceModel:
     compiled: CompiledSampler | None = None  # fixed-shape loop of a torchscript/aoti export
     vocoder: BigVGAN | None = None
     text2tokens: Any = None  # TextToTokens of the export directory, when it has one
-    face_decoder: FaceDecoder | CodecAvatar | None = None  # the export directory's, when it has one
+    face_decoder: FaceDecoder | CodecAvatar | None = None  # the export directory's (this identity's), when it has one
+    # An export's per-identity Codec Avatars (identity -> avatar); the identities without one show shared_face_decoder
+    identity_avatars: dict[str, CodecAvatar] = field(default_factory=dict, repr=False)
+    shared_face_decoder: FaceDecoder | CodecAvatar | None = field(default=None, repr=False)
     batch_rows: int = 12  # sequences (windows x samples) per sampler call
     length_bucket_count: int = 4
     compile_network: bool = False  # compile the eager network whole (fullgraph, one graph per shape)
@@ -89,7 +93,12 @@ class InferenceModel:
         row = names.index(name)
         codec, pose_mean, pose_std = self.identity_table
         return dataclasses.replace(self, codec=codec.select(row), pose_mean=pose_mean[row], pose_std=pose_std[row],
-                                   identity=row)
+                                   identity=row, face_decoder=self._face_decoder_of(name))
+
+    def _face_decoder_of(self, name: str) -> FaceDecoder | CodecAvatar | None:
+        if not self.identity_avatars:
+            return self.face_decoder
+        return self.identity_avatars.get(name, self.shared_face_decoder)
 
     @property
     def state_decoder(self) -> StateDecoder:
@@ -182,8 +191,6 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
     model = InferenceModel(cfg, net, codec, head_vae.to(target).eval(), pose_mean, pose_std, target, DTYPES[dtype],
                            compiled, batch_rows=batch_rows, compile_network=compile_network,
                            identity_table=(codec, pose_mean, pose_std))
-    if identity is not None or len(cfg.model.identities) <= 1:
-        model = model.with_identity(identity)
     if exported:
         directory = Path(checkpoint)
         if (directory / VOCODER_FILE).is_file():
@@ -196,8 +203,16 @@ def load_inference_model(checkpoint: str | Path, device: str = "auto", dtype: st
             from avflow.render import CodecAvatar
 
             model.face_decoder = CodecAvatar.load(directory / AVATAR_FILE, target)
+        if meta.get(IDENTITY_AVATARS_KEY):
+            from avflow.render import CodecAvatar
+
+            model.shared_face_decoder = model.face_decoder
+            model.identity_avatars = {name: CodecAvatar.load(directory / file, target)
+                                      for name, file in meta[IDENTITY_AVATARS_KEY].items()}
         if (directory / TEXT2TOKENS_FILE).is_file():
             from avflow.infer.text2tokens import load_text2tokens
 
             model.text2tokens = load_text2tokens(directory / TEXT2TOKENS_FILE)
+    if identity is not None or len(cfg.model.identities) <= 1:
+        model = model.with_identity(identity)
     return model

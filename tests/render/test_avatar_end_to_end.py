@@ -93,3 +93,52 @@ def test_bad_assets_stop_generate_and_export_with_one_line_and_nothing_written(s
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and named in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken"]  # no output, no temporary left
+
+
+def test_an_export_carries_an_avatar_per_identity_and_each_item_shows_its_own(setup, tmp_path):
+    """--avatar alice=ROOT is alice's own avatar; the plain --avatar ROOT shows every other identity. infer renders
+    each item with its identity's avatar, the same frames as passing that avatar's dataset root explicitly."""
+    two = tiny_model_file(tmp_path / "two.safetensors", ["sample.num_samples=1", "model.identities=[alice, bob]"])
+    alice_root = write_synthetic_avatar(tmp_path / "alice_dataset", seed=7)
+    export = tmp_path / "export"
+    assert export_main(["--checkpoint", str(two), "-o", str(export), "--format", "eager", "--max-seconds", "1",
+                        "--batch", "1", "--avatar", f"alice={alice_root}", "--avatar", str(setup["avatar"])]) == 0
+    assert (export / "avatar-alice.safetensors").is_file() and (export / "avatar.safetensors").is_file()
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(f'{{"id": "{name}", "tokens": "{setup["tokens"]}", "identity": "{name}"}}\n'
+                             for name in ("alice", "bob")))
+    assert main(["infer", "--model", str(export), "--inputs", str(items), "-o", str(tmp_path / "both"),
+                 "--avatar-pose", "relative"]) == 0
+    for name, root in (("alice", alice_root), ("bob", setup["avatar"])):
+        one = tmp_path / f"{name}.jsonl"
+        one.write_text(items.read_text().splitlines()[name == "bob"] + "\n")
+        assert main(["infer", "--model", str(export), "--inputs", str(one), "--avatar", str(root),
+                     "--avatar-pose", "relative", "-o", str(tmp_path / f"explicit-{name}")]) == 0
+        np.testing.assert_array_equal(_frames(tmp_path / "both" / name / f"{name}_s0.mp4")[1],
+                                      _frames(tmp_path / f"explicit-{name}" / name / f"{name}_s0.mp4")[1])
+    alice, bob = (_frames(tmp_path / "both" / name / f"{name}_s0.mp4")[1] for name in ("alice", "bob"))
+    assert not np.array_equal(alice, bob)
+
+
+@pytest.mark.parametrize("given, named", [
+    (["carol={root}"], "--avatar carol="),
+    (["alice={root}", "alice={root}"], "a second avatar for identity 'alice'"),
+    (["{root}", "{root}"], "a second avatar for every identity"),
+])
+def test_a_bad_identity_avatar_is_one_error_before_anything_is_written(setup, tmp_path, capsys, given, named):
+    two = tiny_model_file(tmp_path / "two.safetensors", ["model.identities=[alice, bob]"])
+    options = [part for value in given for part in ("--avatar", value.format(root=setup["avatar"]))]
+    assert export_main(["--checkpoint", str(two), "-o", str(tmp_path / "export"), "--format", "eager",
+                        *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and named in error
+    if "carol" in named:
+        assert "this model knows alice, bob" in error
+    assert not (tmp_path / "export").exists()
+
+
+def test_an_identity_avatar_for_a_model_without_identities_is_refused(setup, tmp_path, capsys):
+    assert export_main(["--checkpoint", str(setup["model"]), "-o", str(tmp_path / "export"), "--format", "eager",
+                        "--avatar", f"alice={setup['avatar']}"]) == 2
+    assert "this model has one identity and no identity table" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
