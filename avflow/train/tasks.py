@@ -22,8 +22,8 @@ from torch import nn
 from avflow.config import Config
 from avflow.data.features import interpolate_frames
 from avflow.data.loader import training_batches, validation_batches
-from avflow.data.shard_format import load_manifest
-from avflow.data.shard_index import iter_split_arrays
+from avflow.data.shard_format import identities, load_manifest
+from avflow.data.shard_index import iter_split_samples
 from avflow.evaluate import metrics
 from avflow.model.avflow import AVFlowNet
 from avflow.model.flow import flow_matching_loss
@@ -145,23 +145,29 @@ class AVFlowTask:
     @torch.no_grad()
     def held_out_scores(self, model: AVFlowNet) -> dict[str, float]:
         """evaluate.val_metrics (avflow.evaluate.metrics, as `avflow evaluate` computes them) on the first
-        evaluate.val_items whole validation segments (cut to sample.max_frames), one sample each from fixed
-        noise, sampled as `avflow evaluate` samples them (avflow.model.sampling): val/<metric>, and
-        val_ground_truth/<metric> for the ground truth's own values."""
+        evaluate.val_items whole validation segments (cut to sample.max_frames), each generated as its own
+        identity, one sample each from fixed noise, sampled as `avflow evaluate` samples them
+        (avflow.model.sampling): val/<metric>, and val_ground_truth/<metric> for the ground truth's own values."""
         cfg, x = self.cfg, self.cfg.evaluate
         names = list(x.val_metrics)
-        if x.val_items == 0 or not names or cfg.model.identities:  # per-identity scores: avflow evaluate
+        if x.val_items == 0 or not names:
             return {}
         conditioning = ("tokens", "participant_tokens", "participant_features") if cfg.model.dyadic else ("tokens",)
         streams = ("mel", "expression", "pose", "expression_valid", *conditioning)
         one = dataclasses.replace(cfg.sample, num_samples=1)
         generated_scores, truth_scores = [], []
-        split = iter_split_arrays(cfg.loader.shards, "val", streams, cfg.loader.max_bad_fraction)
-        decoder = self.decoder_for(0)
-        for arrays in itertools.islice(split, x.val_items):
-            frames = min(arrays["mel"].shape[0], cfg.sample.max_frames)
-            arrays = {name: value[:frames] for name, value in arrays.items()}
-            cond = torch.from_numpy(np.concatenate([arrays[name] for name in conditioning], axis=1))
+        split = iter_split_samples(cfg.loader.shards, "val", streams, cfg.loader.max_bad_fraction)
+        numbers = {name: number for number, name in enumerate(sorted(identities(load_manifest(cfg.loader.shards))))}
+        for held_out in itertools.islice(split, x.val_items):
+            frames = min(held_out.arrays["mel"].shape[0], cfg.sample.max_frames)
+            arrays = {name: value[:frames] for name, value in held_out.arrays.items()}
+            number = numbers[held_out.identity]  # the loader's number of the segment's identity
+            decoder = self.decoder_for(number)
+            parts = [torch.from_numpy(arrays[name]) for name in conditioning]
+            if cfg.model.identities:  # generated as its own identity, as training conditions it
+                row = int(self.encoder.table_rows[number])
+                parts.append(torch.eye(len(cfg.model.identities))[row].expand(frames, -1))
+            cond = torch.cat(parts, dim=1)
             sample = decoder(sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED,
                                              decoder.with_poses))
             generated = metrics.Segment(sample.mel, sample.expression, sample.head_pose)

@@ -1,8 +1,10 @@
 """One model, many identities (issue 23) on the training side: per-identity normalization and one-hot
 conditioning of mixed batches, model.identities from the shards, and fine-tuning a new identity onto a model."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import packed_tiny_corpus, run_steps, tiny_model_file
@@ -141,3 +143,34 @@ def test_identity_fine_tuning_needs_a_source_and_a_strategy_that_keeps_the_freez
         load_config(None, ["trainer.finetune=identity", "trainer.init_from=m.safetensors", "parallel.strategy=fsdp"])
     with pytest.raises(ConfigError, match="model.identities: expected distinct names"):
         load_config(None, ["model.identities=[a, a]"])
+
+
+def test_held_out_scores_of_a_multi_identity_model_generate_each_segment_as_its_identity(tmp_path):
+    """Training validation of a model of several identities samples a held-out segment as `avflow generate
+    --identity` samples it (the same sampler, noise seed and statistics), so its mel L1 is the inference path's."""
+    from avflow.evaluate.run import held_out_segments
+    from avflow.infer.generate import conditioning, generate_batch
+    from avflow.infer.model import load_inference_model
+    from avflow.train.tasks import VAL_SEED
+
+    data = packed_tiny_corpus(tmp_path / "data", TINY + ["data.identity=alice"])
+    add_identities(tmp_path / "data" / "shards", ["alice", "bob"])
+    source = tiny_model_file(tmp_path / "two.safetensors",
+                             ["model.d_model=32", "model.n_blocks=2", "model.n_heads=2", "model.ffn_hidden=48",
+                              "model.identities=[bob, alice]", "sample.nfe=2"])
+    cfg = load_config(None, TINY + data + [f"trainer.run_dir={tmp_path / 'run'}", f"trainer.init_from={source}",
+                                           "evaluate.val_items=1", "evaluate.val_metrics=[mel_l1]", "sample.nfe=2"])
+    trainer = Trainer(cfg, progress=False)
+    scores = trainer.task.held_out_scores(trainer.engine.model.eval())
+
+    alice = load_inference_model(source, "cpu", identity="alice")
+    (segment,) = held_out_segments(tmp_path / "data" / "shards", max_items=1)
+    (generated,) = generate_batch(alice, [conditioning(alice, segment.arrays["tokens"])],
+                                  dataclasses.replace(cfg.sample, num_samples=1, temperature=cfg.sample.temperature),
+                                  [VAL_SEED])
+    expected = float(np.abs(generated.mel[0] - segment.arrays["mel"]).mean())
+    assert scores["val/mel_l1"] == pytest.approx(expected, rel=1e-5)
+    bob = load_inference_model(source, "cpu", identity="bob")
+    (as_bob,) = generate_batch(bob, [conditioning(bob, segment.arrays["tokens"])],
+                               dataclasses.replace(cfg.sample, num_samples=1), [VAL_SEED])
+    assert float(np.abs(as_bob.mel[0] - segment.arrays["mel"]).mean()) != pytest.approx(expected, rel=1e-3)
