@@ -434,7 +434,8 @@ class Text2TokensConfig:
 MetricName = Literal["mel_l1", "mel_cepstral_distortion", "log_f0_rmse", "voicing_error", "cer", "expression_l1",
                      "expression_l2", "head_pose_l1", "head_pose_l2", "expression_frechet", "expression_jitter",
                      "head_pose_jitter", "expression_diversity", "head_pose_diversity", "sync_lag_ms",
-                     "sync_peak_correlation", "mouth_correlation", "pitch_hz", "mouth_range"]
+                     "sync_peak_correlation", "mouth_correlation", "pitch_hz", "jaw_open_range",
+                     "lip_round_range", "lip_close_range"]
 
 
 @dataclass

@@ -57,14 +57,20 @@ METRICS: dict[str, Metric] = {
                                     on_ground_truth=True),
     "mouth_correlation": Metric("higher", "Pearson correlation of the demo's mouth controls"),
     "pitch_hz": Metric("closer to ground truth", "mean F0 of voiced frames, Hz", on_ground_truth=True),
-    "mouth_range": Metric("closer to ground truth", "mean 5-95th percentile spread of the demo's mouth controls",
-                          on_ground_truth=True),
+    "jaw_open_range": Metric("closer to ground truth", "5-95th percentile spread of the demo's jaw opening",
+                             on_ground_truth=True),
+    "lip_round_range": Metric("closer to ground truth", "5-95th percentile spread of the demo's lip rounding",
+                              on_ground_truth=True),
+    "lip_close_range": Metric("closer to ground truth", "5-95th percentile spread of the demo's lip closing",
+                              on_ground_truth=True),
 }
+MOUTH_RANGES = ("jaw_open_range", "lip_round_range", "lip_close_range")  # SPEECH_MOUTH_CONTROLS' order
 POOLED = ("expression_frechet",)  # over all segments' frames at once, not a mean of per-segment values
 NEEDS_AUDIO = ("log_f0_rmse", "voicing_error", "pitch_hz")  # the mel must be vocoded and pitch-tracked
-# Statistics that tell people apart: a model of several identities should give each one's generated value nearest
-# that identity's own ground truth (avflow.evaluate.run.identity_likeness).
-IDENTITY_STATISTICS = ("pitch_hz", "mouth_range")
+# Statistics that tell people apart, each one metric or several compared together (Euclidean distance): a model
+# of several identities should give each one's generated values nearest that identity's own ground truth
+# (avflow.evaluate.run.identity_likeness).
+IDENTITY_STATISTICS = {"pitch_hz": ("pitch_hz",), "mouth_ranges": MOUTH_RANGES}
 MOUTH_RANGE_PERCENTILES = (5.0, 95.0)  # a spread that one stray frame does not set
 NEEDS_ASR = ("cer",)
 
@@ -268,11 +274,10 @@ def mean_pitch(f0: np.ndarray, voiced: np.ndarray) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def mouth_range(expression: np.ndarray) -> float:
-    """How wide the demo's speech-driven mouth controls move: their 5-95th percentile spread, averaged."""
-    controls = expression[:, list(SPEECH_MOUTH_CONTROLS)]
-    low, high = np.percentile(controls, MOUTH_RANGE_PERCENTILES, axis=0)
-    return float(np.mean(high - low))
+def mouth_range(expression: np.ndarray, control: int) -> float:
+    """How wide one of the demo's speech-driven mouth controls moves: its 5-95th percentile spread."""
+    low, high = np.percentile(expression[:, SPEECH_MOUTH_CONTROLS[control]], MOUTH_RANGE_PERCENTILES)
+    return float(high - low)
 
 
 # One segment
@@ -314,7 +319,7 @@ def segment_scores(generated: Segment, truth: Segment, names: list[str], frame_r
             "sync_peak_correlation": lambda: sync()[1],
             "mouth_correlation": lambda: mouth_correlation(expression, truth.expression),
             "pitch_hz": lambda: mean_pitch(*generated.pitch[index]),
-            "mouth_range": lambda: mouth_range(expression),
+            **{name: functools.partial(mouth_range, expression, control) for control, name in enumerate(MOUTH_RANGES)},
         }
         for name in scores:
             if name in per_sample:
@@ -334,7 +339,7 @@ def ground_truth_scores(truth: Segment, names: list[str], frame_rate: float) -> 
     valid = truth.expression if truth.expression_valid is None else truth.expression[truth.expression_valid]
     values = {
         "pitch_hz": lambda: mean_pitch(*truth.pitch[0]),
-        "mouth_range": lambda: mouth_range(valid),
+        **{name: functools.partial(mouth_range, valid, control) for control, name in enumerate(MOUTH_RANGES)},
         "expression_jitter": lambda: jitter(resample(truth.expression, frame_rate, MOTION_RATE)),
         "head_pose_jitter": lambda: jitter(resample(truth.head_pose, frame_rate, MOTION_RATE)),
         "sync_lag_ms": lambda: sync()[0],

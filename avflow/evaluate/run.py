@@ -48,7 +48,7 @@ from avflow.vocoder.vocode import vocode
 
 GROUND_TRUTH = "ground_truth"
 SEGMENTS_PER_ROUND = 8  # segments sampled together: fills the sampler's batch, bounds memory
-DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_correlation", *m.IDENTITY_STATISTICS)]
+DEFAULT_METRICS = [name for name in m.METRICS if name not in ("cer", "mouth_correlation", "pitch_hz", *m.MOUTH_RANGES)]
 
 
 @dataclass
@@ -335,19 +335,22 @@ def evaluate_models(models: dict[str, InferenceModel], segments: list[HeldOut], 
 
 
 def identity_likeness(report: dict) -> dict[str, dict[str, dict[str, str]]]:
-    """Per column and identity statistic, the identity whose ground-truth value each identity's generated value is
-    nearest: a model that keeps people apart maps every identity to itself."""
+    """Per column and identity statistic (m.IDENTITY_STATISTICS), the identity whose ground-truth values each
+    identity's generated values are nearest (Euclidean distance over the statistic's metrics): a model that keeps
+    people apart maps every identity to itself. A statistic with a metric missing or not finite is left out."""
     parts = report["identities"]
     likeness: dict[str, dict[str, dict[str, str]]] = {}
     for column in report["columns"]:
-        for name in m.IDENTITY_STATISTICS:
-            truths = {identity: part[GROUND_TRUTH].get(name, math.nan) for identity, part in parts.items()}
-            generated = {identity: part["columns"][column].get(name, math.nan) for identity, part in parts.items()}
-            if not all(math.isfinite(value) for value in [*truths.values(), *generated.values()]):
+        for statistic, names in m.IDENTITY_STATISTICS.items():
+            truths = {identity: np.array([part[GROUND_TRUTH].get(name, math.nan) for name in names])
+                      for identity, part in parts.items()}
+            generated = {identity: np.array([part["columns"][column].get(name, math.nan) for name in names])
+                         for identity, part in parts.items()}
+            if not all(np.isfinite(values).all() for values in [*truths.values(), *generated.values()]):
                 continue
-            likeness.setdefault(column, {})[name] = {
-                identity: min(truths, key=lambda other: abs(value - truths[other]))
-                for identity, value in generated.items()}
+            likeness.setdefault(column, {})[statistic] = {
+                identity: min(truths, key=lambda other: float(np.linalg.norm(values - truths[other])))
+                for identity, values in generated.items()}
     return likeness
 
 
@@ -422,7 +425,7 @@ def evaluate_checkpoints(checkpoints: list[str | Path], shards: str | Path, out_
     several = len({segment.identity for segment in segments}) > 1
     names = list(metrics) if metrics else DEFAULT_METRICS + (["cer"] if asr_model else []) + (
         ["mouth_correlation"] if mouth else []) + (
-        [name for name in m.IDENTITY_STATISTICS if mouth or name != "mouth_range"] if several else [])
+        ["pitch_hz", *(m.MOUTH_RANGES if mouth else ())] if several else [])
     m.check_metric_names(names, "--metrics")
     if "cer" in names and asr_model is None:
         raise ValueError("the cer metric needs --asr-model: a local wav2vec2 CTC model directory")

@@ -93,7 +93,7 @@ def test_several_identities_add_the_statistics_that_tell_people_apart_and_which_
                  "-o", str(tmp_path / "report")])
     assert code == 0
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert "pitch_hz" in report["metrics"] and "mouth_range" not in report["metrics"]  # no evaluate.mouth_controls
+    assert "pitch_hz" in report["metrics"] and "jaw_open_range" not in report["metrics"]  # no mouth_controls
     for name in PEOPLE:
         low, high = PERSONAS[name].f0_range
         assert 0.85 * low < report["identities"][name]["ground_truth"]["pitch_hz"] < 1.15 * high
@@ -116,15 +116,23 @@ def test_identity_likeness_names_the_nearest_ground_truth_and_skips_a_statistic_
     def part(generated: dict, truth: dict) -> dict:
         return {"segments": 1, "columns": {"model": generated}, "ground_truth": truth}
 
+    def ranges(jaw, lip_round, lip_close):
+        return dict(zip(("jaw_open_range", "lip_round_range", "lip_close_range"), (jaw, lip_round, lip_close)))
+
+    # The mouth ranges are compared together: anna's generated jaw is nearer ben's, but her lips are far nearer
+    # her own (distance to anna sqrt(0.1^2 + 0 + 0) = 0.1, to ben sqrt(0.05^2 + 0.3^2 + 0) = 0.304).
     report = {"metrics": {}, "columns": {"model": {}}, "ground_truth": {},
-              "identities": {"anna": part({"pitch_hz": 121.0, "mouth_range": 0.2}, {"pitch_hz": 118.0,
-                                                                                  "mouth_range": 0.5}),
-                             "ben": part({"pitch_hz": 140.0, "mouth_range": 0.3}, {"pitch_hz": 220.0,
-                                                                                 "mouth_range": float("nan")})}}
+              "identities": {"anna": part({"pitch_hz": 121.0, **ranges(0.6, 0.5, 0.2)},
+                                          {"pitch_hz": 118.0, **ranges(0.5, 0.5, 0.2)}),
+                             "ben": part({"pitch_hz": 140.0, **ranges(0.7, 0.2, 0.2)},
+                                         {"pitch_hz": 220.0, **ranges(0.65, 0.2, 0.2)})}}
     likeness = identity_likeness(report)
-    assert likeness == {"model": {"pitch_hz": {"anna": "anna", "ben": "anna"}}}  # 140 is nearer 118 than 220
+    assert likeness == {"model": {"pitch_hz": {"anna": "anna", "ben": "anna"},  # 140 is nearer 118 than 220
+                                  "mouth_ranges": {"anna": "anna", "ben": "ben"}}}
     report["identity_likeness"] = likeness
     assert "| model | pitch_hz | anna | anna |" in markdown_table(report)
+    report["identities"]["ben"]["ground_truth"]["lip_round_range"] = float("nan")
+    assert set(identity_likeness(report)["model"]) == {"pitch_hz"}
 
 
 def test_the_overall_value_is_the_segment_weighted_mean_of_the_identities(shards, tmp_path):
