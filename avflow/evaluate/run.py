@@ -11,8 +11,8 @@ Held-out segments of several identities: a model with an identity table generate
 identity, a model without one generates every segment as its only person, and the report adds each identity's
 values beside the overall ones (report.json "identities", one more table per identity, TensorBoard
 eval/<metric>/<identity>), and by default the statistics that tell people apart (mean pitch; with
-evaluate.mouth_controls, the mouth-control range) with, per model, the identity whose ground truth each
-identity's generated value is nearest (report.json "identity_likeness"). Segment i of an identity samples
+evaluate.mouth_controls, the mouth-control ranges) with, per model, the identity whose ground truth each
+identity's generated values are nearest (report.json "identity_likeness"). Segment i of an identity samples
 with seed sample.seed + i, so an identity's values do not depend on which other identities share the shard
 folder; with one identity that is the shard order.
 """
