@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -64,20 +65,34 @@ class BatchEncoder:
         pose = (moved["pose"] - pose_mean) / pose_std
         head_latent, _ = self.head_vae.encode(pose, valid)
         state = self.codec.encode(moved["expression"], head_latent * valid[..., None], moved["mel"], identity)
+        return Batch(state * valid[..., None], self._conditioning(moved, identity), valid,
+                     moved["expression_valid"] & valid)
+
+    def conditioning(self, streams: dict[str, np.ndarray], identity: int) -> torch.Tensor:
+        """One whole sample's per-frame conditioning (frames, cond_dim) from its streams, `identity` the number the
+        loader gives its identity: what training conditions it on."""
+        moved = {name: torch.from_numpy(value)[None].to(self.device) for name, value in streams.items()}
+        rows = self.table_rows[identity:identity + 1] if self.cfg.model.identities else None
+        return self._conditioning(moved, rows)[0]
+
+    def _conditioning(self, moved: dict[str, torch.Tensor], identity: torch.Tensor | None) -> torch.Tensor:
+        """Tokens (and a dyadic model's participant streams), then each row's identity one-hot (identity: its
+        model.identities rows; None for a model without a table)."""
         cond_parts = [moved["tokens"]]
         if self.cfg.model.dyadic:
             missing = [k for k in ("participant_tokens", "participant_features") if k not in moved]
             if missing:
                 raise ValueError(f"model.dyadic=true needs participant streams in the shards; missing {missing}")
             cond_parts += [moved["participant_tokens"], moved["participant_features"]]
-        if names:
+        if identity is not None:
+            names = self.cfg.model.identities
             one_hot = torch.eye(len(names), dtype=moved["tokens"].dtype, device=self.device)[identity]  # no sync
-            cond_parts.append(one_hot[:, None].expand(-1, valid.shape[1], -1))
+            cond_parts.append(one_hot[:, None].expand(-1, moved["tokens"].shape[1], -1))
         cond = torch.cat(cond_parts, dim=-1)
         if cond.shape[-1] != self.cfg.model.cond_dim:
             raise ValueError(f"conditioning has {cond.shape[-1]} features per frame; model.cond_dim expects "
                              f"{self.cfg.model.cond_dim} (check model.participant_feature_dim)")
-        return Batch(state * valid[..., None], cond, valid, moved["expression_valid"] & valid)
+        return cond
 
     def identity_stats(self, identity: int) -> tuple[StateCodec, torch.Tensor, torch.Tensor]:
         """(codec, pose_mean, pose_std) of the identity the loader numbers `identity`, to decode what was generated

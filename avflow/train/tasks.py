@@ -157,19 +157,14 @@ class AVFlowTask:
         one = dataclasses.replace(cfg.sample, num_samples=1)
         generated_scores, truth_scores = [], []
         split = iter_split_samples(cfg.loader.shards, "val", streams, cfg.loader.max_bad_fraction)
-        numbers = {name: number for number, name in enumerate(sorted(identities(load_manifest(cfg.loader.shards))))}
+        numbers = list(identities(load_manifest(cfg.loader.shards)))  # the loader numbers identities in this order
         for held_out in itertools.islice(split, x.val_items):
             frames = min(held_out.arrays["mel"].shape[0], cfg.sample.max_frames)
             arrays = {name: value[:frames] for name, value in held_out.arrays.items()}
-            number = numbers[held_out.identity]  # the loader's number of the segment's identity
+            number = numbers.index(held_out.identity)  # generated as its own identity, as training conditions it
             decoder = self.decoder_for(number)
-            parts = [torch.from_numpy(arrays[name]) for name in conditioning]
-            if cfg.model.identities:  # generated as its own identity, as training conditions it
-                row = int(self.encoder.table_rows[number])
-                parts.append(torch.eye(len(cfg.model.identities))[row].expand(frames, -1))
-            cond = torch.cat(parts, dim=1)
-            sample = decoder(sample_sequence(model, cond.to(self.device), cfg.model.state_dim, one, VAL_SEED,
-                                             decoder.with_poses))
+            cond = self.encoder.conditioning({name: arrays[name] for name in conditioning}, number)
+            sample = decoder(sample_sequence(model, cond, cfg.model.state_dim, one, VAL_SEED, decoder.with_poses))
             generated = metrics.Segment(sample.mel, sample.expression, sample.head_pose)
             truth = metrics.Segment(arrays["mel"], arrays["expression"], arrays["pose"], arrays["expression_valid"])
             if any(name in metrics.NEEDS_AUDIO for name in names):
